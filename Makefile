@@ -1,0 +1,32 @@
+# Two commands after cloning: `make train` and `make test`. Both create/refresh the virtualenv.
+# torch is pinned to the CPU build that CI installs from local disk; users on GPUs install
+# their own torch (setup.cfg declares torch>=2.4) and then `pip install -e '.[wandb,hf]'`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+NPROC ?= 2
+RUN ?= tiny
+ARGS ?=
+
+.PHONY: setup train test clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e '.[dev,wandb,hf]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The main job: a short real training run on the embedded corpus, then the held-out evaluation.
+train: setup
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) train/main.py train.run_name=$(RUN) $(ARGS)
+	$(PY) train/eval.py --checkpoint runs/$(RUN)
+
+test: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,249 @@
+"""Typed, validated job configuration.
+
+Defaults live here (the tiny CPU model); `configs/*.yaml` holds only what differs; CLI dotlist
+overrides (`train.max_steps=10`) come last. This is lingua's/OLMo-core's layering, built on
+OmegaConf structured configs so an unknown key or a wrong type is rejected by the schema itself.
+Cross-field rules (`num_heads` divides `hidden_size`, ...) are checked in `validate` before any
+work starts, and every error names the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 2048  # the BPE tokenizer is trained to exactly this size
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 6
+    num_kv_heads: int = 2  # grouped-query attention: num_heads % num_kv_heads == 0
+    ffn_hidden_size: int = 512  # dense (non-MoE) SwiGLU layers
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    num_experts: int = 8
+    top_k: int = 2
+    expert_ffn_hidden_size: int = 256
+
+
+@dataclass
+class MoEConfig:
+    # Which layers are MoE: `layers` (explicit indices) wins over `every_n_layers`, which makes
+    # layers n-1, 2n-1, ... MoE (every_n_layers=1: all layers; 0: none, a dense model).
+    every_n_layers: int = 1
+    layers: Optional[list[int]] = None
+    router: str = "softmax_topk"
+    renormalize: bool = True  # Mixtral: the k gate weights sum to 1
+    capacity_factor: Optional[float] = None  # None = dropless
+    aux_loss_weight: float = 0.01  # Switch/GShard load-balancing loss
+    z_loss_weight: float = 0.001  # ST-MoE router z-loss
+
+
+@dataclass
+class DataConfig:
+    source: str = "embedded"  # 'embedded' | local file/dir/glob (.txt/.jsonl) | hub dataset name
+    text_field: str = "text"  # column holding the text for JSONL / hub datasets
+    tokenizer: str = "bpe"  # 'bpe' = train a byte-level BPE on the train split; else a hub name/path
+    seq_len: int = 256
+    validation_docs: int = 2  # documents (plays) held out for periodic validation
+    heldout_docs: int = 4  # documents never seen in training, for the final evaluation
+    split_seed: int = 1234  # the split is a function of this seed and the document names only
+    cache_dir: str = ""  # '' = $PIKV_CACHE or ~/.cache/pikv
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "tiny"
+    output_dir: str = "runs"  # the run directory is <output_dir>/<run_name>/
+    seed: int = 0
+    max_steps: int = 1200
+    batch_size: int = 16  # sequences per micro-batch per data-parallel rank
+    grad_accum_steps: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 60
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_every: int = 200
+    eval_batches: int = 8
+    checkpoint_every: int = 400
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # 'auto' | 'never' | path to a checkpoint directory
+    # Stop after this step with a checkpoint, as if preempted (Megatron's exit_interval): a later
+    # run with resume=auto continues. The schedule still follows max_steps.
+    exit_at_step: Optional[int] = None
+    engine: str = "torch"
+    device: str = "auto"  # 'auto' | 'cpu' | 'cuda'
+    dtype: str = "auto"  # 'auto' (bf16 autocast on CUDA, fp32 on CPU) | 'fp32' | 'bf16'
+
+
+@dataclass
+class ParallelConfig:
+    expert_parallel_size: int = 1
+    backend: str = "auto"  # 'auto' (nccl on CUDA, gloo on CPU) | 'gloo' | 'nccl'
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    wandb_mode: str = "offline"  # 'online' | 'offline' | 'disabled'
+    wandb_project: str = "pikv"
+    wandb_entity: Optional[str] = None
+    wandb_tags: list[str] = field(default_factory=list)
+    progress: bool = True  # rank-0 progress bar
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "moe.router": ("softmax_topk",),
+    "train.resume_mode": ("auto", "never"),
+    "train.engine": ("torch",),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.dtype": ("auto", "fp32", "bf16"),
+    "parallel.backend": ("auto", "gloo", "nccl"),
+    "logging.wandb_mode": ("online", "offline", "disabled"),
+}
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"config key '{key}' = {value!r} is invalid: {allowed}")
+
+
+def _check_choice(key: str, value: str) -> None:
+    if value not in CHOICES[key]:
+        _fail(key, value, f"allowed values are {', '.join(CHOICES[key])}")
+
+
+def _check_positive(cfg: JobConfig, *keys: str) -> None:
+    for key in keys:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value <= 0:
+            _fail(key, value, "must be > 0")
+
+
+def moe_layer_indices(model: ModelConfig, moe: MoEConfig) -> list[int]:
+    """Indices of the transformer layers whose FFN is a MoE layer."""
+    if moe.layers is not None:
+        return sorted(set(moe.layers))
+    if moe.every_n_layers == 0:
+        return []
+    n = moe.every_n_layers
+    return [i for i in range(model.num_layers) if (i + 1) % n == 0]
+
+
+def validate(cfg: JobConfig) -> JobConfig:
+    """Cross-field checks the schema cannot express. Raises ValueError naming key and value."""
+    m = cfg.model
+    _check_positive(
+        cfg, "model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_heads",
+        "model.num_kv_heads", "model.ffn_hidden_size", "model.max_seq_len", "model.num_experts",
+        "model.top_k", "model.expert_ffn_hidden_size", "data.seq_len", "train.max_steps",
+        "train.batch_size", "train.grad_accum_steps", "train.lr", "train.eval_every",
+        "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
+        "parallel.expert_parallel_size", "logging.log_every",
+    )
+    if m.hidden_size % m.num_heads:
+        _fail("model.num_heads", m.num_heads, f"must divide model.hidden_size={m.hidden_size}")
+    if (m.hidden_size // m.num_heads) % 2:
+        _fail("model.num_heads", m.num_heads,
+              f"head dim hidden_size/num_heads={m.hidden_size // m.num_heads} must be even (RoPE)")
+    if m.num_heads % m.num_kv_heads:
+        _fail("model.num_kv_heads", m.num_kv_heads, f"must divide model.num_heads={m.num_heads}")
+    if m.top_k > m.num_experts:
+        _fail("model.top_k", m.top_k, f"must be <= model.num_experts={m.num_experts}")
+    if cfg.moe.every_n_layers < 0:
+        _fail("moe.every_n_layers", cfg.moe.every_n_layers, "must be >= 0 (0 = no MoE layer)")
+    for i in cfg.moe.layers or []:
+        if not 0 <= i < m.num_layers:
+            _fail("moe.layers", list(cfg.moe.layers), f"indices must be in [0, {m.num_layers})")
+    _check_choice("moe.router", cfg.moe.router)
+    if cfg.moe.capacity_factor is not None and cfg.moe.capacity_factor <= 0:
+        _fail("moe.capacity_factor", cfg.moe.capacity_factor, "must be > 0, or null for dropless")
+    if cfg.data.seq_len > m.max_seq_len:
+        _fail("data.seq_len", cfg.data.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
+    if cfg.data.validation_docs < 1 or cfg.data.heldout_docs < 1:
+        _fail("data.validation_docs/heldout_docs",
+              (cfg.data.validation_docs, cfg.data.heldout_docs), "each must be >= 1")
+    t = cfg.train
+    if t.resume not in CHOICES["train.resume_mode"] and not Path(t.resume).exists():
+        _fail("train.resume", t.resume, "allowed values are auto, never, or an existing checkpoint path")
+    for key in ("train.engine", "train.device", "train.dtype", "parallel.backend", "logging.wandb_mode"):
+        section, name = key.split(".")
+        _check_choice(key, getattr(getattr(cfg, section), name))
+    if t.exit_at_step is not None and not 0 < t.exit_at_step <= t.max_steps:
+        _fail("train.exit_at_step", t.exit_at_step, f"must be in [1, train.max_steps={t.max_steps}] or null")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        _fail("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+    if t.warmup_steps < 0:
+        _fail("train.warmup_steps", t.warmup_steps, "must be >= 0")
+    if not t.run_name or "/" in t.run_name:
+        _fail("train.run_name", t.run_name, "must be a non-empty name without '/'")
+    ep = cfg.parallel.expert_parallel_size
+    if m.num_experts % ep:
+        _fail("parallel.expert_parallel_size", ep, f"must divide model.num_experts={m.num_experts}")
+    return cfg
+
+
+def _schema_error(err: OmegaConfBaseException, where: str) -> ValueError:
+    key = getattr(err, "full_key", None) or "?"
+    msg = getattr(err, "msg", str(err)).splitlines()[0]
+    return ValueError(f"{where}: config key '{key}': {msg}")
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> JobConfig:
+    """Defaults <- YAML file <- dotlist overrides, then validated. Returns a JobConfig."""
+    merged = OmegaConf.structured(JobConfig)
+    if path is not None:
+        if not Path(path).is_file():
+            raise ValueError(f"--config {path!r}: no such file")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except OmegaConfBaseException as err:
+            raise _schema_error(err, f"config file {path}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key.sub=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise _schema_error(err, f"override {item!r}") from None
+    return validate(OmegaConf.to_object(merged))
+
+
+def to_dict(cfg: JobConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> JobConfig:
+    """Rebuild a config stored in a checkpoint or run directory (same validation as load)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.create(data))
+    except OmegaConfBaseException as err:
+        raise _schema_error(err, "stored config") from None
+    return validate(OmegaConf.to_object(merged))
+
+
+def save_yaml(cfg: JobConfig, path: Path) -> None:
+    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

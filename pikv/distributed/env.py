@@ -1,0 +1,123 @@
+"""Launch environment -> process group, device, and the data x expert parallel groups.
+
+Works under torchrun (RANK/WORLD_SIZE/LOCAL_RANK), under SLURM's one-task-per-process launch
+(SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID when torchrun's variables are absent), and with plain
+`python train/main.py`, where a world of one is created on a free loopback port so that every
+code path (collectives, torch.distributed.checkpoint) is the same for 1 and N processes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    ep_size: int
+    # Ranks holding the same experts form an expert-data-parallel group: expert gradients are
+    # averaged over it only. Ranks that together hold all experts form an expert-parallel group.
+    ep_group: Optional[dist.ProcessGroup] = None
+    expert_dp_group: Optional[dist.ProcessGroup] = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank
+
+    @property
+    def dp_size(self) -> int:
+        # Every rank reads its own data shard; expert parallelism splits experts, not data.
+        return self.world_size
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.ep_size
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun, else SLURM, else a world of one."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1:
+        rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+        os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+        if "MASTER_PORT" not in os.environ:
+            # Every task must agree on the port without talking: derive it from the job id.
+            os.environ["MASTER_PORT"] = str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
+        return rank, world, int(os.environ.get("SLURM_LOCALID", 0))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    return 0, 1, 0
+
+
+def _pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("config key 'train.device' = 'cuda' but CUDA is not available; use 'auto' or 'cpu'")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _build_ep_groups(ctx: DistContext) -> None:
+    """EP groups are consecutive ranks (fast links within a node); expert-DP groups stride them."""
+    world, ep = ctx.world_size, ctx.ep_size
+    # new_group is collective: every rank must create every group in the same order.
+    for start in range(0, world, ep):
+        ranks = list(range(start, start + ep))
+        group = dist.new_group(ranks)
+        if ctx.rank in ranks:
+            ctx.ep_group = group
+    for offset in range(ep):
+        ranks = list(range(offset, world, ep))
+        group = dist.new_group(ranks)
+        if ctx.rank in ranks:
+            ctx.expert_dp_group = group
+
+
+def init_distributed(device: str = "auto", backend: str = "auto", ep_size: int = 1,
+                     timeout_s: float = 1800.0) -> DistContext:
+    """Initialise the default process group (always, even for one process) and the EP groups."""
+    rank, world, local_rank = _launch_env()
+    if world % ep_size:
+        raise ValueError(
+            f"config key 'parallel.expert_parallel_size' = {ep_size} must divide the world size {world}")
+    torch_device = _pick_device(device, local_rank)
+    if backend == "auto":
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s),
+                                device_id=torch_device if torch_device.type == "cuda" else None)
+    ctx = DistContext(rank=rank, world_size=world, local_rank=local_rank, device=torch_device, ep_size=ep_size)
+    _build_ep_groups(ctx)
+    return ctx
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,115 @@
+"""Rank-aware logging and metric sinks: console logger, metrics.jsonl, Weights & Biases.
+
+Only rank 0 writes metrics; other ranks log warnings and errors only, so a run on 8 processes
+prints one stream. wandb is optional: without it (or with mode 'disabled') metrics still go to
+metrics.jsonl, which is the source of truth the tests read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import netrc
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from pikv.config import LoggingConfig
+
+WANDB_ID_FILE = "wandb_id.txt"
+
+
+def get_logger(rank: int = 0) -> logging.Logger:
+    logger = logging.getLogger("pikv")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(f"[%(asctime)s rank{rank}] %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    return logger
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible instead of crashing
+    return value
+
+
+class MetricsLogger:
+    """Writes one JSON object per logged step to metrics.jsonl and forwards it to wandb."""
+
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, run_name: str, resolved_config: dict,
+                 enabled: bool, resume_step: Optional[int]):
+        self.enabled = enabled
+        self.wandb_run = None
+        if not enabled:
+            return
+        self.path = run_dir / "metrics.jsonl"
+        self._drop_steps_after(resume_step)
+        self.file = open(self.path, "a")
+        self.wandb_run = self._init_wandb(run_dir, cfg, run_name, resolved_config)
+
+    def _drop_steps_after(self, step: Optional[int]) -> None:
+        """On resume, forget rows logged after the checkpoint: those steps run again."""
+        if step is None or not self.path.exists():
+            return
+        rows = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(r + "\n" for r in rows))
+        os.replace(tmp, self.path)
+
+    def _init_wandb(self, run_dir: Path, cfg: LoggingConfig, run_name: str, config: dict):
+        mode = cfg.wandb_mode
+        if mode == "disabled":
+            return None
+        try:
+            import wandb
+        except ImportError:
+            get_logger().warning("wandb is not installed (pip install 'pikv[wandb]'); logging to metrics.jsonl only")
+            return None
+        if mode == "online" and not _has_wandb_key():
+            get_logger().warning("logging.wandb_mode=online but no W&B API key (WANDB_API_KEY or netrc): "
+                                 "logging offline instead; sync later with `wandb sync`")
+            mode = "offline"
+        id_file = run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        return wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=run_name,
+                          tags=list(cfg.wandb_tags), config=config, id=run_id, resume="allow",
+                          dir=str(run_dir), mode=mode, settings=wandb.Settings(quiet=True))
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        if self.wandb_run is not None:
+            import wandb
+            self.wandb_run.log({key: wandb.Image(str(path))}, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

@@ -1,0 +1,57 @@
+"""Autoregressive decoding with the KV cache: prefill once, then one token per step.
+
+Shapes: B batch, T prompt tokens, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from pikv.kv.cache import KVCache
+
+
+def sample_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token ids [B, 1]: argmax when temperature == 0, else sample softmax(logits / temperature)
+    restricted to the top_k logits (if given)."""
+    if temperature == 0.0:
+        return logits_BV.argmax(dim=-1, keepdim=True)
+    logits_BV = logits_BV.float() / temperature
+    if top_k is not None:
+        kth_B1 = torch.topk(logits_BV, min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+    probs_BV = torch.softmax(logits_BV, dim=-1)
+    return torch.multinomial(probs_BV, 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model, prompt_BT: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+             top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
+             cache: Optional[KVCache] = None) -> torch.Tensor:
+    """prompt_BT -> tokens [B, T + max_new_tokens]. Reproducible with a seeded torch.Generator
+    (on the model's device). The output may not exceed model.cfg.max_seq_len."""
+    B, T = prompt_BT.shape
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k={top_k} must be a positive integer or None")
+    if T == 0:
+        raise ValueError("prompt_BT must hold at least one token")
+    if T + max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds "
+                         f"max_seq_len={model.cfg.max_seq_len}")
+    if max_new_tokens == 0:
+        return prompt_BT
+    cache = cache if cache is not None else KVCache(model.cfg.num_layers)
+    logits_BTV = model(prompt_BT, cache)
+    out = [prompt_BT]
+    for step in range(max_new_tokens):
+        next_B1 = sample_next(logits_BTV[:, -1], temperature, top_k, generator)
+        out.append(next_B1)
+        if step + 1 < max_new_tokens:  # the last token need not be fed back
+            logits_BTV = model(next_B1, cache)
+    return torch.cat(out, dim=1)

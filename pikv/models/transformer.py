@@ -1,0 +1,231 @@
+"""Decoder-only transformer with GQA attention, RoPE and dense-SwiGLU or MoE feed-forwards.
+
+Shapes: B batch, T new tokens, S attended (cached + new) tokens, H hidden, V vocab, N query
+heads, G kv heads, D head dim, F FFN hidden.
+Llama / Mixtral conventions throughout (module names, RoPE on the two halves of the head dim,
+bias-free linears, fp32 RMSNorm) so an export to Hugging Face Mixtral can match logits exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pikv.config import ModelConfig, MoEConfig, moe_layer_indices
+from pikv.kv.cache import KVCache
+from pikv.moe import MoELayer, create_moe
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, scale in the input dtype: HF LlamaRMSNorm, bitwise.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al. 2021) in the HF Llama layout: dims i and i + D/2 form a rotated pair."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        freqs_TD2 = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        emb_TD = torch.cat((freqs_TD2, freqs_TD2), dim=-1)
+        # Not persistent: derived from the config, so checkpoints stay free of them.
+        self.register_buffer("cos_TD", emb_TD.cos(), persistent=False)
+        self.register_buffer("sin_TD", emb_TD.sin(), persistent=False)
+
+    def forward(self, x_BNTD: torch.Tensor, start: int) -> torch.Tensor:
+        T = x_BNTD.shape[-2]
+        cos = self.cos_TD[start:start + T].to(x_BNTD.dtype)
+        sin = self.sin_TD[start:start + T].to(x_BNTD.dtype)
+        return x_BNTD * cos + rotate_half(x_BNTD) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention (kv head g serves query heads g*N/G .. (g+1)*N/G - 1, HF repeat_kv)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x_BTH: torch.Tensor, rope: RotaryEmbedding, start: int,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
+        B, T, _ = x_BTH.shape
+        q_BNTD = self.q_proj(x_BTH).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k_BGTD = self.k_proj(x_BTH).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v_BGTD = self.v_proj(x_BTH).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q_BNTD, k_BGTD = rope(q_BNTD, start), rope(k_BGTD, start)
+        if cache is None:
+            o_BNTD = F.scaled_dot_product_attention(q_BNTD, k_BGTD, v_BGTD, is_causal=True,
+                                                    enable_gqa=True)
+        else:
+            k_BGSD, v_BGSD = cache.update(self.layer_idx, k_BGTD, v_BGTD)
+            S = k_BGSD.shape[2]
+            # New query i sees every earlier stored key and the new keys up to itself. SDPA's
+            # is_causal aligns the mask top-left, which is wrong when S > T, hence explicit.
+            mask_TS = None
+            if T > 1:
+                q_pos_T = torch.arange(S - T, S, device=x_BTH.device)
+                mask_TS = torch.arange(S, device=x_BTH.device)[None, :] <= q_pos_T[:, None]
+            o_BNTD = F.scaled_dot_product_attention(q_BNTD, k_BGSD, v_BGSD, attn_mask=mask_TS,
+                                                    enable_gqa=True)
+        return self.o_proj(o_BNTD.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """Dense SwiGLU (Llama MLP): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, layer_idx: int, is_moe: bool,
+                 moe_deterministic: bool = False):
+        super().__init__()
+        self.is_moe = is_moe
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        if is_moe:
+            self.mlp = create_moe("base", cfg.hidden_size, cfg.num_experts, cfg.top_k,
+                                  cfg.expert_ffn_hidden_size, router=moe_cfg.router,
+                                  renormalize=moe_cfg.renormalize,
+                                  capacity_factor=moe_cfg.capacity_factor,
+                                  deterministic=moe_deterministic)
+        else:
+            self.mlp = FeedForward(cfg.hidden_size, cfg.ffn_hidden_size)
+
+    def forward(self, x_BTH, rope, start, cache=None):
+        x_BTH = x_BTH + self.self_attn(self.input_layernorm(x_BTH), rope, start, cache)
+        return x_BTH + self.mlp(self.post_attention_layernorm(x_BTH))
+
+
+class Transformer(nn.Module):
+    """embed -> N x [RMSNorm, attention, +, RMSNorm, FFN or MoE, +] -> RMSNorm -> LM head.
+
+    MoE layers are those of `moe_layer_indices(cfg, moe_cfg)`; moe_deterministic fixes router
+    tie-breaking (parity tests).
+    """
+
+    def __init__(self, cfg: ModelConfig, moe_cfg: Optional[MoEConfig] = None, *,
+                 moe_deterministic: bool = False):
+        super().__init__()
+        moe_cfg = moe_cfg if moe_cfg is not None else MoEConfig()
+        if cfg.hidden_size % cfg.num_heads or (cfg.hidden_size // cfg.num_heads) % 2:
+            raise ValueError(f"num_heads={cfg.num_heads} must divide hidden_size={cfg.hidden_size} "
+                             "into an even head dim (RoPE)")
+        if cfg.num_heads % cfg.num_kv_heads:
+            raise ValueError(f"num_kv_heads={cfg.num_kv_heads} must divide num_heads={cfg.num_heads}")
+        moe_layers = moe_layer_indices(cfg, moe_cfg)
+        if any(not 0 <= i < cfg.num_layers for i in moe_layers):
+            raise ValueError(f"moe layers {moe_layers} must be in [0, {cfg.num_layers})")
+        self.cfg, self.moe_cfg = cfg, moe_cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rope = RotaryEmbedding(cfg.hidden_size // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.layers = nn.ModuleList(
+            Block(cfg, moe_cfg, i, i in moe_layers, moe_deterministic) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """normal(0, init_std); residual-output projections (o_proj, down_proj, expert w2) get
+        init_std / sqrt(2 * num_layers) (GPT-2 / nanoGPT), RMSNorm weights 1."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_out = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, std=out_std if is_out else std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif hasattr(module, "w2_EFH"):
+                module.reset_parameters(std=std, out_std=out_std)
+
+    def forward(self, tokens_BT: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """tokens_BT int64 -> logits_BTV; with a cache, positions continue from cache.seq_len."""
+        start = cache.seq_len if cache is not None else 0
+        if start + tokens_BT.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {start + tokens_BT.shape[1]} (cached {start} + new "
+                             f"{tokens_BT.shape[1]}) exceeds max_seq_len={self.cfg.max_seq_len}")
+        x_BTH = self.embed_tokens(tokens_BT)
+        for block in self.layers:
+            x_BTH = block(x_BTH, self.rope, start, cache)
+        return self.lm_head(self.norm(x_BTH))
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [block.mlp for block in self.layers if block.is_moe]
+
+    def router_losses(self) -> dict[str, torch.Tensor]:
+        """Unweighted sums over MoE layers of the last forward's aux_loss and z_loss
+        (the trainer applies MoEConfig.aux_loss_weight / z_loss_weight); zeros when dense."""
+        zero = torch.zeros((), device=self.embed_tokens.weight.device)
+        out = {"aux_loss": zero, "z_loss": zero}
+        for layer in self.moe_layers():
+            if layer.aux_loss is not None:
+                out = {"aux_loss": out["aux_loss"] + layer.aux_loss,
+                       "z_loss": out["z_loss"] + layer.z_loss}
+        return out
+
+    def num_params(self) -> int:
+        """All parameters; a tied embedding / LM head is counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def num_active_params(self) -> int:
+        """Parameters one token uses: total minus the (E - top_k)/E share of each MoE layer's experts."""
+        inactive = 0
+        for layer in self.moe_layers():
+            per_expert = sum(p.numel() for p in layer.experts.parameters()) // layer.num_experts
+            inactive += (layer.num_experts - layer.top_k) * per_expert
+        return self.num_params() - inactive
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, for MFU: 6 * N + 12 * L * H * seq_len.
+
+        PaLM (Chowdhery et al. 2022, app. B) / nanoGPT convention: N = active non-embedding
+        params, where the input embedding lookup is excluded but the LM head matmul counts
+        (tied: the shared matrix is counted once, as the head, as nanoGPT does); the second term
+        is attention's QK^T and AV matmuls (forward + backward).
+        """
+        n = self.num_active_params()
+        if not self.cfg.tie_embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return 6.0 * n + 12.0 * self.cfg.num_layers * self.cfg.hidden_size * seq_len
+
+    def generate(self, prompt_BT: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """See pikv.models.generation.generate."""
+        from pikv.models.generation import generate
+        return generate(self, prompt_BT, max_new_tokens, temperature, top_k, generator)

@@ -1,0 +1,158 @@
+"""Atomic, resumable checkpoints on torch.distributed.checkpoint (DCP).
+
+Layout of `<run>/checkpoints/step_<N>/`:
+  .metadata, __*.distcp   model + optimizer (DCP; FQN-keyed, so it reshards across world sizes)
+  rank_<r>.pt             that rank's RNG states (CPU, CUDA, numpy, python)
+  tokenizer.json          the tokenizer the model was trained with
+  trainer.json            step, data position, world/EP sizes and the resolved config; written
+                          last, so its presence marks a complete checkpoint
+Every rank writes into `step_<N>.tmp/`; after a barrier rank 0 renames it to `step_<N>/`. A
+rename is atomic on POSIX, so a kill at any moment leaves either the old set of complete
+checkpoints or the new one, never a half-written `step_<N>/` that `resume=auto` would pick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from pikv.distributed import DistContext
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+TRAINER_FILE = "trainer.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainerState:
+    step: int
+    data_state: dict
+    config: dict
+    world_size: int
+    ep_size: int
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints (renamed from .tmp and holding trainer.json), oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_root.iterdir()
+             if (m := STEP_DIR.match(p.name)) and (p / TRAINER_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(ckpt_root: Path, state: TrainerState, model: nn.Module,
+                    optimizer: torch.optim.Optimizer, ctx: DistContext,
+                    tokenizer_file: Optional[Path], keep: int) -> Path:
+    final = ckpt_root / f"step_{state.step}"
+    tmp = ckpt_root / f"step_{state.step}.tmp"
+    if ctx.is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftover of a save that was killed
+        shutil.rmtree(final, ignore_errors=True)  # re-saving a step (e.g. after a restart)
+        tmp.mkdir()
+    ctx.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    torch.save(_rng_state(), tmp / f"rank_{ctx.rank}.pt")
+    ctx.barrier()
+    if ctx.is_main:
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        meta = {"format_version": FORMAT_VERSION, "step": state.step, "data_state": state.data_state,
+                "world_size": state.world_size, "ep_size": state.ep_size, "config": state.config}
+        with open(tmp / TRAINER_FILE, "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, final)
+        for old in complete_checkpoints(ckpt_root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    ctx.barrier()
+    return final
+
+
+def read_trainer_state(path: Path) -> TrainerState:
+    """Parse trainer.json of a checkpoint; errors name the file and what is wrong with it."""
+    meta_file = path / TRAINER_FILE
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {path} does not exist or is not a directory")
+    if not meta_file.is_file():
+        raise ValueError(f"checkpoint {path} is incomplete: {meta_file} is missing "
+                         "(a save was interrupted; use an earlier step_<N> directory)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"checkpoint file {meta_file} is corrupt: {err}") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint file {meta_file} has format_version {meta.get('format_version')!r}; "
+                         f"this PiKV reads format_version {FORMAT_VERSION}")
+    if not (path / ".metadata").is_file():
+        raise ValueError(f"checkpoint {path} is corrupt: the DCP file {path / '.metadata'} is missing")
+    return TrainerState(step=meta["step"], data_state=meta["data_state"], config=meta["config"],
+                        world_size=meta["world_size"], ep_size=meta["ep_size"])
+
+
+def check_compatible(stored: dict, current: dict, path: Path) -> None:
+    """The model architecture must match exactly; anything else (lr, steps, ...) may change."""
+    diffs = [f"model.{k}: checkpoint {stored['model'].get(k)!r} vs config {v!r}"
+             for k, v in current["model"].items() if stored["model"].get(k) != v]
+    for key in ("every_n_layers", "layers"):
+        if stored["moe"].get(key) != current["moe"].get(key):
+            diffs.append(f"moe.{key}: checkpoint {stored['moe'].get(key)!r} vs config {current['moe'].get(key)!r}")
+    if diffs:
+        raise ValueError(f"checkpoint {path} is incompatible with the configured model: " + "; ".join(diffs))
+
+
+def load_model_weights(path: Path, model: nn.Module) -> None:
+    """Load only the model weights (evaluation, export); works in one process."""
+    state = {"model": model.state_dict()}
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except Exception as err:  # DCP raises many types; all mean "cannot use these files"
+        raise ValueError(f"checkpoint {path}: cannot load model weights: {err}") from None
+    model.load_state_dict(state["model"])
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    ctx: DistContext) -> TrainerState:
+    """Restore model, optimizer and this rank's RNG; returns the trainer state to resume from."""
+    state = read_trainer_state(path)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    loaded = {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(loaded, checkpoint_id=path)
+    except Exception as err:
+        raise ValueError(f"checkpoint {path}: cannot load model/optimizer state: {err}") from None
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    rng_file = path / f"rank_{ctx.rank}.pt"
+    if state.world_size == ctx.world_size and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return state

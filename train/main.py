@@ -1,0 +1,45 @@
+"""PiKV training entry point.
+
+  python train/main.py [--config configs/X.yaml] [key.sub=value ...]
+  torchrun --nproc_per_node 8 train/main.py --config configs/X.yaml key.sub=value ...
+"""
+
+import argparse
+import os
+import sys
+
+# One intra-op thread per process unless the user says otherwise: N processes on N cores must
+# not oversubscribe, and forking after a multithreaded matmul can hang. Set before torch loads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pikv.config import load_config  # noqa: E402
+from pikv.distributed import destroy_distributed, init_distributed  # noqa: E402
+from pikv.training import Trainer  # noqa: E402
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML file with the values that differ from the defaults")
+    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.max_steps=100")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)  # fails before any work on a bad config
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    ctx = init_distributed(cfg.train.device, cfg.parallel.backend, cfg.parallel.expert_parallel_size)
+    try:
+        result = Trainer(cfg, ctx).fit()
+        if ctx.is_main:
+            print(f"run directory: {result.run_dir}\nlast checkpoint: {result.last_checkpoint}")
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
