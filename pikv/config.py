@@ -66,19 +66,19 @@ class TrainConfig:
     run_name: str = "tiny"
     output_dir: str = "runs"  # the run directory is <output_dir>/<run_name>/
     seed: int = 0
-    max_steps: int = 1200
+    max_steps: int = 450
     batch_size: int = 16  # sequences per micro-batch per data-parallel rank
     grad_accum_steps: int = 1
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 60
+    warmup_steps: int = 30
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
-    eval_every: int = 200
+    eval_every: int = 150
     eval_batches: int = 8
-    checkpoint_every: int = 400
+    checkpoint_every: int = 150
     keep_checkpoints: int = 2
     resume: str = "auto"  # 'auto' | 'never' | path to a checkpoint directory
     # Stop after this step with a checkpoint, as if preempted (Megatron's exit_interval): a later

@@ -65,11 +65,11 @@ def main(argv: list[str]) -> int:
             docs = load_documents(DataConfig(source=args.data, text_field=args.text_field,
                                              cache_dir=cfg.data.cache_dir))
             data_name = args.data
+        model = Transformer(cfg.model, cfg.moe)
+        load_model_weights(ckpt, model)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    model = Transformer(cfg.model, cfg.moe)
-    load_model_weights(ckpt, model)
     tokens = pack_documents(tokenizer, docs)
     batches = iter_eval_batches(tokens, cfg.data.seq_len, args.batch_size)
     result = evaluate_lm(model, batches, token_byte_lengths(tokenizer), torch.device("cpu")).to_dict()

@@ -91,7 +91,7 @@ class Attention(nn.Module):
                 mask_TS = torch.arange(S, device=x_BTH.device)[None, :] <= q_pos_T[:, None]
             o_BNTD = F.scaled_dot_product_attention(q_BNTD, k_BGSD, v_BGSD, attn_mask=mask_TS,
                                                     enable_gqa=True)
-        return self.o_proj(o_BNTD.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(o_BNTD.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
 class FeedForward(nn.Module):

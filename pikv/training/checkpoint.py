@@ -18,14 +18,17 @@ import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from pikv.distributed import DistContext
@@ -131,13 +134,23 @@ def check_compatible(stored: dict, current: dict, path: Path) -> None:
         raise ValueError(f"checkpoint {path} is incompatible with the configured model: " + "; ".join(diffs))
 
 
+def _describe(err: BaseException) -> str:
+    """DCP wraps per-rank failures (a BaseException, not an Exception); name the real cause."""
+    if isinstance(err, CheckpointException):
+        causes = {repr(e[0] if isinstance(e, tuple) else e) for e in err.failures.values()}
+        return "; ".join(sorted(causes)) + " (truncated or corrupt .distcp files?)"
+    return f"{type(err).__name__}: {err}"
+
+
 def load_model_weights(path: Path, model: nn.Module) -> None:
     """Load only the model weights (evaluation, export); works in one process."""
     state = {"model": model.state_dict()}
     try:
-        dcp.load(state, checkpoint_id=path)
-    except Exception as err:  # DCP raises many types; all mean "cannot use these files"
-        raise ValueError(f"checkpoint {path}: cannot load model weights: {err}") from None
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as err:  # DCP raises many types; all mean "unusable files"
+        raise ValueError(f"checkpoint {path}: cannot load model weights: {_describe(err)}") from None
     model.load_state_dict(state["model"])
 
 
@@ -149,8 +162,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     loaded = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(loaded, checkpoint_id=path)
-    except Exception as err:
-        raise ValueError(f"checkpoint {path}: cannot load model/optimizer state: {err}") from None
+    except (Exception, CheckpointException) as err:
+        raise ValueError(f"checkpoint {path}: cannot load model/optimizer state: {_describe(err)}") from None
     set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
     rng_file = path / f"rank_{ctx.rank}.pt"
     if state.world_size == ctx.world_size and rng_file.is_file():

@@ -1,0 +1,54 @@
+"""End-to-end fixtures: run the real entry points as a user would (torchrun / python)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A small model on the real embedded corpus: every code path of the default job, in seconds.
+TINY = [
+    "model.vocab_size=512", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
+    "model.num_kv_heads=2", "model.ffn_hidden_size=128", "model.expert_ffn_hidden_size=64",
+    "model.num_experts=4", "model.top_k=2", "model.max_seq_len=64", "data.seq_len=64",
+    "train.batch_size=4", "train.lr=3e-3", "train.warmup_steps=2", "train.eval_every=1000",
+    "train.eval_batches=2", "logging.log_every=1", "logging.progress=false",
+]
+
+
+@pytest.fixture(scope="session")
+def pikv_cache(tmp_path_factory) -> str:
+    return os.environ.get("PIKV_CACHE") or str(tmp_path_factory.mktemp("pikv-cache"))
+
+
+@pytest.fixture
+def run_job(tmp_path: Path, pikv_cache: str):
+    """run_job(args, nproc=None) -> CompletedProcess; nproc=None runs plain `python train/main.py`."""
+
+    def run(args: list[str], nproc: int | None = None, script: str = "train/main.py",
+            check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PIKV_CACHE": pikv_cache, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+               "WANDB_SILENT": "true"}
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+            if nproc else [sys.executable]
+        proc = subprocess.run(launcher + [str(REPO / script)] + args, cwd=tmp_path, env=env, text=True,
+                              capture_output=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        return proc
+
+    run.cwd = tmp_path
+    return run
+
+
+def read_metrics(run_dir: Path) -> dict[int, dict]:
+    """Training rows of metrics.jsonl by step (validation rows are merged into their step)."""
+    rows: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows.setdefault(row["step"], {}).update(row)
+    return rows
