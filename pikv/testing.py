@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import traceback
 from datetime import timedelta
@@ -29,7 +30,9 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, a
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     try:
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
-        queue.put((rank, "ok", fn(rank, world_size, *args)))
+        # Plain pickle to bytes: torch's multiprocessing reductions would pass tensors through
+        # shared memory owned by this process, which is gone once it exits.
+        queue.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
     except BaseException:  # report every failure to the parent instead of hanging it
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -56,7 +59,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, backend
             rank, status, value = queue.get(timeout=timeout_s)
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+            results[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=10)

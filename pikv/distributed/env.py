@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
 @dataclass
@@ -29,6 +30,7 @@ class DistContext:
     # averaged over it only. Ranks that together hold all experts form an expert-parallel group.
     ep_group: Optional[dist.ProcessGroup] = None
     expert_dp_group: Optional[dist.ProcessGroup] = None
+    mesh: Optional[DeviceMesh] = None
 
     @property
     def is_main(self) -> bool:
@@ -83,20 +85,13 @@ def _pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _build_ep_groups(ctx: DistContext) -> None:
-    """EP groups are consecutive ranks (fast links within a node); expert-DP groups stride them."""
-    world, ep = ctx.world_size, ctx.ep_size
-    # new_group is collective: every rank must create every group in the same order.
-    for start in range(0, world, ep):
-        ranks = list(range(start, start + ep))
-        group = dist.new_group(ranks)
-        if ctx.rank in ranks:
-            ctx.ep_group = group
-    for offset in range(ep):
-        ranks = list(range(offset, world, ep))
-        group = dist.new_group(ranks)
-        if ctx.rank in ranks:
-            ctx.expert_dp_group = group
+def _build_mesh(ctx: DistContext) -> None:
+    """A 2-D mesh (expert-DP x EP): EP groups are consecutive ranks (fast links within a node),
+    expert-DP groups stride them. The mesh also gives DTensor placements for checkpoints."""
+    ctx.mesh = init_device_mesh(ctx.device.type, (ctx.world_size // ctx.ep_size, ctx.ep_size),
+                                mesh_dim_names=("edp", "ep"))
+    ctx.ep_group = ctx.mesh.get_group("ep")
+    ctx.expert_dp_group = ctx.mesh.get_group("edp")
 
 
 def init_distributed(device: str = "auto", backend: str = "auto", ep_size: int = 1,
@@ -114,7 +109,7 @@ def init_distributed(device: str = "auto", backend: str = "auto", ep_size: int =
                                 timeout=timedelta(seconds=timeout_s),
                                 device_id=torch_device if torch_device.type == "cuda" else None)
     ctx = DistContext(rank=rank, world_size=world, local_rank=local_rank, device=torch_device, ep_size=ep_size)
-    _build_ep_groups(ctx)
+    _build_mesh(ctx)
     return ctx
 
 

@@ -33,12 +33,13 @@ def is_expert_param(name: str) -> bool:
 
 class GradientReducer:
     def __init__(self, model: nn.Module, world_size: int, expert_dp_group: Optional[dist.ProcessGroup],
-                 is_expert: Callable[[str], bool] = is_expert_param):
+                 ep_group: Optional[dist.ProcessGroup] = None, is_expert: Callable[[str], bool] = is_expert_param):
         self.world_size = world_size
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.dense = [p for n, p in named if not is_expert(n)]
         self.expert = [p for n, p in named if is_expert(n)]
         self.expert_dp_group = expert_dp_group
+        self.ep_group = ep_group
 
     def _reduce(self, params: Iterable[torch.Tensor], group: Optional[dist.ProcessGroup]) -> None:
         bucket: list[torch.Tensor] = []
@@ -68,3 +69,23 @@ class GradientReducer:
             return
         self._reduce(self.dense, None)
         self._reduce(self.expert, self.expert_dp_group)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip by the norm of the *global* gradient; call after `reduce`. Returns that norm.
+
+        After reduction dense gradients are identical on every rank, but each EP rank holds a
+        different slice of the experts: their squared norms are summed over the EP group, or
+        every rank would clip with a different (too small) norm and the replicas would diverge.
+        """
+        grads = [p.grad for p in self.dense + self.expert if p.grad is not None]
+        device = grads[0].device if grads else torch.device("cpu")
+        dense_sq = sum((g.float().square().sum() for g in (p.grad for p in self.dense if p.grad is not None)),
+                       torch.zeros((), device=device))
+        expert_sq = sum((g.float().square().sum() for g in (p.grad for p in self.expert if p.grad is not None)),
+                        torch.zeros((), device=device))
+        if self.ep_group is not None and dist.get_world_size(self.ep_group) > 1:
+            dist.all_reduce(expert_sq, group=self.ep_group)
+        total = (dense_sq + expert_sq).sqrt()
+        if max_norm > 0:
+            torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+        return total

@@ -9,16 +9,34 @@ import math
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from pikv.moe import losses
 from pikv.moe.dispatch import LocalDispatcher
 from pikv.moe.experts import GroupedExperts
-from pikv.moe.router import ROUTERS, TokenChoiceTopKRouter
+from pikv.moe.router import ROUTERS, build_router
+
+
+class SharedExperts(nn.Module):
+    """DeepSeekMoE shared experts: one dense SwiGLU (Llama MLP names) of width
+    num_shared_experts * shared_ffn_hidden_size that every token goes through. Not named
+    `experts`: the gradient reducer treats parameters under a module named `experts` as
+    expert-parallel, and these are replicated like any dense weight."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x_TH)) * self.up_proj(x_TH))
 
 
 class MoELayer(nn.Module):
-    """Token-choice top-k sparse MoE; defaults are exactly Mixtral's sparse MoE block.
+    """Sparse MoE (router, see pikv.moe.router) plus optional shared experts; defaults are
+    exactly Mixtral's sparse MoE block.
 
     After each forward: `aux_loss` (load balancing), `z_loss` (scalar tensors with grad) and
     `metrics` (detached tensors: tokens_per_expert [E], dropped_fraction, router_entropy).
@@ -27,19 +45,27 @@ class MoELayer(nn.Module):
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, ffn_hidden_size: int, *,
                  router: str = "softmax_topk", renormalize: bool = True,
-                 capacity_factor: Optional[float] = None, deterministic: bool = False):
+                 capacity_factor: Optional[float] = None, deterministic: bool = False,
+                 num_shared_experts: int = 0, shared_ffn_hidden_size: Optional[int] = None,
+                 **router_options: Any):
         super().__init__()
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.top_k = top_k
         self.capacity_factor = capacity_factor
-        self.router = TokenChoiceTopKRouter(hidden_size, num_experts, top_k,
-                                            renormalize=renormalize, deterministic=deterministic)
+        self.router = build_router(router, hidden_size, num_experts, top_k, renormalize=renormalize,
+                                   deterministic=deterministic, capacity_factor=capacity_factor,
+                                   **router_options)
         self.dispatcher = LocalDispatcher()  # replaced by an all-to-all dispatcher under EP
         self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size)
+        shared_width = num_shared_experts * (shared_ffn_hidden_size or ffn_hidden_size)
+        self.shared_experts = SharedExperts(hidden_size, shared_width) if num_shared_experts > 0 else None
         self.aux_loss: Optional[torch.Tensor] = None
         self.z_loss: Optional[torch.Tensor] = None
         self.metrics: dict[str, torch.Tensor] = {}
+        # Set by pikv.models.parallelize under data/expert parallelism: the aux loss then uses
+        # the routing statistics of every rank (see losses.load_balancing_loss).
+        self.stats_group: Optional[dist.ProcessGroup] = None
 
     def capacity(self, num_tokens: int) -> Optional[int]:
         """Slots per expert: ceil(capacity_factor * T * K / E) (GShard), None when dropless."""
@@ -50,13 +76,19 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> [..., H]."""
         x_TH = x.reshape(-1, self.hidden_size)
+        if self.router.expert_choice:
+            return self._forward_expert_choice(x, x_TH)
         weights_TK, expert_ids_TK, logits_TE, probs_TE = self.router(x_TH)
         x_NH, counts_E, state = self.dispatcher.dispatch(
             x_TH, expert_ids_TK, self.num_experts, self.capacity(x_TH.shape[0]))
         y_NH = self.experts(x_NH, counts_E)
         y_TH = self.dispatcher.combine(y_NH, weights_TK, state)
+        if self.shared_experts is not None:
+            y_TH = y_TH + self.shared_experts(x_TH)
 
-        self.aux_loss = losses.load_balancing_loss(probs_TE, expert_ids_TK)
+        f_E = (None if self.stats_group is None
+               else losses.global_slot_fraction(expert_ids_TK, self.num_experts, self.stats_group))
+        self.aux_loss = losses.load_balancing_loss(probs_TE, expert_ids_TK, f_E)
         self.z_loss = losses.z_loss(logits_TE)
         with torch.no_grad():
             dropped = (torch.zeros((), device=x.device) if state.keep_TK is None
@@ -68,22 +100,61 @@ class MoELayer(nn.Module):
             }
         return y_TH.view(*x.shape[:-1], y_TH.shape[-1])
 
+    def _forward_expert_choice(self, x: torch.Tensor, x_TH: torch.Tensor) -> torch.Tensor:
+        """Expert choice: the router's E x C (expert, token) pairs go through the dispatcher's
+        explicit-assignment form (token_ids_N); a token picked by no expert gets 0 (residual)."""
+        weights_EC, token_ids_EC, logits_TE, probs_TE = self.router(x_TH)
+        E, C = token_ids_EC.shape
+        token_ids_N = token_ids_EC.reshape(-1)
+        expert_ids_N1 = torch.arange(E, device=x.device).repeat_interleave(C).unsqueeze(1)
+        x_NH, counts_E, state = self.dispatcher.dispatch(x_TH, expert_ids_N1, E, None,
+                                                         token_ids_N=token_ids_N)
+        y_NH = self.experts(x_NH, counts_E)
+        y_TH = self.dispatcher.combine(y_NH, weights_EC.reshape(-1, 1), state)
+        if self.shared_experts is not None:
+            y_TH = y_TH + self.shared_experts(x_TH)
+        # Every expert takes exactly C tokens, so the Switch loss is 1 (balanced) with no
+        # gradient: kept for uniform logging, harmless in the total loss.
+        self.aux_loss = losses.load_balancing_loss(probs_TE, expert_ids_N1)
+        self.z_loss = losses.z_loss(logits_TE)
+        with torch.no_grad():
+            picked_T = torch.zeros(x_TH.shape[0], dtype=torch.bool, device=x.device)
+            picked_T.index_fill_(0, token_ids_N, True)
+            self.metrics = {
+                "tokens_per_expert": losses.expert_counts(expert_ids_N1, E),
+                "dropped_fraction": (~picked_T).float().mean(),  # tokens no expert picked
+                "router_entropy": losses.router_entropy(probs_TE.detach()),
+            }
+        return y_TH.view(*x.shape[:-1], y_TH.shape[-1])
+
 
 def _build_base(hidden_size: int, num_experts: int, top_k: int, ffn_hidden_size: int,
                 router: str = "softmax_topk", renormalize: bool = True,
-                capacity_factor: Optional[float] = None, deterministic: bool = False) -> nn.Module:
+                capacity_factor: Optional[float] = None, deterministic: bool = False,
+                num_shared_experts: int = 0, shared_ffn_hidden_size: Optional[int] = None,
+                route_scale: float = 1.0, sinkhorn_iterations: int = 30) -> nn.Module:
     if router not in ROUTERS:
         raise ValueError(f"router={router!r} is not supported; allowed routers: {', '.join(ROUTERS)}")
     if capacity_factor is not None and not capacity_factor > 0:
         raise ValueError(f"capacity_factor={capacity_factor!r} must be > 0, or None for dropless")
+    if (isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int)
+            or num_shared_experts < 0):
+        raise ValueError(f"num_shared_experts={num_shared_experts!r} must be an integer >= 0")
+    if shared_ffn_hidden_size is not None and (isinstance(shared_ffn_hidden_size, bool) or not isinstance(
+            shared_ffn_hidden_size, int) or shared_ffn_hidden_size <= 0):
+        raise ValueError(f"shared_ffn_hidden_size={shared_ffn_hidden_size!r} must be a positive integer, "
+                         "or None for ffn_hidden_size")
     return MoELayer(hidden_size, num_experts, top_k, ffn_hidden_size, router=router,
                     renormalize=bool(renormalize), capacity_factor=capacity_factor,
-                    deterministic=bool(deterministic))
+                    deterministic=bool(deterministic), num_shared_experts=num_shared_experts,
+                    shared_ffn_hidden_size=shared_ffn_hidden_size, route_scale=route_scale,
+                    sinkhorn_iterations=sinkhorn_iterations)
 
 
 # kind -> builder; the 'flex', 'time' and 'pikv' variants register here when they land.
 MOE_BUILDERS: dict[str, Callable[..., nn.Module]] = {"base": _build_base}
-_BASE_OPTIONS = ("router", "renormalize", "capacity_factor", "deterministic")
+_BASE_OPTIONS = ("router", "renormalize", "capacity_factor", "deterministic", "num_shared_experts",
+                 "shared_ffn_hidden_size", "route_scale", "sinkhorn_iterations")
 MOE_OPTIONS: dict[str, tuple[str, ...]] = {"base": _BASE_OPTIONS}
 
 
@@ -91,8 +162,12 @@ def create_moe(kind: str, hidden_size: int, num_experts: int, top_k: int, ffn_hi
                **options: Any) -> nn.Module:
     """Build a MoE layer whose forward maps [..., hidden_size] -> [..., hidden_size].
 
-    kind 'base' options: router='softmax_topk', renormalize=True, capacity_factor=None
-    (dropless), deterministic=False (ties -> lower expert index). Errors are ValueError.
+    kind 'base' options: router='softmax_topk' (one of pikv.moe.router.ROUTERS),
+    renormalize=True, capacity_factor=None (dropless; expert_choice: 1.0),
+    deterministic=False (no router noise, ties -> lower expert / token index),
+    num_shared_experts=0 and shared_ffn_hidden_size=None (= ffn_hidden_size): DeepSeekMoE
+    shared experts, route_scale=1.0 (gate weights x route_scale), sinkhorn_iterations=30.
+    Errors are ValueError.
     """
     if kind not in MOE_BUILDERS:
         raise ValueError(f"unknown MoE kind {kind!r}; allowed kinds: {', '.join(MOE_BUILDERS)}")

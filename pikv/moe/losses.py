@@ -5,7 +5,10 @@ Shapes: T tokens, E experts, K experts per token. All inputs are the router's fp
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.distributed as dist
 
 
 def expert_counts(expert_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -16,14 +19,30 @@ def expert_counts(expert_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor
     return counts_E.scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def load_balancing_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.Tensor:
+def global_slot_fraction(expert_ids_TK: torch.Tensor, num_experts: int,
+                         group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """f_e over the token-slots of every rank in `group` (no gradient: counts are constants)."""
+    counts = torch.cat([expert_counts(expert_ids_TK, num_experts),
+                        torch.tensor([expert_ids_TK.numel()], device=expert_ids_TK.device)])
+    dist.all_reduce(counts, group=group)
+    return counts[:num_experts].float() / counts[num_experts].clamp_min(1).float()
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor,
+                        f_E: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Switch Transformer / GShard loss E * sum_e f_e * P_e (1.0 when perfectly balanced).
 
     f_e: fraction of the T*K token-slots routed to e (before any capacity drop; no gradient),
-    P_e: mean router probability of e (carries the gradient).
+    P_e: mean router probability of e over this rank's tokens (carries the gradient).
+    Pass the global f_E (`global_slot_fraction`) under data/expert parallelism: with f_e from
+    local tokens only, the loss and its gradient change with the number of ranks and the
+    per-rank batch (the bugs of Megatron PR #5798 / DeepSpeed #5618). With global f_e, the
+    average over ranks of this rank-local loss is exactly the loss of the global batch, and so
+    is the averaged gradient.
     """
     num_experts = probs_TE.shape[-1]
-    f_E = expert_counts(expert_ids_TK, num_experts).to(probs_TE.dtype) / expert_ids_TK.numel()
+    if f_E is None:
+        f_E = expert_counts(expert_ids_TK, num_experts).to(probs_TE.dtype) / expert_ids_TK.numel()
     p_E = probs_TE.mean(dim=0)
     return num_experts * torch.sum(f_E * p_E)
 

@@ -30,8 +30,10 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from pikv.distributed import DistContext
+from pikv.distributed.grad_sync import is_expert_param
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAINER_FILE = "trainer.json"
@@ -71,6 +73,47 @@ def complete_checkpoints(ckpt_root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """A step_<N> directory, or a run / checkpoints directory (its newest complete checkpoint)."""
+    if (path / TRAINER_FILE).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1]
+    raise ValueError(f"--checkpoint {path}: no complete checkpoint there (expected a step_<N> directory "
+                     "holding trainer.json, or a run directory with checkpoints/step_<N>/)")
+
+
+def _expert_placement(ctx: DistContext):
+    # Experts are replicated over expert-DP and sharded over EP by global expert index (dim 0);
+    # DCP stores that layout and reshards on load, so EP=2 checkpoints load at EP=1 or EP=4.
+    return [Replicate(), Shard(0)]
+
+
+def _wrap_experts(model_sd: dict, optim_sd: dict, ctx: DistContext) -> tuple[dict, dict]:
+    """Expert tensors (weights and their Adam moments) as DTensors over the (edp, ep) mesh."""
+    def wrap(t):
+        return DTensor.from_local(t, ctx.mesh, _expert_placement(ctx), run_check=False)
+
+    model_sd = {k: wrap(v) if is_expert_param(k) else v for k, v in model_sd.items()}
+    state = {}
+    for fqn, entry in optim_sd["state"].items():
+        state[fqn] = ({k: wrap(v) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in entry.items()}
+                      if is_expert_param(fqn) else entry)
+    return model_sd, {**optim_sd, "state": state}
+
+
+def _unwrap(tree):
+    if isinstance(tree, DTensor):
+        return tree.to_local()
+    if isinstance(tree, dict):
+        return {k: _unwrap(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_unwrap(v) for v in tree]
+    return tree
+
+
 def save_checkpoint(ckpt_root: Path, state: TrainerState, model: nn.Module,
                     optimizer: torch.optim.Optimizer, ctx: DistContext,
                     tokenizer_file: Optional[Path], keep: int) -> Path:
@@ -82,7 +125,7 @@ def save_checkpoint(ckpt_root: Path, state: TrainerState, model: nn.Module,
         shutil.rmtree(final, ignore_errors=True)  # re-saving a step (e.g. after a restart)
         tmp.mkdir()
     ctx.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _wrap_experts(*get_state_dict(model, optimizer), ctx)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     torch.save(_rng_state(), tmp / f"rank_{ctx.rank}.pt")
     ctx.barrier()
@@ -158,12 +201,13 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                     ctx: DistContext) -> TrainerState:
     """Restore model, optimizer and this rank's RNG; returns the trainer state to resume from."""
     state = read_trainer_state(path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _wrap_experts(*get_state_dict(model, optimizer), ctx)
     loaded = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(loaded, checkpoint_id=path)
     except (Exception, CheckpointException) as err:
         raise ValueError(f"checkpoint {path}: cannot load model/optimizer state: {_describe(err)}") from None
+    loaded = _unwrap(loaded)
     set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
     rng_file = path / f"rank_{ctx.rank}.pt"
     if state.world_size == ctx.world_size and rng_file.is_file():

@@ -25,6 +25,7 @@ from pikv.distributed import DistContext, GradientReducer
 from pikv.eval import evaluate_lm
 from pikv.logging import WANDB_ID_FILE, MetricsLogger, get_logger
 from pikv.models import Transformer
+from pikv.models.parallelize import apply_parallelism
 from pikv.training.checkpoint import (TrainerState, check_compatible, complete_checkpoints,
                                       load_checkpoint, read_trainer_state, save_checkpoint)
 from pikv.training.moe_metrics import MoEMetrics
@@ -60,9 +61,12 @@ class Trainer:
         ctx.barrier()
         self.data = prepare_data(cfg, self.run_dir, ctx.is_main, ctx.barrier)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.model = Transformer(cfg.model, cfg.moe).to(ctx.device)
+        model = Transformer(cfg.model, cfg.moe)
+        # Counted before expert sharding: the sizes of the whole model, not of this rank's slice.
+        self.param_counts = {"num_params": model.num_params(), "num_active_params": model.num_active_params()}
+        self.model = apply_parallelism(model, ctx).to(ctx.device)
         self.optimizer = build_optimizer(self.model, cfg.train)
-        self.reducer = GradientReducer(self.model, ctx.world_size, ctx.expert_dp_group)
+        self.reducer = GradientReducer(self.model, ctx.world_size, ctx.expert_dp_group, ctx.ep_group)
         self.loader = BlockLoader(self.data.tokens["train"], cfg.data.seq_len, cfg.train.batch_size,
                                   ctx.dp_rank, ctx.dp_size, cfg.train.seed)
         self.amp_dtype = autocast_dtype(cfg, ctx.device)
@@ -126,8 +130,7 @@ class Trainer:
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.detach() / cfg.grad_accum_steps
         self.reducer.reduce()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                     if cfg.grad_clip > 0 else torch.zeros((), device=self.ctx.device))
+        grad_norm = self.reducer.clip_grad_norm_(cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -161,13 +164,14 @@ class Trainer:
         tokens_per_step = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * ctx.dp_size
         peak = measure_matmul_peak(ctx.device, self.amp_dtype or torch.float32)
         meter = ThroughputMeter(self.model.flops_per_token(cfg.data.seq_len), peak, ctx.world_size)
-        self.log.info(f"model: {self.model.num_params():,} parameters, {self.model.num_active_params():,} active "
+        self.log.info(f"model: {self.param_counts['num_params']:,} parameters, "
+                      f"{self.param_counts['num_active_params']:,} active "
                       f"per token; {ctx.world_size} process(es), EP={ctx.ep_size}, device {ctx.device}; "
                       f"measured matmul peak {peak / 1e9:.1f} GFLOP/s per process")
         if ctx.is_main:
             (self.run_dir / "model_summary.json").write_text(json.dumps(
-                {"num_params": self.model.num_params(), "num_active_params": self.model.num_active_params(),
-                 "world_size": ctx.world_size, "tokens_per_step": tokens_per_step}, indent=1))
+                {**self.param_counts, "world_size": ctx.world_size, "ep_size": ctx.ep_size,
+                 "tokens_per_step": tokens_per_step}, indent=1))
         losses: dict[int, float] = {}
         last_ckpt, validation = None, None
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (ctx.is_main and cfg.logging.progress),

@@ -1,0 +1,41 @@
+"""Apply data x expert parallelism to a model built identically on every rank (torchtitan's
+`parallelize`): the model code itself knows nothing about process groups.
+
+Every rank builds the full model from the same seed, then keeps only its slice of each MoE
+layer's stacked expert weights, so an EP run starts from exactly the weights of the
+single-process run (what the parity tests rely on). At real scale one would build the model on
+the meta device and materialise only the local slice; the slicing logic stays the same.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pikv.distributed import DistContext
+from pikv.moe.ep_dispatch import AllToAllDispatcher
+from pikv.moe.layer import MoELayer
+
+
+def shard_experts(layer: MoELayer, ep_size: int, ep_rank: int) -> None:
+    """Keep experts [ep_rank*L, (ep_rank+1)*L) of a MoE layer (L = E / ep_size)."""
+    experts = layer.experts
+    local = layer.num_experts // ep_size
+    lo = ep_rank * local
+    for name in ("w1_EHF", "w3_EHF", "w2_EFH"):
+        full = getattr(experts, name)
+        setattr(experts, name, nn.Parameter(full.detach()[lo:lo + local].clone(), requires_grad=full.requires_grad))
+    experts.num_experts = local
+
+
+def apply_parallelism(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """Shard experts over the EP group and make router statistics global. Returns the model."""
+    for module in model.modules():
+        if not isinstance(module, MoELayer):
+            continue
+        if ctx.world_size > 1:
+            module.stats_group = torch.distributed.group.WORLD
+        if ctx.ep_size > 1:
+            shard_experts(module, ctx.ep_size, ctx.ep_rank)
+            module.dispatcher = AllToAllDispatcher(ctx.ep_group, ctx.ep_size, ctx.ep_rank)
+    return model
