@@ -42,11 +42,16 @@ class MoEConfig:
     # layers n-1, 2n-1, ... MoE (every_n_layers=1: all layers; 0: none, a dense model).
     every_n_layers: int = 1
     layers: Optional[list[int]] = None
-    router: str = "softmax_topk"
+    router: str = "softmax_topk"  # see pikv/moe/router.py
     renormalize: bool = True  # Mixtral: the k gate weights sum to 1
-    capacity_factor: Optional[float] = None  # None = dropless
+    capacity_factor: Optional[float] = None  # None = dropless (expert_choice: 1.0)
     aux_loss_weight: float = 0.01  # Switch/GShard load-balancing loss
     z_loss_weight: float = 0.001  # ST-MoE router z-loss
+    num_shared_experts: int = 0  # DeepSeekMoE always-active experts (a dense SwiGLU)
+    shared_ffn_hidden_size: Optional[int] = None  # per shared expert; None = model.expert_ffn_hidden_size
+    bias_update_rate: float = 0.001  # sigmoid_topk: aux-loss-free bias step (DeepSeek-V3 gamma)
+    route_scale: float = 1.0  # gate weights are multiplied by this
+    sinkhorn_iterations: int = 30  # sinkhorn router: fixed iteration count (no host sync)
 
 
 @dataclass
@@ -97,7 +102,7 @@ class ParallelConfig:
 
 @dataclass
 class LoggingConfig:
-    log_every: int = 10
+    log_every: int = 1  # per-step router metrics; each logged step syncs the host once
     wandb_mode: str = "offline"  # 'online' | 'offline' | 'disabled'
     wandb_project: str = "pikv"
     wandb_entity: Optional[str] = None
@@ -116,7 +121,7 @@ class JobConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "moe.router": ("softmax_topk",),
+    "moe.router": ("softmax_topk", "sigmoid_topk", "noisy_topk", "expert_choice", "sinkhorn"),
     "train.resume_mode": ("auto", "never"),
     "train.engine": ("torch",),
     "train.device": ("auto", "cpu", "cuda"),
@@ -181,6 +186,17 @@ def validate(cfg: JobConfig) -> JobConfig:
     _check_choice("moe.router", cfg.moe.router)
     if cfg.moe.capacity_factor is not None and cfg.moe.capacity_factor <= 0:
         _fail("moe.capacity_factor", cfg.moe.capacity_factor, "must be > 0, or null for dropless")
+    if cfg.moe.num_shared_experts < 0:
+        _fail("moe.num_shared_experts", cfg.moe.num_shared_experts, "must be >= 0 (0 = no shared experts)")
+    if cfg.moe.shared_ffn_hidden_size is not None and cfg.moe.shared_ffn_hidden_size <= 0:
+        _fail("moe.shared_ffn_hidden_size", cfg.moe.shared_ffn_hidden_size,
+              "must be > 0, or null for model.expert_ffn_hidden_size")
+    if not cfg.moe.bias_update_rate >= 0:
+        _fail("moe.bias_update_rate", cfg.moe.bias_update_rate, "must be >= 0 (0 = bias never moves)")
+    if not (0 < cfg.moe.route_scale < float("inf")):
+        _fail("moe.route_scale", cfg.moe.route_scale, "must be a finite number > 0")
+    if cfg.moe.sinkhorn_iterations < 1:
+        _fail("moe.sinkhorn_iterations", cfg.moe.sinkhorn_iterations, "must be >= 1")
     if cfg.data.seq_len > m.max_seq_len:
         _fail("data.seq_len", cfg.data.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
     if cfg.data.validation_docs < 1 or cfg.data.heldout_docs < 1:

@@ -120,7 +120,11 @@ class Block(nn.Module):
                                   cfg.expert_ffn_hidden_size, router=moe_cfg.router,
                                   renormalize=moe_cfg.renormalize,
                                   capacity_factor=moe_cfg.capacity_factor,
-                                  deterministic=moe_deterministic)
+                                  deterministic=moe_deterministic,
+                                  num_shared_experts=moe_cfg.num_shared_experts,
+                                  shared_ffn_hidden_size=moe_cfg.shared_ffn_hidden_size,
+                                  route_scale=moe_cfg.route_scale,
+                                  sinkhorn_iterations=moe_cfg.sinkhorn_iterations)
         else:
             self.mlp = FeedForward(cfg.hidden_size, cfg.ffn_hidden_size)
 
@@ -204,7 +208,8 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def num_active_params(self) -> int:
-        """Parameters one token uses: total minus the (E - top_k)/E share of each MoE layer's experts."""
+        """Parameters one token uses: total minus the (E - top_k)/E share of each MoE layer's routed
+        experts (router and shared experts stay fully active; expert choice: top_k on average)."""
         inactive = 0
         for layer in self.moe_layers():
             per_expert = sum(p.numel() for p in layer.experts.parameters()) // layer.num_experts

@@ -49,9 +49,11 @@ class AllToAllDispatcher:
         self.last_bytes_sent = 0  # rows sent by the last dispatch x hidden x itemsize (bench)
 
     def dispatch(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, num_experts: int,
-                 capacity: Optional[int] = None):
-        """Returns (x_RH: rows for the local experts, contiguous per expert; counts_L; state)."""
-        x_NH, counts_E, local_state = self.local.dispatch(x_TH, expert_ids_TK, num_experts, capacity)
+                 capacity: Optional[int] = None, token_ids_N: Optional[torch.Tensor] = None):
+        """Returns (x_RH: rows for the local experts, contiguous per expert; counts_L; state).
+        token_ids_N: explicit (token, expert) pairs, as for LocalDispatcher (expert choice)."""
+        x_NH, counts_E, local_state = self.local.dispatch(x_TH, expert_ids_TK, num_experts, capacity,
+                                                          token_ids_N=token_ids_N)
         ep, L = self.ep_size, num_experts // self.ep_size
         recv_counts_PL = all_to_all_counts(counts_E, self.group).view(ep, L)  # [source rank, local expert]
         send_splits = counts_E.view(ep, L).sum(1).tolist()

@@ -72,6 +72,9 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg, ctx.device)
         moe_layers = list(zip(moe_layer_indices(cfg.model, cfg.moe), self.model.moe_layers()))
         self.moe_metrics = MoEMetrics(moe_layers, cfg.model.num_experts, ctx.device)
+        # Routers balanced without an aux loss (DeepSeek-V3) adjust a selection bias after every
+        # optimizer step from the step's global token counts.
+        self.bias_layers = [layer for layer in self.model.moe_layers() if hasattr(layer.router, "update_bias")]
         self.step = 0
         self._maybe_resume()
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.train.run_name, to_dict(cfg),
@@ -122,19 +125,30 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         sums: dict[str, torch.Tensor] = {}
+        step_counts = [0] * len(self.bias_layers)
         for _ in range(cfg.grad_accum_steps):
             inputs_BT, targets_BT = (t.to(self.ctx.device, non_blocking=True) for t in self.loader.next_batch())
             parts = self._micro_batch_loss(inputs_BT, targets_BT)
             (parts["loss"] / cfg.grad_accum_steps).backward()
             self.moe_metrics.accumulate()
+            step_counts = [c + layer.metrics["tokens_per_expert"] for c, layer in zip(step_counts, self.bias_layers)]
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.detach() / cfg.grad_accum_steps
         self.reducer.reduce()
         grad_norm = self.reducer.clip_grad_norm_(cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.bias_layers:
+            self._update_router_biases(step_counts)
         self.step += 1
         return {**sums, "grad_norm": grad_norm.detach(), "lr": torch.tensor(lr)}
+
+    def _update_router_biases(self, step_counts: list[torch.Tensor]) -> None:
+        counts_LE = torch.stack(step_counts).float()
+        if self.ctx.world_size > 1:
+            dist.all_reduce(counts_LE)  # every rank applies the same update to its bias copy
+        for layer, counts_E in zip(self.bias_layers, counts_LE):
+            layer.router.update_bias(counts_E, self.cfg.moe.bias_update_rate)
 
     def _global_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         keys = sorted(values)

@@ -77,9 +77,11 @@ def _reference(world, ep):
         layer = _layer(router, cf)
         _skew(layer, case)
         xs, gs = _inputs(case, world)
-        with torch.no_grad():
-            _, ids_TK, _, _ = layer.router(torch.cat(xs))
-        f_E = torch.bincount(ids_TK.flatten(), minlength=E).float() / ids_TK.numel()  # global f_e
+        f_E = None  # expert choice: its aux loss is a constant, computed by the layer itself
+        if not layer.router.expert_choice:  # global f_e: every rank routes its own tokens
+            with torch.no_grad():
+                ids = torch.cat([layer.router(x)[1] for x in xs])
+            f_E = torch.bincount(ids.flatten(), minlength=E).float() / ids.numel()
         per_rank = [_step(layer, x, g, f_E) for x, g in zip(xs, gs)]
         L = E // ep
         for rank in range(world):

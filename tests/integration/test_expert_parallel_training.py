@@ -41,3 +41,28 @@ def test_ep_training_matches_single_process_and_checkpoints_reshard(run_job):
         assert sorted(resumed) == [4, 5, 6], name
         for step in (4, 5, 6):
             assert resumed[step] == pytest.approx(single[step], abs=2e-5), (name, step)
+
+
+def test_aux_loss_free_bias_follows_global_counts_under_ep(run_job):
+    """DeepSeek-V3 balancing: after every step, bias += rate * sign(mean load - load) with the
+    step's GLOBAL counts; replaying the logged per-step counts must give the saved bias."""
+    import torch
+
+    from pikv.config import load_config
+    from pikv.models import Transformer
+    from pikv.training.checkpoint import load_model_weights
+
+    overrides = COMMON + ["train.run_name=bias", "train.batch_size=4", "parallel.expert_parallel_size=2",
+                          "moe.router=sigmoid_topk", "moe.aux_loss_weight=0", "moe.bias_update_rate=0.01"]
+    run_job(overrides, nproc=2)
+    rows = read_metrics(run_job.cwd / "runs" / "bias")
+    cfg = load_config(None, overrides)
+    model = Transformer(cfg.model, cfg.moe)
+    load_model_weights(run_job.cwd / "runs" / "bias" / "checkpoints" / f"step_{STEPS}", model)
+    for i, layer in enumerate(model.moe_layers()):
+        expected = torch.zeros(cfg.model.num_experts)
+        for step in range(1, STEPS + 1):
+            load = torch.tensor(rows[step][f"moe/layer{i}/tokens_per_expert"], dtype=torch.float)
+            expected += 0.01 * torch.sign(load.mean() - load)
+        assert expected.abs().sum() > 0
+        torch.testing.assert_close(layer.router.expert_bias, expected, atol=1e-6, rtol=0)
