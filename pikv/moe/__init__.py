@@ -1,9 +1,11 @@
 """Mixture-of-Experts layers: router -> dispatcher -> grouped experts -> combine."""
 
 from pikv.moe.dispatch import DispatchState, LocalDispatcher
+from pikv.moe.ep_dispatch import AllToAllDispatcher
 from pikv.moe.experts import GroupedExperts
-from pikv.moe.layer import MOE_BUILDERS, MoELayer, create_moe
-from pikv.moe.router import ROUTERS, TokenChoiceTopKRouter
+from pikv.moe.layer import MOE_BUILDERS, MoELayer, SharedExperts, create_moe
+from pikv.moe.router import PER_TOKEN_ROUTERS, ROUTERS, build_router
 
-__all__ = ["create_moe", "MoELayer", "GroupedExperts", "LocalDispatcher", "DispatchState",
-           "TokenChoiceTopKRouter", "MOE_BUILDERS", "ROUTERS"]
+__all__ = ["create_moe", "MoELayer", "SharedExperts", "GroupedExperts", "LocalDispatcher",
+           "AllToAllDispatcher", "DispatchState", "build_router", "MOE_BUILDERS", "ROUTERS",
+           "PER_TOKEN_ROUTERS"]

@@ -170,7 +170,7 @@ def check_compatible(stored: dict, current: dict, path: Path) -> None:
     """The model architecture must match exactly; anything else (lr, steps, ...) may change."""
     diffs = [f"model.{k}: checkpoint {stored['model'].get(k)!r} vs config {v!r}"
              for k, v in current["model"].items() if stored["model"].get(k) != v]
-    for key in ("every_n_layers", "layers"):
+    for key in ("every_n_layers", "layers", "router", "num_shared_experts", "shared_ffn_hidden_size"):
         if stored["moe"].get(key) != current["moe"].get(key):
             diffs.append(f"moe.{key}: checkpoint {stored['moe'].get(key)!r} vs config {current['moe'].get(key)!r}")
     if diffs:
