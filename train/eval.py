@@ -6,6 +6,11 @@
 Without --data it scores the run's held-out documents (never used for training or validation);
 with --data, every document of the given local text/JSONL files (or hub dataset) is scored.
 Writes <out>/heldout_eval.json and <out>/heldout_eval.md.
+
+KV-cache decoding evaluation (pikv/eval/kv.py, docs/kv.md), on the same documents:
+  python train/eval.py --checkpoint runs/tiny --kv h2o,snapkv,learned --ratio 2,4,8 [--out DIR]
+writes <out>/kv/results.{json,md,png}. Without --kv it runs the run's kv.eval_policies at
+kv.eval_ratio (the KV table of `make train`); --kv none skips it.
 """
 
 import argparse
@@ -23,19 +28,7 @@ from pikv.data import iter_eval_batches, load_documents, load_tokenizer, pack_do
 from pikv.data import split_documents, token_byte_lengths  # noqa: E402
 from pikv.eval import evaluate_lm  # noqa: E402
 from pikv.models import Transformer  # noqa: E402
-from pikv.training.checkpoint import complete_checkpoints, load_model_weights, read_trainer_state  # noqa: E402
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A step_<N> directory, or a run / checkpoints directory (its newest complete checkpoint)."""
-    if (path / "trainer.json").is_file():
-        return path
-    for root in (path / "checkpoints", path):
-        found = complete_checkpoints(root)
-        if found:
-            return found[-1]
-    raise ValueError(f"--checkpoint {path}: no complete checkpoint there (expected a step_<N> directory "
-                     "holding trainer.json, or a run directory with checkpoints/step_<N>/)")
+from pikv.training.checkpoint import load_model_weights, read_trainer_state, resolve_checkpoint  # noqa: E402
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
@@ -53,6 +46,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--text-field", default="text", help="text column for JSONL/hub data")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default <run>/eval)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--kv", default=None, help="kv policies, comma separated (default: the config's "
+                        "kv.eval_policies; 'none' skips the KV evaluation)")
+    parser.add_argument("--ratio", default=None, help="compression ratios, comma separated (default kv.eval_ratio)")
+    parser.add_argument("--prefill", type=int, default=None, help="context tokens (default seq_len / 2)")
+    parser.add_argument("--max-sequences", type=int, default=48, help="held-out windows decoded per method")
+    parser.add_argument("--kv-batch-size", type=int, default=16)
     args = parser.parse_args(argv)
     try:
         ckpt = resolve_checkpoint(args.checkpoint)
@@ -65,8 +64,16 @@ def main(argv: list[str]) -> int:
             docs = load_documents(DataConfig(source=args.data, text_field=args.text_field,
                                              cache_dir=cfg.data.cache_dir))
             data_name = args.data
-        model = Transformer(cfg.model, cfg.moe)
+        if "kv" not in read_trainer_state(ckpt).config:  # trained before the KV compressor existed
+            cfg.kv.compressor = "none"
+        model = Transformer(cfg.model, cfg.moe, kv_cfg=cfg.kv)
         load_model_weights(ckpt, model)
+        kv_specs = []
+        if (args.kv or "").lower() != "none":
+            from pikv.eval.kv import parse_specs
+            policies = args.kv or ",".join(p for p in cfg.kv.eval_policies
+                                           if p != "learned" or cfg.kv.compressor == "learned")
+            kv_specs = parse_specs(policies, args.ratio or str(cfg.kv.eval_ratio))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -81,6 +88,15 @@ def main(argv: list[str]) -> int:
     (out / "heldout_eval.md").write_text(f"# Held-out evaluation of `{ckpt}`\n\n" + markdown_table({data_name: result}))
     print(markdown_table({data_name: result}))
     print(f"results: {out / 'heldout_eval.json'} and {out / 'heldout_eval.md'}")
+    if kv_specs:
+        from pikv.eval.kv import markdown_table as kv_table, run_kv_evaluation
+        length = cfg.data.seq_len
+        train_docs = split_documents(load_documents(cfg.data), cfg.data)["train"][:2]
+        rows = run_kv_evaluation(model, tokenizer, docs, train_docs, kv_specs, out / "kv", length,
+                                 args.prefill or length // 2, args.max_sequences, args.kv_batch_size,
+                                 {"checkpoint": str(ckpt), "data": data_name})
+        print(kv_table(rows))
+        print(f"kv results: {out / 'kv' / 'results.json'}, results.md, results.png")
     return 0
 
 
