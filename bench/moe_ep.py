@@ -37,19 +37,22 @@ def _timed_all_to_all_single(*args, **kwargs):
 dist.all_to_all_single = _timed_all_to_all_single  # gloo on CPU: every call is synchronous
 
 
-def _measure(step, warmup: int, repeats: int) -> tuple[float, float]:
-    """Median step seconds and median share of it spent inside all_to_all_single."""
-    times, shares = [], []
+def _measure(steps: dict, warmup: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """Per layer: median step seconds and median share of it inside all_to_all_single. The
+    layers take turns step by step, so load from other processes falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    shares: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(warmup + repeats):
-        dist.barrier()
-        _A2A["seconds"] = 0.0
-        start = time.perf_counter()
-        step()
-        elapsed = time.perf_counter() - start
-        if i >= warmup:
-            times.append(elapsed)
-            shares.append(_A2A["seconds"] / elapsed)
-    return statistics.median(times), statistics.median(shares)
+        for name, step in steps.items():
+            dist.barrier()
+            _A2A["seconds"] = 0.0
+            start = time.perf_counter()
+            step()
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times[name].append(elapsed)
+                shares[name].append(_A2A["seconds"] / elapsed)
+    return {name: (statistics.median(times[name]), statistics.median(shares[name])) for name in steps}
 
 
 def _pikv_step(args, ctx, x):
@@ -112,15 +115,13 @@ def main() -> None:
     ctx = init_distributed("cpu", "gloo", ep_size=world)
     torch.manual_seed(1234 + ctx.rank)
     x = torch.randn(args.tokens, args.hidden)
-    results = {}
     layer, step = _pikv_step(args, ctx, x)
-    results["pikv"] = _measure(step, args.warmup, args.repeats)
-    dispatcher = layer.dispatcher
-    rows_sent = dispatcher.last_bytes_sent // (args.hidden * x.element_size())
-    assert rows_sent == args.tokens * args.top_k, "dropless dispatch must send exactly T*K rows"
+    steps = {"pikv": step}
     if args.deepspeed:
-        _, ds_step = _deepspeed_step(args, ctx, x)
-        results["deepspeed"] = _measure(ds_step, args.warmup, args.repeats)
+        steps["deepspeed"] = _deepspeed_step(args, ctx, x)[1]
+    results = _measure(steps, args.warmup, args.repeats)
+    rows_sent = layer.dispatcher.last_bytes_sent // (args.hidden * x.element_size())
+    assert rows_sent == args.tokens * args.top_k, "dropless dispatch must send exactly T*K rows"
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if ctx.is_main:
