@@ -89,9 +89,17 @@ class TrainConfig:
     # Stop after this step with a checkpoint, as if preempted (Megatron's exit_interval): a later
     # run with resume=auto continues. The schedule still follows max_steps.
     exit_at_step: Optional[int] = None
-    engine: str = "torch"
+    engine: str = "torch"  # 'torch' (own reducer + AdamW) | 'deepspeed' (deepspeed.initialize, ZeRO)
+    zero_stage: int = 0  # engine=deepspeed: ZeRO stage 0, 1, 2 (3 only without expert parallelism)
+    # engine=deepspeed: a DeepSpeed JSON for everything PiKV does not set itself (bucket sizes,
+    # overlap_comm, ...). Keys PiKV sets from this config must agree with it (see docs/architecture.md).
+    deepspeed_config: Optional[str] = None
+    # A step whose loss is NaN/inf on any rank is skipped (no update); more than this many skipped
+    # steps in one process stops the run with an error naming the step and the last checkpoint.
+    max_nonfinite_steps: int = 3
     device: str = "auto"  # 'auto' | 'cpu' | 'cuda'
-    dtype: str = "auto"  # 'auto' (bf16 autocast on CUDA, fp32 on CPU) | 'fp32' | 'bf16'
+    # 'auto' (bf16 autocast on CUDA, fp32 on CPU) | 'fp32' | 'bf16' | 'fp16' (engine=deepspeed on CUDA)
+    dtype: str = "auto"
 
 
 @dataclass
@@ -111,6 +119,24 @@ class LoggingConfig:
 
 
 @dataclass
+class KVConfig:
+    # The jointly trained KV compressor (pikv/kv/learned.py): 'learned' = a nested low-rank latent
+    # of each layer's keys+values, trained at the ranks of `train_ratios` (and the full cache
+    # once per cycle); 'none' = a plain model. See docs/kv.md.
+    # Default 'none' for now: trained in, the latent costs the model itself ~0.3 held-out bits/byte
+    # on the default job (2.44 vs 2.15, docs/benchmarks.md "KV cache"); turn it on with
+    # kv.compressor=learned until its training schedule is fixed.
+    compressor: str = "none"
+    train_ratios: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
+    full_every: int = 3  # one full-cache step per this many compressed steps (0 = never)
+    distill_weight: float = 0.1  # attention-output distillation to the full cache, per layer
+    # The KV table of the default held-out evaluation (train/eval.py without --kv).
+    eval_policies: list[str] = field(default_factory=lambda: [
+        "learned", "window", "streaming", "h2o", "snapkv", "pyramid", "lru", "quest", "quant", "svd"])
+    eval_ratio: float = 4.0
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -118,16 +144,18 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    kv: KVConfig = field(default_factory=KVConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "moe.router": ("softmax_topk", "sigmoid_topk", "noisy_topk", "expert_choice", "sinkhorn"),
     "train.resume_mode": ("auto", "never"),
-    "train.engine": ("torch",),
+    "train.engine": ("torch", "deepspeed"),
     "train.device": ("auto", "cpu", "cuda"),
-    "train.dtype": ("auto", "fp32", "bf16"),
+    "train.dtype": ("auto", "fp32", "bf16", "fp16"),
     "parallel.backend": ("auto", "gloo", "nccl"),
     "logging.wandb_mode": ("online", "offline", "disabled"),
+    "kv.compressor": ("none", "learned"),
 }
 
 
@@ -216,10 +244,40 @@ def validate(cfg: JobConfig) -> JobConfig:
         _fail("train.warmup_steps", t.warmup_steps, "must be >= 0")
     if not t.run_name or "/" in t.run_name:
         _fail("train.run_name", t.run_name, "must be a non-empty name without '/'")
+    _check_choice("kv.compressor", cfg.kv.compressor)
+    if not cfg.kv.train_ratios or any(not 1 <= r <= 2 * (m.hidden_size // m.num_heads) for r in cfg.kv.train_ratios):
+        _fail("kv.train_ratios", list(cfg.kv.train_ratios), "must be a non-empty list of ratios in "
+              f"[1, 2 * head dim = {2 * (m.hidden_size // m.num_heads)}]")
+    if cfg.kv.full_every < 0 or cfg.kv.distill_weight < 0:
+        _fail("kv.full_every/distill_weight", (cfg.kv.full_every, cfg.kv.distill_weight), "each must be >= 0")
     ep = cfg.parallel.expert_parallel_size
     if m.num_experts % ep:
         _fail("parallel.expert_parallel_size", ep, f"must divide model.num_experts={m.num_experts}")
+    _validate_engine(t, ep)
     return cfg
+
+
+def _validate_engine(t: TrainConfig, ep: int) -> None:
+    if t.max_nonfinite_steps < 0:
+        _fail("train.max_nonfinite_steps", t.max_nonfinite_steps, "must be >= 0 (0 = stop at the first NaN/inf loss)")
+    if t.engine != "deepspeed":
+        if t.zero_stage != 0:
+            _fail("train.zero_stage", t.zero_stage, "needs train.engine=deepspeed (the torch engine has no ZeRO)")
+        if t.deepspeed_config is not None:
+            _fail("train.deepspeed_config", t.deepspeed_config, "needs train.engine=deepspeed")
+        if t.dtype == "fp16":
+            _fail("train.dtype", t.dtype, "fp16 (with loss scaling) needs train.engine=deepspeed; "
+                  "the torch engine allows auto, fp32, bf16")
+        return
+    if t.zero_stage not in (0, 1, 2, 3):
+        _fail("train.zero_stage", t.zero_stage, "allowed values are 0, 1, 2, 3")
+    if t.zero_stage == 3 and ep > 1:
+        _fail("train.zero_stage", t.zero_stage,
+              f"ZeRO-3 cannot be combined with parallel.expert_parallel_size={ep}: DeepSpeed's MoE support "
+              "partitions expert parameters over the expert-data-parallel group, which stage 3's parameter "
+              "partitioning does not support; use zero_stage 0, 1 or 2 with expert parallelism")
+    if t.deepspeed_config is not None and not Path(t.deepspeed_config).is_file():
+        _fail("train.deepspeed_config", t.deepspeed_config, "must be an existing DeepSpeed JSON file")
 
 
 def _schema_error(err: OmegaConfBaseException, where: str) -> ValueError:

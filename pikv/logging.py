@@ -59,19 +59,22 @@ class MetricsLogger:
         if not enabled:
             return
         self.path = run_dir / "metrics.jsonl"
-        self._drop_steps_after(resume_step)
+        # W&B keeps what a killed process logged after its last checkpoint and cannot delete it:
+        # those steps run again but are not sent twice (metrics.jsonl is rewritten instead).
+        self.wandb_logged_until = self._drop_steps_after(resume_step)
         self.file = open(self.path, "a")
         self.wandb_run = self._init_wandb(run_dir, cfg, run_name, resolved_config)
 
-    def _drop_steps_after(self, step: Optional[int]) -> None:
-        """On resume, forget rows logged after the checkpoint: those steps run again."""
+    def _drop_steps_after(self, step: Optional[int]) -> int:
+        """On resume, forget rows logged after the checkpoint: those steps run again.
+        Returns the highest step logged before (0 if none)."""
         if step is None or not self.path.exists():
-            return
-        rows = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+            return 0
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(r + "\n" for r in rows))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= step))
         os.replace(tmp, self.path)
+        return max((r.get("step", 0) for r in rows), default=0)
 
     def _init_wandb(self, run_dir: Path, cfg: LoggingConfig, run_name: str, config: dict):
         mode = cfg.wandb_mode
@@ -99,7 +102,7 @@ class MetricsLogger:
         row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        if self.wandb_run is not None:
+        if self.wandb_run is not None and step > self.wandb_logged_until:
             self.wandb_run.log(metrics, step=step)
 
     def log_image(self, key: str, path: Path, step: int) -> None:

@@ -15,6 +15,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from pikv.config import load_config  # noqa: E402
 from pikv.distributed import destroy_distributed, init_distributed  # noqa: E402
 from pikv.training import Trainer  # noqa: E402
+from pikv.training.trainer import NonFiniteLossError  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -36,6 +37,11 @@ def main(argv: list[str]) -> int:
         result = Trainer(cfg, ctx).fit()
         if ctx.is_main:
             print(f"run directory: {result.run_dir}\nlast checkpoint: {result.last_checkpoint}")
+            if result.preempted:  # exit 0: launch/slurm/train.sbatch requeues on runs/<name>/preempted.json
+                print("stopped by a signal after a checkpoint; run again (train.resume=auto) to continue")
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         destroy_distributed()
     return 0

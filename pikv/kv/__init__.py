@@ -1,5 +1,9 @@
-"""KV caches for incremental decoding (eviction/compression policies build on KVCache)."""
+"""KV caches for incremental decoding: the plain cache, policy caches with exact byte accounting
+(pikv/kv/policies.py) and the jointly trained latent compressor (pikv/kv/learned.py)."""
 
 from pikv.kv.cache import KVCache
+from pikv.kv.learned import LatentKVCompressor, set_compressor_rank
+from pikv.kv.policies import ALIASES, POLICIES, PolicyCache, calibrate_svd, make_cache, resolve_policy
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "LatentKVCompressor", "set_compressor_rank", "ALIASES", "POLICIES", "PolicyCache",
+           "calibrate_svd", "make_cache", "resolve_policy"]

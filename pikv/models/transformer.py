@@ -17,6 +17,7 @@ from torch import nn
 
 from pikv.config import ModelConfig, MoEConfig, moe_layer_indices
 from pikv.kv.cache import KVCache
+from pikv.kv.learned import LatentKVCompressor
 from pikv.moe import MoELayer, create_moe
 
 
@@ -60,7 +61,7 @@ class RotaryEmbedding(nn.Module):
 class Attention(nn.Module):
     """Grouped-query attention (kv head g serves query heads g*N/G .. (g+1)*N/G - 1, HF repeat_kv)."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, kv_latent_rank: Optional[int] = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
@@ -69,6 +70,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        # The jointly trained KV compressor (pikv/kv/learned.py); inactive unless its rank is set.
+        self.kv_compressor = (LatentKVCompressor(self.num_kv_heads, self.head_dim, kv_latent_rank)
+                              if kv_latent_rank else None)
 
     def forward(self, x_BTH: torch.Tensor, rope: RotaryEmbedding, start: int,
                 cache: Optional[KVCache] = None) -> torch.Tensor:
@@ -76,10 +80,31 @@ class Attention(nn.Module):
         q_BNTD = self.q_proj(x_BTH).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k_BGTD = self.k_proj(x_BTH).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v_BGTD = self.v_proj(x_BTH).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        comp, k_ref_BGTD = self.kv_compressor, None
+        if comp is not None:
+            comp.distill_loss = None  # only the forward that ran through the latent sets it
+        if comp is not None and comp.rank is not None and cache is None:
+            # Train / score through the latent: pre-RoPE keys and values round-trip at comp.rank.
+            k_ref_BGTD, v_ref_BGTD = k_BGTD, v_BGTD
+            k_BGTD, v_BGTD = comp(k_BGTD, v_BGTD)
+        k_pre_BGTD = k_BGTD
         q_BNTD, k_BGTD = rope(q_BNTD, start), rope(k_BGTD, start)
         if cache is None:
             o_BNTD = F.scaled_dot_product_attention(q_BNTD, k_BGTD, v_BGTD, is_causal=True,
                                                     enable_gqa=True)
+            if k_ref_BGTD is not None and self.training:
+                with torch.no_grad():  # distillation target: the same attention over the full K/V
+                    o_ref = F.scaled_dot_product_attention(q_BNTD, rope(k_ref_BGTD, start), v_ref_BGTD,
+                                                           is_causal=True, enable_gqa=True)
+                # Relative error of each head's output vector, averaged over (batch, head, token):
+                # scale-free (the model cannot lower it by shrinking its values), and a plain mean,
+                # so equal data-parallel shards average to the global-batch value. Its gradient
+                # reaches the model too: that keeps the full and the compressed modes consistent.
+                err_BNT = (o_BNTD - o_ref).pow(2).sum(-1) / (o_ref.pow(2).sum(-1) + 1e-6)
+                comp.distill_loss = err_BNT.mean()
+        elif hasattr(cache, "attend"):  # policy caches (pikv/kv/policies.py) own the attention
+            o_BNTD = cache.attend(self.layer_idx, q_BNTD, k_BGTD, v_BGTD, k_pre_BGTD=k_pre_BGTD,
+                                  rope=rope, start=start, module=self)
         else:
             k_BGSD, v_BGSD = cache.update(self.layer_idx, k_BGTD, v_BGTD)
             S = k_BGSD.shape[2]
@@ -109,11 +134,11 @@ class FeedForward(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, layer_idx: int, is_moe: bool,
-                 moe_deterministic: bool = False):
+                 moe_deterministic: bool = False, kv_latent_rank: Optional[int] = None):
         super().__init__()
         self.is_moe = is_moe
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
+        self.self_attn = Attention(cfg, layer_idx, kv_latent_rank)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         if is_moe:
             self.mlp = create_moe("base", cfg.hidden_size, cfg.num_experts, cfg.top_k,
@@ -141,7 +166,7 @@ class Transformer(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, moe_cfg: Optional[MoEConfig] = None, *,
-                 moe_deterministic: bool = False):
+                 moe_deterministic: bool = False, kv_cfg=None):
         super().__init__()
         moe_cfg = moe_cfg if moe_cfg is not None else MoEConfig()
         if cfg.hidden_size % cfg.num_heads or (cfg.hidden_size // cfg.num_heads) % 2:
@@ -155,8 +180,13 @@ class Transformer(nn.Module):
         self.cfg, self.moe_cfg = cfg, moe_cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rope = RotaryEmbedding(cfg.hidden_size // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta)
+        # kv_cfg (pikv.config.KVConfig) with compressor='learned' adds the jointly trained KV latent.
+        kv_rank = None
+        if kv_cfg is not None and kv_cfg.compressor == "learned":
+            from pikv.kv.learned import latent_rank
+            kv_rank = latent_rank(cfg.num_kv_heads, cfg.hidden_size // cfg.num_heads, min(kv_cfg.train_ratios))
         self.layers = nn.ModuleList(
-            Block(cfg, moe_cfg, i, i in moe_layers, moe_deterministic) for i in range(cfg.num_layers))
+            Block(cfg, moe_cfg, i, i in moe_layers, moe_deterministic, kv_rank) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -170,6 +200,8 @@ class Transformer(nn.Module):
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
         for name, module in self.named_modules():
+            if "kv_compressor" in name:  # keeps its own orthogonal init (pikv/kv/learned.py)
+                continue
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 is_out = name.endswith(("o_proj", "down_proj"))
                 nn.init.normal_(module.weight, std=out_std if is_out else std)
@@ -230,7 +262,8 @@ class Transformer(nn.Module):
         return 6.0 * n + 12.0 * self.cfg.num_layers * self.cfg.hidden_size * seq_len
 
     def generate(self, prompt_BT: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """See pikv.models.generation.generate."""
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 **kv) -> torch.Tensor:
+        """See pikv.models.generation.generate (kv: cache=, kv_policy=, kv_ratio=, kv_tokens=)."""
         from pikv.models.generation import generate
-        return generate(self, prompt_BT, max_new_tokens, temperature, top_k, generator)
+        return generate(self, prompt_BT, max_new_tokens, temperature, top_k, generator, **kv)

@@ -21,7 +21,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from pikv.distributed import DistContext
@@ -47,6 +48,8 @@ class TrainerState:
     config: dict
     world_size: int
     ep_size: int
+    engine: str = "torch"  # train.engine that wrote it (its optimizer state layout)
+    zero_stage: int = 0
 
 
 def _rng_state() -> dict[str, Any]:
@@ -104,6 +107,17 @@ def _wrap_experts(model_sd: dict, optim_sd: dict, ctx: DistContext) -> tuple[dic
     return model_sd, {**optim_sd, "state": state}
 
 
+def _dcp_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], ctx: DistContext) -> dict:
+    """{"model": ..., "optim": ...} for DCP; without an optimizer (an engine that saves its own
+    optimizer state, e.g. DeepSpeed ZeRO partitions) only the model."""
+    if optimizer is None:
+        model_sd = {k: DTensor.from_local(v, ctx.mesh, _expert_placement(ctx), run_check=False)
+                    if is_expert_param(k) else v for k, v in get_model_state_dict(model).items()}
+        return {"model": model_sd}
+    model_sd, optim_sd = _wrap_experts(*get_state_dict(model, optimizer), ctx)
+    return {"model": model_sd, "optim": optim_sd}
+
+
 def _unwrap(tree):
     if isinstance(tree, DTensor):
         return tree.to_local()
@@ -115,8 +129,11 @@ def _unwrap(tree):
 
 
 def save_checkpoint(ckpt_root: Path, state: TrainerState, model: nn.Module,
-                    optimizer: torch.optim.Optimizer, ctx: DistContext,
-                    tokenizer_file: Optional[Path], keep: int) -> Path:
+                    optimizer: Optional[torch.optim.Optimizer], ctx: DistContext,
+                    tokenizer_file: Optional[Path], keep: int,
+                    write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+    """Every rank writes its part into step_<N>.tmp/; `write_extra(tmp_dir)` (every rank) adds
+    engine-owned files before trainer.json marks the checkpoint complete."""
     final = ckpt_root / f"step_{state.step}"
     tmp = ckpt_root / f"step_{state.step}.tmp"
     if ctx.is_main:
@@ -125,15 +142,17 @@ def save_checkpoint(ckpt_root: Path, state: TrainerState, model: nn.Module,
         shutil.rmtree(final, ignore_errors=True)  # re-saving a step (e.g. after a restart)
         tmp.mkdir()
     ctx.barrier()
-    model_sd, optim_sd = _wrap_experts(*get_state_dict(model, optimizer), ctx)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    dcp.save(_dcp_state(model, optimizer, ctx), checkpoint_id=tmp)
     torch.save(_rng_state(), tmp / f"rank_{ctx.rank}.pt")
+    if write_extra is not None:
+        write_extra(tmp)
     ctx.barrier()
     if ctx.is_main:
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         meta = {"format_version": FORMAT_VERSION, "step": state.step, "data_state": state.data_state,
-                "world_size": state.world_size, "ep_size": state.ep_size, "config": state.config}
+                "world_size": state.world_size, "ep_size": state.ep_size, "engine": state.engine,
+                "zero_stage": state.zero_stage, "config": state.config}
         with open(tmp / TRAINER_FILE, "w") as f:
             json.dump(meta, f, indent=1)
             f.flush()
@@ -163,7 +182,8 @@ def read_trainer_state(path: Path) -> TrainerState:
     if not (path / ".metadata").is_file():
         raise ValueError(f"checkpoint {path} is corrupt: the DCP file {path / '.metadata'} is missing")
     return TrainerState(step=meta["step"], data_state=meta["data_state"], config=meta["config"],
-                        world_size=meta["world_size"], ep_size=meta["ep_size"])
+                        world_size=meta["world_size"], ep_size=meta["ep_size"],
+                        engine=meta.get("engine", "torch"), zero_stage=meta.get("zero_stage", 0))
 
 
 def check_compatible(stored: dict, current: dict, path: Path) -> None:
@@ -197,18 +217,20 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
     model.load_state_dict(state["model"])
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+def load_checkpoint(path: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
                     ctx: DistContext) -> TrainerState:
-    """Restore model, optimizer and this rank's RNG; returns the trainer state to resume from."""
+    """Restore model, optimizer (None: model only) and this rank's RNG; returns the trainer state."""
     state = read_trainer_state(path)
-    model_sd, optim_sd = _wrap_experts(*get_state_dict(model, optimizer), ctx)
-    loaded = {"model": model_sd, "optim": optim_sd}
+    loaded = _dcp_state(model, optimizer, ctx)
     try:
         dcp.load(loaded, checkpoint_id=path)
     except (Exception, CheckpointException) as err:
         raise ValueError(f"checkpoint {path}: cannot load model/optimizer state: {_describe(err)}") from None
     loaded = _unwrap(loaded)
-    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    if optimizer is None:
+        set_model_state_dict(model, loaded["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
     rng_file = path / f"rank_{ctx.rank}.pt"
     if state.world_size == ctx.world_size and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))

@@ -9,6 +9,8 @@ and the global data position, so k steps + resume + (N-k) steps equals N steps e
 from __future__ import annotations
 
 import json
+import os
+import signal
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +23,16 @@ from tqdm import tqdm
 
 from pikv.config import JobConfig, moe_layer_indices, save_yaml, to_dict
 from pikv.data import BlockLoader, iter_eval_batches, prepare_data
-from pikv.distributed import DistContext, GradientReducer
+from pikv.distributed import DistContext
 from pikv.eval import evaluate_lm
+from pikv.kv.learned import compressor_losses, set_compressor_rank, train_rank_schedule
 from pikv.logging import WANDB_ID_FILE, MetricsLogger, get_logger
 from pikv.models import Transformer
 from pikv.models.parallelize import apply_parallelism
 from pikv.training.checkpoint import (TrainerState, check_compatible, complete_checkpoints,
                                       load_checkpoint, read_trainer_state, save_checkpoint)
+from pikv.training.engines import build_engine
 from pikv.training.moe_metrics import MoEMetrics
-from pikv.training.optim import build_optimizer
 from pikv.training.schedule import lr_at
 from pikv.training.throughput import ThroughputMeter, measure_matmul_peak
 
@@ -40,6 +43,16 @@ class TrainResult:
     last_checkpoint: Optional[Path]
     losses: dict[int, float]  # global mean loss at every logged step
     final_validation: Optional[dict]
+    preempted: bool = False  # stopped early by SIGUSR1/SIGTERM, with a checkpoint
+
+
+PREEMPTED_FILE = "preempted.json"  # written when a signal stopped the run; launch/slurm requeues on it
+# Tests only: steps whose loss is made NaN (comma-separated), to exercise the non-finite-loss path.
+NAN_STEPS_ENV = "PIKV_TEST_NAN_STEPS"
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
 
 
 def autocast_dtype(cfg: JobConfig, device: torch.device) -> Optional[torch.dtype]:
@@ -53,6 +66,12 @@ class Trainer:
     def __init__(self, cfg: JobConfig, ctx: DistContext):
         self.cfg, self.ctx = cfg, ctx
         self.log = get_logger(ctx.rank)
+        self._stop_signal: Optional[int] = None
+        self.stop_requested = False
+        self._previous_handlers = self._install_signal_handlers()  # early: a signal during setup counts too
+        # launch/slurm/train.sbatch asks for a stop by creating this file (signals would also reach the
+        # W&B service process of the job step and kill it).
+        self._stop_file = Path(os.environ["PIKV_STOP_FILE"]) if os.environ.get("PIKV_STOP_FILE") else None
         self.run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
         self.ckpt_root = self.run_dir / "checkpoints"
         if ctx.is_main:
@@ -61,22 +80,31 @@ class Trainer:
         ctx.barrier()
         self.data = prepare_data(cfg, self.run_dir, ctx.is_main, ctx.barrier)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = Transformer(cfg.model, cfg.moe)
+        model = Transformer(cfg.model, cfg.moe, kv_cfg=cfg.kv)
         # Counted before expert sharding: the sizes of the whole model, not of this rank's slice.
         self.param_counts = {"num_params": model.num_params(), "num_active_params": model.num_active_params()}
         self.model = apply_parallelism(model, ctx).to(ctx.device)
-        self.optimizer = build_optimizer(self.model, cfg.train)
-        self.reducer = GradientReducer(self.model, ctx.world_size, ctx.expert_dp_group, ctx.ep_group)
+        self.engine = build_engine(self.model, cfg, ctx)
         self.loader = BlockLoader(self.data.tokens["train"], cfg.data.seq_len, cfg.train.batch_size,
                                   ctx.dp_rank, ctx.dp_size, cfg.train.seed)
-        self.amp_dtype = autocast_dtype(cfg, ctx.device)
+        # DeepSpeed bf16/fp16 converts the module itself; autocast only for the torch engine.
+        self.amp_dtype = autocast_dtype(cfg, ctx.device) if cfg.train.engine == "torch" else None
         moe_layers = list(zip(moe_layer_indices(cfg.model, cfg.moe), self.model.moe_layers()))
         self.moe_metrics = MoEMetrics(moe_layers, cfg.model.num_experts, ctx.device)
         # Routers balanced without an aux loss (DeepSeek-V3) adjust a selection bias after every
         # optimizer step from the step's global token counts.
         self.bias_layers = [layer for layer in self.model.moe_layers() if hasattr(layer.router, "update_bias")]
+        # The jointly trained KV compressor: the latent rank of each step cycles over the trained
+        # budgets (and the full cache), a pure function of the step (pikv/kv/learned.py).
+        self.kv_ranks = (train_rank_schedule(cfg.model.num_kv_heads, cfg.model.hidden_size // cfg.model.num_heads,
+                                             cfg.kv.train_ratios, cfg.kv.full_every)
+                         if cfg.kv.compressor == "learned" else [None])
         self.step = 0
+        self.nonfinite_steps = 0
+        self._nan_steps = {int(s) for s in os.environ.get(NAN_STEPS_ENV, "").split(",") if s.strip()}
         self._maybe_resume()
+        if ctx.is_main:
+            (self.run_dir / PREEMPTED_FILE).unlink(missing_ok=True)
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.train.run_name, to_dict(cfg),
                                      enabled=ctx.is_main, resume_step=self.step)
 
@@ -98,7 +126,14 @@ class Trainer:
             return
         stored = read_trainer_state(path)
         check_compatible(stored.config, to_dict(self.cfg), path)
-        state = load_checkpoint(path, self.model, self.optimizer, self.ctx)
+        stored_in_dcp = stored.engine == "torch" or stored.zero_stage == 0
+        if self.engine.dcp_optimizer is not None and not stored_in_dcp:
+            raise ValueError(f"checkpoint {path} was written by train.engine={stored.engine} with "
+                             f"train.zero_stage={stored.zero_stage} (partitioned optimizer state); resume it with "
+                             "that engine and stage, not train.engine="
+                             f"{self.cfg.train.engine}/zero_stage={self.cfg.train.zero_stage}")
+        state = load_checkpoint(path, self.model, self.engine.dcp_optimizer, self.ctx)
+        self.engine.load_extra(path, self.ctx.rank, state.world_size, state.ep_size)
         self.step = state.step
         self.loader.load_state_dict(state.data_state)
         if state.world_size != self.ctx.world_size:
@@ -112,36 +147,73 @@ class Trainer:
         amp = (torch.autocast(self.ctx.device.type, dtype=self.amp_dtype)
                if self.amp_dtype is not None else nullcontext())
         with amp:
-            logits_BTV = self.model(inputs_BT)
+            logits_BTV = self.engine.forward(inputs_BT)
         lm_loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
         router = self.model.router_losses()
         moe = self.cfg.moe
         loss = lm_loss + moe.aux_loss_weight * router["aux_loss"] + moe.z_loss_weight * router["z_loss"]
-        return {"loss": loss, "lm_loss": lm_loss, "aux_loss": router["aux_loss"], "z_loss": router["z_loss"]}
+        if self.step + 1 in self._nan_steps:
+            loss = loss * float("nan")
+        parts = {"loss": loss, "lm_loss": lm_loss, "aux_loss": router["aux_loss"], "z_loss": router["z_loss"]}
+        if self.cfg.kv.compressor == "learned":
+            distill = compressor_losses(self.model)
+            parts["loss"] = loss + self.cfg.kv.distill_weight * distill
+            parts["kv_distill_loss"] = distill  # 0 on full-cache steps
+            # latent rank of this step (0 = full cache): lm_loss by kv_rank shows the cost of each budget
+            rank = next((m.rank for m in self.model.modules() if hasattr(m, "distill_loss")), None)
+            parts["kv_rank"] = torch.tensor(float(rank or 0), device=lm_loss.device)
+        return parts
 
     def train_step(self) -> dict[str, torch.Tensor]:
         cfg = self.cfg.train
         lr = lr_at(self.step + 1, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.engine.set_lr(lr)
         sums: dict[str, torch.Tensor] = {}
         step_counts = [0] * len(self.bias_layers)
-        for _ in range(cfg.grad_accum_steps):
+        rank = self.kv_ranks[self.step % len(self.kv_ranks)]
+        set_compressor_rank(self.model, rank)
+        for m in self.model.modules():  # no stale distillation loss from a previous step
+            if hasattr(m, "distill_loss"):
+                m.distill_loss = None
+        for micro in range(cfg.grad_accum_steps):
             inputs_BT, targets_BT = (t.to(self.ctx.device, non_blocking=True) for t in self.loader.next_batch())
             parts = self._micro_batch_loss(inputs_BT, targets_BT)
-            (parts["loss"] / cfg.grad_accum_steps).backward()
+            self.engine.backward(parts["loss"] / cfg.grad_accum_steps, last=micro == cfg.grad_accum_steps - 1)
             self.moe_metrics.accumulate()
             step_counts = [c + layer.metrics["tokens_per_expert"] for c, layer in zip(step_counts, self.bias_layers)]
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.detach() / cfg.grad_accum_steps
-        self.reducer.reduce()
-        grad_norm = self.reducer.clip_grad_norm_(cfg.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        set_compressor_rank(self.model, None)  # validation / checkpoints see the full-cache model
+        # One small all-reduce per step, for two decisions every rank must take together: skip a
+        # step whose loss is NaN/inf on any rank, and stop after this step on a signal.
+        stop = self._stop_signal is not None or (self._stop_file is not None and self._stop_file.exists())
+        flags = torch.tensor([float(not torch.isfinite(sums["loss"]).item()), float(stop)], device=self.ctx.device)
+        if self.ctx.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite, self.stop_requested = bool(flags[0]), bool(flags[1])
+        if nonfinite:
+            self.engine.skip_step()
+            self.step += 1
+            self._count_nonfinite()
+            return {**sums, "grad_norm": torch.tensor(float("nan")), "lr": torch.tensor(lr),
+                    "skipped_nonfinite": torch.tensor(1.0)}
+        grad_norm = self.engine.step()
         if self.bias_layers:
             self._update_router_biases(step_counts)
         self.step += 1
-        return {**sums, "grad_norm": grad_norm.detach(), "lr": torch.tensor(lr)}
+        return {**sums, "grad_norm": grad_norm, "lr": torch.tensor(lr)}
+
+    def _count_nonfinite(self) -> None:
+        self.nonfinite_steps += 1
+        limit = self.cfg.train.max_nonfinite_steps
+        self.log.warning(f"step {self.step}: non-finite loss on some rank, step skipped "
+                         f"({self.nonfinite_steps} of at most train.max_nonfinite_steps={limit})")
+        if self.nonfinite_steps > limit:
+            found = complete_checkpoints(self.ckpt_root)
+            raise NonFiniteLossError(
+                f"step {self.step}: the loss was NaN/inf for the {self.nonfinite_steps}th time, more than "
+                f"train.max_nonfinite_steps={limit}; stopping. Last good checkpoint: "
+                f"{found[-1] if found else 'none (no checkpoint written yet)'} (lower train.lr or resume from it)")
 
     def _update_router_biases(self, step_counts: list[torch.Tensor]) -> None:
         counts_LE = torch.stack(step_counts).float()
@@ -167,10 +239,36 @@ class Trainer:
     def save(self) -> Path:
         state = TrainerState(step=self.step, data_state=self.loader.state_dict(), config=to_dict(self.cfg),
                              world_size=self.ctx.world_size, ep_size=self.ctx.ep_size)
-        path = save_checkpoint(self.ckpt_root, state, self.model, self.optimizer, self.ctx,
-                               self.data.tokenizer_path, self.cfg.train.keep_checkpoints)
+        state.engine, state.zero_stage = self.cfg.train.engine, self.cfg.train.zero_stage
+        path = save_checkpoint(self.ckpt_root, state, self.model, self.engine.dcp_optimizer, self.ctx,
+                               self.data.tokenizer_path, self.cfg.train.keep_checkpoints,
+                               write_extra=lambda tmp: self.engine.save_extra(tmp, self.ctx.rank))
         self.log.info(f"saved checkpoint {path}")
         return path
+
+    # ---- preemption -----------------------------------------------------------------------
+    def _install_signal_handlers(self) -> dict:
+        """SIGUSR1 (SLURM's --signal warning) and SIGTERM (scancel, torchrun shutdown, preemption):
+        note the signal; the loop finishes the current step, checkpoints and returns."""
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        previous = {}
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, handler)
+        return previous
+
+    def _mark_preempted(self, checkpoint: Path) -> None:
+        name = (signal.Signals(self._stop_signal).name if self._stop_signal
+                else "the stop file" if self._stop_file is not None and self._stop_file.exists()
+                else "a signal on another rank")
+        self.log.warning(f"stopped by {name} after step {self.step}; checkpoint {checkpoint}; "
+                         "a restart with train.resume=auto continues from it")
+        if self.ctx.is_main:
+            marker = json.dumps({"step": self.step, "checkpoint": str(checkpoint), "signal": name})
+            (self.run_dir / PREEMPTED_FILE).write_text(marker)
+            if os.environ.get("PIKV_PREEMPT_FILE"):  # set by launch/slurm/train.sbatch: requeue on it
+                Path(os.environ["PIKV_PREEMPT_FILE"]).write_text(marker)
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -192,6 +290,7 @@ class Trainer:
                    dynamic_ncols=True, desc="train")
         self.model.train()
         stop_at = cfg.train.exit_at_step or cfg.train.max_steps
+        preempted = False
         while self.step < stop_at:
             out = self.train_step()
             meter.add(tokens_per_step)
@@ -207,11 +306,17 @@ class Trainer:
                 self.metrics.log({f"val/{k}": v for k, v in validation.items()}, self.step)
                 self.log.info(f"step {self.step}: val loss {validation['nll']:.4f}, "
                               f"bits/byte {validation['bits_per_byte']:.4f}")
-            if self.step % cfg.train.checkpoint_every == 0 or self.step == stop_at:
+            if self.step % cfg.train.checkpoint_every == 0 or self.step == stop_at or self.stop_requested:
                 last_ckpt = self.save()
+            if self.stop_requested and self.step < stop_at:
+                preempted = True
+                self._mark_preempted(last_ckpt)
+                break
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
         bar.close()
         if ctx.is_main and self.moe_metrics.history:
             heatmap = self.moe_metrics.save_heatmap(self.run_dir / "expert_load.png")
             self.metrics.log_image("moe/expert_load", heatmap, self.step)
         self.metrics.close()
-        return TrainResult(self.run_dir, last_ckpt or self._resume_path(), losses, validation)
+        return TrainResult(self.run_dir, last_ckpt or self._resume_path(), losses, validation, preempted)

@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Submit a PiKV training job to SLURM.
+
+  python launch/slurm/submit.py --config configs/X.yaml --nodes 4 --gpus-per-node 8 \
+      [--tasks] [--time 24:00:00] [--partition P] [--signal-seconds 300] [--dry-run] [key.sub=value ...]
+
+The config is resolved (defaults <- YAML <- overrides, validated) now, and the code (pikv/, train/,
+launch/, configs/) is copied into <run dir>/submit/<timestamp>/ together with that resolved config,
+so edits made while the job waits in the queue (or between requeues) do not change it. The job runs
+launch/slurm/train.sbatch from the snapshot with --requeue and --signal=B:USR1@<seconds>.
+Prints the sbatch command and the job id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from pikv.config import load_config, save_yaml  # noqa: E402
+
+SNAPSHOT = ("pikv", "train", "launch", "configs", "pyproject.toml", "setup.cfg")
+
+
+def snapshot(dest: Path) -> Path:
+    dest.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in SNAPSHOT:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=ignore)
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=1, help="processes per node")
+    p.add_argument("--tasks", action="store_true", help="one SLURM task per process instead of srun torchrun")
+    p.add_argument("--time", default=None, help="sbatch --time")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--signal-seconds", type=int, default=120,
+                   help="SIGUSR1 this long before the time limit: checkpoint, stop, requeue")
+    p.add_argument("--max-restarts", type=int, default=0, help="torchrun --max-restarts")
+    p.add_argument("--sbatch-arg", action="append", default=[], help="extra sbatch argument (repeatable)")
+    p.add_argument("--python", default=sys.executable, help="interpreter on the compute nodes")
+    p.add_argument("--dry-run", action="store_true", help="write the snapshot, print the command, do not submit")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # Absolute output directory: the job's working directory is not where we are now.
+    cfg = replace(cfg, train=replace(cfg.train, output_dir=str(Path(cfg.train.output_dir).resolve())))
+    run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
+    code = snapshot(run_dir / "submit" / time.strftime("%Y%m%d-%H%M%S"))
+    save_yaml(cfg, code / "config.yaml")
+    per_node = 1 if not args.tasks else args.gpus_per_node
+    env = ",".join(["ALL", f"PIKV_CODE={code}", f"PIKV_PYTHON={args.python}", f"GPUS_PER_NODE={args.gpus_per_node}",
+                    f"PIKV_LAUNCH={'tasks' if args.tasks else 'torchrun'}", f"MAX_RESTARTS={args.max_restarts}"])
+    cmd = ["sbatch", "--parsable", f"--job-name=pikv-{cfg.train.run_name}", f"--nodes={args.nodes}",
+           f"--ntasks-per-node={per_node}", f"--signal=B:USR1@{args.signal_seconds}", "--requeue",
+           "--open-mode=append", f"--output={run_dir}/slurm-%j.out", f"--chdir={run_dir}", f"--export={env}"]
+    cmd += [f"--time={args.time}"] if args.time else []
+    cmd += [f"--partition={args.partition}"] if args.partition else []
+    cmd += args.sbatch_arg + [str(code / "launch/slurm/train.sbatch"), "--config", str(code / "config.yaml")]
+    print(" ".join(cmd))
+    if args.dry_run:
+        return 0
+    out = subprocess.run(cmd, text=True, capture_output=True)
+    if out.returncode != 0:
+        print(f"error: sbatch failed ({out.returncode}): {out.stderr.strip()}", file=sys.stderr)
+        return out.returncode
+    job_id = out.stdout.strip().split(";")[0]
+    print(f"submitted job {job_id}; run directory {run_dir}; log {run_dir}/slurm-{job_id}.out")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

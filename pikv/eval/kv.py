@@ -1,0 +1,272 @@
+"""Held-out decoding evaluation of KV-cache policies: true sequential decoding, budget at every step.
+
+Shapes: X sequences, B batch, N sequence length, P prefill (context) tokens, C = N - P scored
+continuation tokens, V vocab.
+
+Each sequence is a window of a held-out document. The model prefills the first P tokens into a
+cache of the policy under test, then decodes the continuation one token at a time (teacher
+forcing: the true next token is fed), the cache enforcing its budget after every step. Scored:
+the C continuation tokens (the first one is predicted by the prefill's last position). The
+reference is the same model with the full fp16 cache. No masked single-pass simulation is used:
+every number comes from the decoding loop itself.
+
+Per method and budget: NLL and perplexity; change vs full with a bootstrap 95% interval over
+sequences; KL(full || method) per token; top-1 agreement with full; measured compression ratio
+= peak resident bytes of the full fp16 cache / peak resident bytes of the method's cache (both
+`PolicyCache.nbytes()`, metadata included); Quest's read ratio (bytes of K/V read per decode
+step, full / Quest); decode tokens/s; peak KV bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pikv.kv.policies import calibrate_svd, make_cache, resolve_policy
+
+
+@dataclass
+class KVEvalRow:
+    policy: str
+    ratio: Optional[float]  # requested
+    compression_ratio: Optional[float] = None  # measured from bytes
+    nll: Optional[float] = None
+    perplexity: Optional[float] = None
+    delta_nll: Optional[float] = None
+    delta_nll_ci95: Optional[list[float]] = None
+    ppl_change_pct: Optional[float] = None
+    kl: Optional[float] = None
+    top1_agreement: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+    kv_peak_bytes: Optional[int] = None
+    read_ratio: Optional[float] = None  # Quest: full bytes read per step / bytes read
+    sequences: int = 0
+    scored_tokens: int = 0
+    skipped: Optional[str] = None  # why this budget is impossible for this method
+    nll_per_sequence: Optional[list[float]] = None  # mean NLL of each sequence (paired comparisons)
+
+
+def heldout_sequences(tokenizer, docs, length: int, max_sequences: int) -> torch.Tensor:
+    """Non-overlapping windows of `length` tokens inside single documents, spread evenly over the
+    documents (round robin), at most max_sequences: LongTensor [X, length]."""
+    from pikv.data import pack_documents
+    parts = [pack_documents(tokenizer, [d])[1:] for d in docs]  # drop the leading EOT
+    bounds, pos = [], 0
+    for part in parts:
+        bounds.append((pos, pos + len(part)))
+        pos += len(part)
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    per_doc = [[s + i * length for i in range((e - s) // length)] for s, e in bounds]
+    starts: list[int] = []
+    for i in range(max(map(len, per_doc), default=0)):
+        for d in per_doc:
+            if i < len(d):
+                starts.append(d[i])
+    if not starts:
+        raise ValueError(f"no document holds {length} tokens: nothing to evaluate")
+    pick = np.linspace(0, len(starts) - 1, min(max_sequences, len(starts))).round().astype(int)
+    return torch.from_numpy(np.stack([tokens[starts[i]:starts[i] + length] for i in pick]).astype(np.int64))
+
+
+@torch.no_grad()
+def decode_logprobs(model, seq_BN: torch.Tensor, prefill: int, cache) -> tuple[torch.Tensor, float]:
+    """Teacher-forced decoding: log-probs [B, C, V] of tokens prefill..N-1, and decode seconds."""
+    B, N = seq_BN.shape
+    logits = [model(seq_BN[:, :prefill], cache)[:, -1].float()]
+    t0 = time.perf_counter()
+    for t in range(prefill, N - 1):
+        logits.append(model(seq_BN[:, t:t + 1], cache)[:, -1].float())
+    return torch.log_softmax(torch.stack(logits, 1), -1), time.perf_counter() - t0
+
+
+def bootstrap_ci(x: np.ndarray, iters: int = 2000, seed: int = 0) -> list[float]:
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(iters, len(x)))].mean(1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+@torch.no_grad()
+def evaluate_kv(model, seq_XN: torch.Tensor, prefill: int, specs: list[tuple[str, Optional[float]]],
+                batch_size: int = 16, svd_calibration: Optional[torch.Tensor] = None,
+                progress=None) -> list[KVEvalRow]:
+    """Evaluate each (policy, ratio) of `specs` against the full fp16 cache on the same sequences."""
+    model.eval()
+    X, N = seq_XN.shape
+    if not 0 < prefill < N - 1:
+        raise ValueError(f"prefill={prefill} must be in [1, {N - 2}] for sequences of {N} tokens")
+    C = N - prefill
+    specs = [(resolve_policy(p), r) for p, r in specs]
+    specs = [s for s in specs if s[0] != "full"]  # the full cache is always the reference row
+    bases = None
+    if any(p == "svd" for p, _ in specs):
+        if svd_calibration is None:
+            raise ValueError("kv policy 'svd' needs calibration tokens (svd_calibration)")
+        bases = calibrate_svd(model, svd_calibration)
+    cfg = model.cfg
+    G, D, L = cfg.num_kv_heads, cfg.hidden_size // cfg.num_heads, cfg.num_layers
+    rows = {spec: KVEvalRow(spec[0], spec[1]) for spec in [("full", 1.0)] + specs}
+    acc = {spec: {"nll": [], "kl": 0.0, "agree": 0.0, "time": 0.0, "peak": 0, "read": 0} for spec in rows}
+    full_peak, full_read = 0, 0
+    for b0 in range(0, X, batch_size):
+        seq = seq_XN[b0:b0 + batch_size]
+        B = seq.shape[0]
+        full_cache = make_cache("full", model)
+        ref, secs = decode_logprobs(model, seq, prefill, full_cache)
+        tgt = seq[:, prefill:]
+        full_peak += full_cache.peak_nbytes
+        # bytes a full cache reads per decode step (all stored K/V of every layer), summed over steps
+        full_read += sum(L * B * G * (prefill + i + 1) * 2 * D * 2 for i in range(C - 1))
+        ref_top1 = ref.argmax(-1)
+        for spec in rows:
+            policy, ratio = spec
+            if rows[spec].skipped:
+                continue
+            if spec == ("full", 1.0):
+                lp, cache = ref, full_cache
+            else:
+                try:
+                    cache = make_cache(policy, model, ratio=ratio, total_tokens=N, svd_bases=bases)
+                except ValueError as err:
+                    rows[spec].skipped = str(err)
+                    continue
+                lp, secs = decode_logprobs(model, seq, prefill, cache)
+            a = acc[spec]
+            a["nll"].append((-lp.gather(-1, tgt[..., None])[..., 0]).sum(1).double().numpy())
+            a["kl"] += float((ref.exp() * (ref - lp)).sum(-1).sum())
+            a["agree"] += float((lp.argmax(-1) == ref_top1).float().sum())
+            a["time"] += secs
+            a["peak"] += cache.peak_nbytes
+            a["read"] += cache.bytes_read
+            if progress:
+                progress(f"{policy}@{ratio}: batch {b0 // batch_size + 1}/{-(-X // batch_size)}")
+    full_nll = np.concatenate(acc[("full", 1.0)]["nll"]) / C
+    out = []
+    for spec, row in rows.items():
+        if row.skipped:
+            out.append(row)
+            continue
+        a = acc[spec]
+        nll_X = np.concatenate(a["nll"]) / C
+        row.nll = float(nll_X.mean())
+        row.perplexity = math.exp(row.nll)
+        row.delta_nll = float((nll_X - full_nll).mean())
+        row.delta_nll_ci95 = bootstrap_ci(nll_X - full_nll)
+        row.ppl_change_pct = 100.0 * (math.exp(row.delta_nll) - 1)
+        row.kl = a["kl"] / (X * C)
+        row.top1_agreement = a["agree"] / (X * C)
+        row.tokens_per_s = X * (C - 1) / a["time"] if a["time"] > 0 else None
+        row.kv_peak_bytes = int(a["peak"] / -(-X // batch_size))
+        row.compression_ratio = full_peak / a["peak"]
+        if row.policy == "quest" and a["read"]:
+            row.read_ratio = full_read / a["read"]
+        row.sequences, row.scored_tokens = X, X * C
+        row.nll_per_sequence = [float(x) for x in nll_X]
+        out.append(row)
+    return out
+
+
+def paired_comparisons(rows: list[KVEvalRow], method: str = "learned") -> list[dict]:
+    """`method` minus every other policy at the same requested ratio, paired per sequence:
+    mean ΔNLL and its bootstrap 95% interval (negative = `method` is better)."""
+    ok = [r for r in rows if not r.skipped and r.nll_per_sequence]
+    out = []
+    for mine in (r for r in ok if r.policy == method):
+        for other in (r for r in ok if r.policy not in (method, "full") and r.ratio == mine.ratio):
+            d = np.array(mine.nll_per_sequence) - np.array(other.nll_per_sequence)
+            out.append({"ratio": mine.ratio, "other": other.policy, "other_compression_ratio": other.compression_ratio,
+                        "delta_nll": float(d.mean()), "ci95": bootstrap_ci(d)})
+    return out
+
+
+def markdown_table(rows: list[KVEvalRow]) -> str:
+    lines = ["| policy | ratio (requested) | compression (measured) | NLL | perplexity | ΔNLL [95% CI] | Δppl % "
+             "| KL to full | top-1 agree | decode tok/s | KV peak bytes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.skipped:
+            lines.append(f"| {r.policy} | {r.ratio:g} | — | skipped: {r.skipped} | | | | | | | |")
+            continue
+        comp = f"{r.compression_ratio:.2f}x" + (f" (reads {r.read_ratio:.2f}x less)" if r.read_ratio else "")
+        lines.append(f"| {r.policy} | {r.ratio:g} | {comp} | {r.nll:.4f} | {r.perplexity:.2f} | "
+                     f"{r.delta_nll:+.4f} [{r.delta_nll_ci95[0]:+.4f}, {r.delta_nll_ci95[1]:+.4f}] | "
+                     f"{r.ppl_change_pct:+.2f} | {r.kl:.4f} | {r.top1_agreement:.3f} | {r.tokens_per_s:.0f} | "
+                     f"{r.kv_peak_bytes} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[KVEvalRow], path: Path, probe: Optional[dict] = None) -> None:
+    """ΔNLL vs measured compression ratio, one line per method (PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_policy: dict[str, list[KVEvalRow]] = {}
+    for r in rows:
+        if not r.skipped and r.policy != "full":
+            by_policy.setdefault(r.policy, []).append(r)
+    for policy, rs in sorted(by_policy.items()):
+        # Quest frees nothing: it is placed at its read ratio (bytes read per decode step)
+        x = (lambda r: r.read_ratio or r.compression_ratio) if policy == "quest" else (lambda r: r.compression_ratio)
+        rs = sorted(rs, key=x)
+        ax.plot([x(r) for r in rs], [r.delta_nll for r in rs], marker="o",
+                label="quest (read ratio)" if policy == "quest" else policy)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("measured compression ratio (fp16 full bytes / peak resident bytes)")
+    ax.set_ylabel("ΔNLL vs full cache (nats/token)")
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(rows: list[KVEvalRow], out: Path, meta: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = paired_comparisons(rows)
+    (out / "results.json").write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows],
+                                                  "learned_vs": pairs}, indent=1))
+    head = "\n".join(f"- {k}: {v}" for k, v in meta.items())
+    text = f"# KV-cache held-out decoding evaluation\n\n{head}\n\n" + markdown_table(rows)
+    if pairs:
+        text += ("\n## learned minus each training-free policy (same requested ratio, paired per sequence)\n\n"
+                 "| ratio | other | other's measured ratio | ΔNLL [95% CI] |\n|---|---|---|---|\n")
+        text += "".join(f"| {p['ratio']:g} | {p['other']} | {p['other_compression_ratio']:.2f}x | "
+                        f"{p['delta_nll']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}] |\n" for p in pairs)
+    (out / "results.md").write_text(text)
+    plot(rows, out / "results.png")
+
+
+def parse_specs(policies: str, ratios: str) -> list[tuple[str, float]]:
+    """'h2o,lora' x '2,4,8' -> [(canonical policy, ratio)]; ValueError on a bad name or ratio."""
+    names = [resolve_policy(p) for p in policies.split(",") if p.strip()]
+    try:
+        rs = [float(r) for r in ratios.split(",") if r.strip()]
+    except ValueError:
+        raise ValueError(f"--ratio {ratios!r} must be a comma-separated list of numbers >= 1") from None
+    if not rs or any(not r >= 1 for r in rs):
+        raise ValueError(f"--ratio {ratios!r}: every compression ratio must be >= 1")
+    return [(p, r) for p in names for r in rs]
+
+
+def run_kv_evaluation(model, tokenizer, docs, calib_docs, specs, out: Path, length: int, prefill: int,
+                      max_sequences: int, batch_size: int, meta: dict, log=print) -> list[KVEvalRow]:
+    """Held-out decoding evaluation end to end: sequences, SVD calibration (on `calib_docs`, never
+    the evaluated ones), rows, results.json / results.md / results.png under `out`."""
+    seq = heldout_sequences(tokenizer, docs, length, max_sequences)
+    calib = heldout_sequences(tokenizer, calib_docs, length, 8) if any(p == "svd" for p, _ in specs) else None
+    t0 = time.perf_counter()
+    rows = evaluate_kv(model, seq, prefill, specs, batch_size, svd_calibration=calib)
+    meta = {**meta, "sequences": int(seq.shape[0]), "sequence_length": length, "prefill": prefill,
+            "scored_tokens_per_sequence": length - prefill, "seconds": round(time.perf_counter() - t0, 1),
+            "protocol": "prefill the context, then teacher-forced sequential decoding with the budget "
+                        "enforced after every step; reference = the same model with a full fp16 cache"}
+    write_results(rows, out, meta)
+    return rows

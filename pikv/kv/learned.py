@@ -1,0 +1,111 @@
+"""The learned KV compressor: a nested (Matryoshka) low-rank latent of each layer's keys and values,
+trained jointly with the model.
+
+Shapes: B batch, G kv heads, T tokens, D head dim, C = 2*G*D (one token's keys + values of a
+layer), R latent rank (R_max = C / min trained ratio).
+
+Per layer, one token's pre-RoPE keys and its values (all kv heads, concatenated: C numbers) are
+encoded into a latent of rank R by `down` and decoded by `up`; the cache stores only the latent
+(fp16) and re-applies RoPE to the decoded keys at their known positions. This is the joint
+K/V latent of DeepSeek-V2's multi-head latent attention (MLA, arXiv:2405.04434), kept as a
+bypassable autoencoder so the same model also runs with a full cache (the reference). Compressing
+keys before RoPE follows MLA's decoupled RoPE and Palu (arXiv:2407.21118): pre-RoPE keys are
+low rank, post-RoPE keys are not. The rank is nested (Matryoshka representation learning,
+Kusupati et al. 2022): rank r uses the first r rows of `down` and columns of `up`, so one module
+serves every budget; training cycles over the ranks of the budgets it will be evaluated at (and
+the full cache), so the model co-adapts to each (the co-training that distinguishes DMC/DMS,
+arXiv:2403.09636 / 2506.05345, from post-hoc compression).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class LatentKVCompressor(nn.Module):
+    """down: C -> R_max, up: R_max -> C, used at a prefix rank `rank` (None = inactive: full K/V)."""
+
+    def __init__(self, num_kv_heads: int, head_dim: int, max_rank: int, init_std: float = 0.02):
+        super().__init__()
+        self.G, self.D = num_kv_heads, head_dim
+        C = 2 * num_kv_heads * head_dim
+        if not 0 < max_rank <= C:
+            raise ValueError(f"kv latent rank {max_rank} must be in [1, {C}] (2 * kv heads * head dim)")
+        self.max_rank = max_rank
+        self.down = nn.Linear(C, max_rank, bias=False)
+        self.up = nn.Linear(max_rank, C, bias=False)
+        with torch.no_grad():  # start as an orthogonal projection (a random PCA-like basis)
+            q, _ = torch.linalg.qr(torch.randn(C, max_rank))
+            self.down.weight.copy_(q.T)
+            self.up.weight.copy_(q)
+        self.rank: Optional[int] = None  # set by the trainer per step / by the cache for eval
+        self.distill_loss: Optional[torch.Tensor] = None  # set by Attention in training
+
+    def check_rank(self, rank: int) -> int:
+        if not 0 < rank <= self.max_rank:
+            raise ValueError(f"learned kv rank {rank} is impossible: the compressor was trained up to "
+                             f"rank {self.max_rank} (allowed 1..{self.max_rank})")
+        return rank
+
+    def encode(self, k_BGTD: torch.Tensor, v_BGTD: torch.Tensor, rank: int) -> torch.Tensor:
+        """pre-RoPE keys + values -> latent [B, T, rank]."""
+        B, G, T, D = k_BGTD.shape
+        x_BTC = torch.cat([k_BGTD, v_BGTD], dim=1).transpose(1, 2).reshape(B, T, 2 * G * D)
+        return x_BTC @ self.down.weight[:rank].T
+
+    def decode(self, c_BTR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latent [B, T, r] -> (pre-RoPE keys, values) [B, G, T, D]."""
+        B, T, r = c_BTR.shape
+        x_BTC = c_BTR @ self.up.weight[:, :r].T
+        x_B2GTD = x_BTC.view(B, T, 2 * self.G, self.D).transpose(1, 2)
+        return x_B2GTD[:, :self.G], x_B2GTD[:, self.G:]
+
+    def forward(self, k_BGTD: torch.Tensor, v_BGTD: torch.Tensor):
+        """Round trip at the active rank (training / masked evaluation)."""
+        return self.decode(self.encode(k_BGTD, v_BGTD, self.rank))
+
+
+def latent_rank(num_kv_heads: int, head_dim: int, ratio: float) -> int:
+    """Latent rank whose fp16 latent is `ratio` times smaller than the fp16 keys + values."""
+    if ratio < 1:
+        raise ValueError(f"compression ratio {ratio} must be >= 1")
+    return max(1, int(2 * num_kv_heads * head_dim // ratio))
+
+
+def train_rank_schedule(num_kv_heads: int, head_dim: int, ratios: list[float], full_every: int) -> list[Optional[int]]:
+    """The ranks cycled over training steps: each trained ratio once, and the full cache (None)
+    once every `full_every` entries (0 = never)."""
+    ranks: list[Optional[int]] = [latent_rank(num_kv_heads, head_dim, r) for r in sorted(ratios)]
+    if full_every > 0:
+        out: list[Optional[int]] = []
+        for i, r in enumerate(ranks):
+            if i % full_every == 0:
+                out.append(None)
+            out.append(r)
+        return out
+    return ranks
+
+
+def set_compressor_rank(model: nn.Module, rank: Optional[int]) -> None:
+    """Activate every layer's compressor at `rank` (None: full K/V)."""
+    for m in model.modules():
+        if isinstance(m, LatentKVCompressor):
+            m.rank = None if rank is None else m.check_rank(rank)
+
+
+def compressor_losses(model: nn.Module) -> Optional[torch.Tensor]:
+    """Sum over layers of the last forward's attention-output distillation loss; None without a
+    compressor. On a full-cache step it is an exact zero that still touches every compressor
+    weight, so they get zero gradients rather than none: the optimizer then treats them the same
+    on every step and in every process layout (AdamW skips a parameter whose grad is None, while
+    the multi-process gradient reducer fills in zeros)."""
+    comps = [m for m in model.modules() if isinstance(m, LatentKVCompressor)]
+    if not comps:
+        return None
+    losses = [m.distill_loss for m in comps if m.distill_loss is not None]
+    if losses:
+        return torch.stack(losses).sum()
+    return sum(0.0 * p.sum() for m in comps for p in m.parameters())

@@ -1,0 +1,45 @@
+"""The KV story end to end: the compressor trains jointly (its loss logged), train/eval.py decodes the
+held-out documents under every policy and writes results.json / results.md / results.png."""
+
+import json
+
+import pytest
+
+from tests.integration.conftest import TINY, read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def test_joint_compressor_training_and_kv_decoding_eval(run_job):
+    run_job(TINY + ["train.run_name=kv", "train.max_steps=8", "train.checkpoint_every=8"])
+    run_dir = run_job.cwd / "runs" / "kv"
+    rows = read_metrics(run_dir)
+    ranks = [rows[s]["kv_rank"] for s in range(1, 9)]
+    assert ranks == [0, 32, 16, 8] * 2  # full, 2x, 4x, 8x latent ranks (2 * 2 heads * 16 dims / ratio)
+    assert all(rows[s]["kv_distill_loss"] > 0 for s in range(1, 9) if ranks[s - 1]) and rows[1]["kv_distill_loss"] == 0
+
+    out = run_job.cwd / "kvout"
+    proc = run_job(["--checkpoint", str(run_dir), "--kv", "full,lora,h2o,streaming,quantized,quest,svd",
+                    "--ratio", "2,8", "--max-sequences", "4", "--out", str(out)], script="train/eval.py")
+    report = json.loads((out / "kv" / "results.json").read_text())
+    got = {(r["policy"], r["ratio"]): r for r in report["rows"]}
+    assert ("full", 1.0) in got and ("learned", 2.0) in got and ("quant", 2.0) in got
+    assert "impossible for quant" in got[("quant", 8.0)]["skipped"]
+    for key, r in got.items():
+        if r["skipped"]:
+            continue
+        for field in ("policy", "ratio", "compression_ratio", "perplexity", "nll", "kl", "top1_agreement",
+                      "tokens_per_s", "delta_nll_ci95"):
+            assert r[field] is not None, (key, field)
+    assert got[("full", 1.0)]["compression_ratio"] == 1.0 and got[("full", 1.0)]["kl"] == 0
+    assert abs(got[("learned", 8.0)]["compression_ratio"] - 8.0) < 0.05
+    assert 6.0 < got[("h2o", 8.0)]["compression_ratio"] < 8.0  # positions + scores are counted
+    assert got[("quest", 2.0)]["compression_ratio"] < 1.0 < got[("quest", 2.0)]["read_ratio"]
+    assert "impossible for 'quest'" in got[("quest", 8.0)]["skipped"]  # 8 tokens < one 16-token page
+    assert (out / "kv" / "results.png").stat().st_size > 0
+    pairs = {(p["ratio"], p["other"]) for p in report["learned_vs"]}  # paired learned-minus-X intervals
+    assert (8.0, "h2o") in pairs and (2.0, "quant") in pairs and len(got[("learned", 2.0)]["nll_per_sequence"]) == 4
+    assert "| h2o | 8 |" in (out / "kv" / "results.md").read_text() and "| learned |" in proc.stdout
+
+    bad = run_job(["--checkpoint", str(run_dir), "--kv", "h3o"], script="train/eval.py", check=False)
+    assert bad.returncode == 2 and "unknown kv policy 'h3o'" in bad.stderr

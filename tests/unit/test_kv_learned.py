@@ -1,0 +1,65 @@
+"""The jointly trained compressor's pieces: rank schedule, config checks, gradient flow, the HF Llama port."""
+
+import pytest
+import torch
+
+from pikv.config import KVConfig, ModelConfig, MoEConfig, load_config
+from pikv.kv.learned import LatentKVCompressor, compressor_losses, latent_rank, set_compressor_rank, train_rank_schedule
+from pikv.models import Transformer
+
+
+def test_rank_schedule_cycles_full_and_each_trained_budget():
+    assert train_rank_schedule(2, 32, [2.0, 4.0, 8.0], full_every=3) == [None, 64, 32, 16]
+    assert train_rank_schedule(2, 32, [4.0], full_every=0) == [32]
+    assert latent_rank(2, 32, 8) == 16
+
+
+def test_nested_rank_uses_prefix_and_full_rank_orthogonal_init_is_lossless():
+    comp = LatentKVCompressor(2, 8, 32)
+    k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    comp.rank = 32  # C = 2*2*8 = 32: an orthogonal square projection is the identity
+    k2, v2 = comp(k, v)
+    torch.testing.assert_close(k2, k, atol=1e-5, rtol=1e-5)
+    c8 = comp.encode(k, v, 8)
+    torch.testing.assert_close(c8, comp.encode(k, v, 32)[..., :8])
+
+
+def test_compressor_trains_through_lm_loss_and_distillation():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      ffn_hidden_size=32, max_seq_len=16)
+    model = Transformer(cfg, MoEConfig(every_n_layers=0), kv_cfg=KVConfig())
+    x = torch.randint(0, 64, (2, 16))
+    set_compressor_rank(model, 8)
+    logits = model(x)
+    distill = compressor_losses(model)
+    assert distill is not None and distill.item() > 0
+    (logits.logsumexp(-1).mean() + distill).backward()
+    down = model.layers[0].self_attn.kv_compressor.down.weight
+    assert down.grad is not None and down.grad[:8].abs().sum() > 0 and down.grad[8:].abs().sum() == 0
+    set_compressor_rank(model, None)
+    model.zero_grad()
+    model(x).sum().backward()  # full cache: the compressor is bypassed
+    assert down.grad is None or down.grad.abs().sum() == 0
+    with pytest.raises(ValueError, match="learned kv rank 999 is impossible"):
+        set_compressor_rank(model, 999)
+
+
+def test_kv_config_errors():
+    with pytest.raises(ValueError, match=r"'kv.compressor' = 'mla' is invalid: allowed values are none, learned"):
+        load_config(None, ["kv.compressor=mla"])
+    with pytest.raises(ValueError, match=r"kv.train_ratios"):
+        load_config(None, ["kv.train_ratios=[0.5]"])
+    assert load_config(None, ["kv.compressor=none"]).kv.compressor == "none"
+
+
+def test_hf_llama_port_matches_logits():
+    transformers = pytest.importorskip("transformers")
+    from pikv.eval.hf_llama import max_logit_difference, transformer_from_hf_llama
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=True, rope_theta=10000.0)
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    ours = transformer_from_hf_llama(hf)
+    assert max_logit_difference(hf, ours, torch.randint(0, 100, (2, 24))) < 1e-4
