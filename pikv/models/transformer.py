@@ -18,7 +18,7 @@ from torch import nn
 from pikv.config import ModelConfig, MoEConfig, moe_layer_indices
 from pikv.kv.cache import KVCache
 from pikv.kv.learned import LatentKVCompressor
-from pikv.moe import MoELayer, create_moe
+from pikv.moe import FeedForward, MoELayer, create_moe
 
 
 class RMSNorm(nn.Module):
@@ -117,19 +117,6 @@ class Attention(nn.Module):
             o_BNTD = F.scaled_dot_product_attention(q_BNTD, k_BGSD, v_BGSD, attn_mask=mask_TS,
                                                     enable_gqa=True)
         return self.o_proj(o_BNTD.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
-
-
-class FeedForward(nn.Module):
-    """Dense SwiGLU (Llama MLP): down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, hidden_size: int, ffn_hidden_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
-        self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):

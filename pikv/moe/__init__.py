@@ -2,10 +2,10 @@
 
 from pikv.moe.dispatch import DispatchState, LocalDispatcher
 from pikv.moe.ep_dispatch import AllToAllDispatcher
-from pikv.moe.experts import GroupedExperts
-from pikv.moe.layer import MOE_BUILDERS, MoELayer, SharedExperts, create_moe
+from pikv.moe.experts import FeedForward, GroupedExperts
+from pikv.moe.layer import MOE_BUILDERS, MoELayer, create_moe
 from pikv.moe.router import PER_TOKEN_ROUTERS, ROUTERS, build_router
 
-__all__ = ["create_moe", "MoELayer", "SharedExperts", "GroupedExperts", "LocalDispatcher",
+__all__ = ["create_moe", "MoELayer", "FeedForward", "GroupedExperts", "LocalDispatcher",
            "AllToAllDispatcher", "DispatchState", "build_router", "MOE_BUILDERS", "ROUTERS",
            "PER_TOKEN_ROUTERS"]

@@ -167,6 +167,20 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
     return ok
 
 
+class FeedForward(nn.Module):
+    """Dense SwiGLU (Llama MLP names): down(silu(gate(x)) * up(x)). The transformer's dense FFN
+    and the MoE layer's shared experts."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts y = w2(silu(x w1) * (x w3)) with weights stacked as [E, ...].
 

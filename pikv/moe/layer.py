@@ -14,24 +14,8 @@ from torch import nn
 
 from pikv.moe import losses
 from pikv.moe.dispatch import LocalDispatcher
-from pikv.moe.experts import GroupedExperts
+from pikv.moe.experts import FeedForward, GroupedExperts
 from pikv.moe.router import ROUTERS, build_router
-
-
-class SharedExperts(nn.Module):
-    """DeepSeekMoE shared experts: one dense SwiGLU (Llama MLP names) of width
-    num_shared_experts * shared_ffn_hidden_size that every token goes through. Not named
-    `experts`: the gradient reducer treats parameters under a module named `experts` as
-    expert-parallel, and these are replicated like any dense weight."""
-
-    def __init__(self, hidden_size: int, ffn_hidden_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
-        self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
-
-    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x_TH)) * self.up_proj(x_TH))
 
 
 class MoELayer(nn.Module):
@@ -59,7 +43,10 @@ class MoELayer(nn.Module):
         self.dispatcher = LocalDispatcher()  # replaced by an all-to-all dispatcher under EP
         self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size)
         shared_width = num_shared_experts * (shared_ffn_hidden_size or ffn_hidden_size)
-        self.shared_experts = SharedExperts(hidden_size, shared_width) if num_shared_experts > 0 else None
+        # DeepSeekMoE shared experts: one dense SwiGLU every token goes through. Not named
+        # `experts`: the gradient reducer treats parameters under a module named `experts` as
+        # expert-parallel, and these are replicated like any dense weight.
+        self.shared_experts = FeedForward(hidden_size, shared_width) if num_shared_experts > 0 else None
         self.aux_loss: Optional[torch.Tensor] = None
         self.z_loss: Optional[torch.Tensor] = None
         self.metrics: dict[str, torch.Tensor] = {}

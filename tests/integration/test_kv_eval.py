@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_joint_compressor_training_and_kv_decoding_eval(run_job):
-    run_job(TINY + ["train.run_name=kv", "train.max_steps=8", "train.checkpoint_every=8"])
+    run_job(TINY + ["train.run_name=kv", "train.max_steps=8", "train.checkpoint_every=8", "kv.compressor=learned"])
     run_dir = run_job.cwd / "runs" / "kv"
     rows = read_metrics(run_dir)
     ranks = [rows[s]["kv_rank"] for s in range(1, 9)]

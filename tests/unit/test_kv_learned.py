@@ -28,7 +28,7 @@ def test_compressor_trains_through_lm_loss_and_distillation():
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                       ffn_hidden_size=32, max_seq_len=16)
-    model = Transformer(cfg, MoEConfig(every_n_layers=0), kv_cfg=KVConfig())
+    model = Transformer(cfg, MoEConfig(every_n_layers=0), kv_cfg=KVConfig(compressor="learned"))
     x = torch.randint(0, 64, (2, 16))
     set_compressor_rank(model, 8)
     logits = model(x)

@@ -21,7 +21,7 @@ def tiny_model(learned: bool = True) -> Transformer:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=96, hidden_size=N_HEADS * D, num_layers=L, num_heads=N_HEADS, num_kv_heads=G,
                       ffn_hidden_size=64, expert_ffn_hidden_size=32, num_experts=4, max_seq_len=N_TOK)
-    return Transformer(cfg, MoEConfig(every_n_layers=0), kv_cfg=KVConfig() if learned else None).eval()
+    return Transformer(cfg, MoEConfig(every_n_layers=0), kv_cfg=KVConfig(compressor="learned") if learned else None).eval()
 
 
 def decode(model, x, cache, check=None):
