@@ -145,9 +145,12 @@ _BASE_OPTIONS = ("router", "renormalize", "capacity_factor", "deterministic", "n
 MOE_OPTIONS: dict[str, tuple[str, ...]] = {"base": _BASE_OPTIONS}
 
 
-def create_moe(kind: str, hidden_size: int, num_experts: int, top_k: int, ffn_hidden_size: int,
-               **options: Any) -> nn.Module:
+def create_moe(kind: str, hidden_size: int, num_experts: int, top_k: int,
+               ffn_hidden_size: Optional[int] = None, **options: Any) -> nn.Module:
     """Build a MoE layer whose forward maps [..., hidden_size] -> [..., hidden_size].
+
+    ffn_hidden_size defaults to 4 * hidden_size (the original PiKV's `create_moe(kind,
+    hidden_size, num_experts, top_k, ...)` has no such argument).
 
     kind 'base' options: router='softmax_topk' (one of pikv.moe.router.ROUTERS),
     renormalize=True, capacity_factor=None (dropless; expert_choice: 1.0),
@@ -158,6 +161,8 @@ def create_moe(kind: str, hidden_size: int, num_experts: int, top_k: int, ffn_hi
     """
     if kind not in MOE_BUILDERS:
         raise ValueError(f"unknown MoE kind {kind!r}; allowed kinds: {', '.join(MOE_BUILDERS)}")
+    if ffn_hidden_size is None:
+        ffn_hidden_size = 4 * hidden_size
     for name, value in (("hidden_size", hidden_size), ("num_experts", num_experts),
                         ("top_k", top_k), ("ffn_hidden_size", ffn_hidden_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
