@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e '.[dev,wandb,hf]'
+	$(PY) -m pip install --quiet -e '.[dev,wandb,hf,deepspeed,variants]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # One node, N processes:  NPROC=8 launch/local.sh --config configs/tiny.yaml train.max_steps=100
-# MAX_RESTARTS=3 makes torchrun restart all workers after a failure (known issue: a survivor of a
-# SIGKILLed peer can block in its SIGTERM checkpoint; see README); the restart resumes from the
+# MAX_RESTARTS=3 makes torchrun restart all workers after a failure; the restart resumes from the
 # newest complete checkpoint (train.resume=auto).
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"

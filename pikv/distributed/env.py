@@ -76,6 +76,24 @@ def _launch_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def _elastic_store(rank: int, world: int, timeout: timedelta) -> Optional[dist.Store]:
+    """The rendezvous store under torchrun, its keys scoped to this restart attempt.
+
+    torchrun (torch 2.x) gives every restart attempt the same agent TCPStore with no per-attempt
+    prefix, so a restarted worker can read the address a dead peer of the previous attempt left
+    there and time out in gloo's connectFullMesh ("Connection refused"). None outside torchrun.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    # The agent hosts the store unless torchrun was told not to share it; then rank 0 does.
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_hosts and rank == 0, timeout=timeout,
+                          multi_tenant=not agent_hosts)
+    return dist.PrefixStore(f"pikv/attempt_{attempt}/", store)
+
+
 def _pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise ValueError("config key 'train.device' = 'cuda' but CUDA is not available; use 'auto' or 'cpu'")
@@ -105,8 +123,9 @@ def init_distributed(device: str = "auto", backend: str = "auto", ep_size: int =
     if backend == "auto":
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_s),
+        timeout = timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout,
+                                store=_elastic_store(rank, world, timeout),
                                 device_id=torch_device if torch_device.type == "cuda" else None)
     ctx = DistContext(rank=rank, world_size=world, local_rank=local_rank, device=torch_device, ep_size=ep_size)
     _build_mesh(ctx)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A one-node SLURM cluster on localhost for the launch tests (recipe: ../shared/ops/slurm-local.md).
 #   slurm_cluster.sh install        apt-get install slurmctld slurmd slurm-client munge (if missing)
-#   slurm_cluster.sh start DIR      munged + slurmctld + slurmd under DIR, ports 16817/16818; prints
+#   slurm_cluster.sh start DIR      munged + slurmctld + slurmd under DIR, ports 16817/16818 (or the next
+#                                   free pair); prints
 #                                   SLURM_CONF=DIR/slurm.conf once the node is idle
 #   slurm_cluster.sh stop DIR       scontrol shutdown, stop munged
 # Needs root (daemons run as root, no systemd). Ports: PIKV_SLURM_PORT (default 16817) and +1.
@@ -22,6 +23,9 @@ install)
 start)
     D="$(realpath -m "${2:?DIR}")"
     PORT="${PIKV_SLURM_PORT:-16817}"
+    # A cluster left running by an interrupted run keeps its ports: move on to a free pair.
+    in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+    while in_use "$PORT" || in_use "$((PORT + 1))"; do PORT=$((PORT + 2)); done
     mkdir -p "$D/munge" "$D/state" "$D/spool" "$D/log"
     chmod 711 "$D/munge"  # 700 makes munged refuse the socket directory
     [ -f "$D/munge/munge.key" ] || { head -c 1024 /dev/urandom > "$D/munge/munge.key"; chmod 600 "$D/munge/munge.key"; }
