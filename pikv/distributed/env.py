@@ -1,7 +1,7 @@
 """Launch environment -> process group, device, and the data x expert parallel groups.
 
 Works under torchrun (RANK/WORLD_SIZE/LOCAL_RANK), under SLURM's one-task-per-process launch
-(SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID when torchrun's variables are absent), and with plain
+(SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID when torchrun's variables are absent), and with plain
 `python train/main.py`, where a world of one is created on a free loopback port so that every
 code path (collectives, torch.distributed.checkpoint) is the same for 1 and N processes.
 """
@@ -64,8 +64,10 @@ def _launch_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun, else SLURM, else a world of one."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1:
-        rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+    # SLURM_STEP_NUM_TASKS exists only inside an srun step: the batch script itself also has
+    # SLURM_PROCID=0 and SLURM_NTASKS=N, and a plain `python train/main.py` there is one process.
+    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_STEP_NUM_TASKS"])
         os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
         if "MASTER_PORT" not in os.environ:
             # Every task must agree on the port without talking: derive it from the job id.
