@@ -69,7 +69,7 @@ def main(argv):
     ratios = [float(r) for r in args.ratios.split(",")]
     torch.manual_seed(0)
     cfg = ModelConfig(max_seq_len=max(contexts) + args.steps + 2)
-    model = Transformer(cfg, MoEConfig(), kv_cfg=KVConfig()).eval()
+    model = Transformer(cfg, MoEConfig(), kv_cfg=KVConfig(compressor="learned")).eval()
     rows = []
     for B in batches:
         floor = make_cache("full", model)

@@ -52,6 +52,13 @@ class MoEConfig:
     bias_update_rate: float = 0.001  # sigmoid_topk: aux-loss-free bias step (DeepSeek-V3 gamma)
     route_scale: float = 1.0  # gate weights are multiplied by this
     sinkhorn_iterations: int = 30  # sinkhorn router: fixed iteration count (no host sync)
+    # 'base' (GroupedExperts) | 'pikv' (LoRA experts, pikv/moe/lora.py; docs/distillation.md):
+    # each expert = base + (lora_alpha / lora_rank) * A @ B.
+    kind: str = "base"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    freeze_base: bool = True  # pikv: base weights get no gradient and no optimizer state
+    share_base: bool = False  # pikv: one dense FFN is every expert's base (replicated under EP)
 
 
 @dataclass
@@ -64,6 +71,10 @@ class DataConfig:
     heldout_docs: int = 4  # documents never seen in training, for the final evaluation
     split_seed: int = 1234  # the split is a function of this seed and the document names only
     cache_dir: str = ""  # '' = $PIKV_CACHE or ~/.cache/pikv
+    # Fraction of training samples turned into passkey-retrieval probes (pikv/data/probe.py); the
+    # KV evaluation's retrieval probe needs a model trained on it. 0 = none. Off by default: the
+    # default 450-step model does not learn in-context copying at all (docs/kv.md, "Retrieval probe").
+    probe_rate: float = 0.0
 
 
 @dataclass
@@ -100,6 +111,22 @@ class TrainConfig:
     device: str = "auto"  # 'auto' | 'cpu' | 'cuda'
     # 'auto' (bf16 autocast on CUDA, fp32 on CPU) | 'fp32' | 'bf16' | 'fp16' (engine=deepspeed on CUDA)
     dtype: str = "auto"
+    mode: str = "lm"  # 'lm' (next-token loss) | 'distill' (plus KD from distill.teacher, see DistillConfig)
+    # Upcycling (pikv/training/upcycle.py): initialise a fresh run from this checkpoint (a dense
+    # teacher: its FFN becomes every expert's base; or a MoE). '' = random init. Ignored on resume.
+    init_from: str = ""
+
+
+@dataclass
+class DistillConfig:
+    # train.mode=distill: loss = (1 - weight) * LM + weight * T^2 * KL(teacher_T || student_T)
+    # + hidden_weight * MSE of the hidden states after `hidden_layers` + router losses (Hinton et
+    # al. 2015; the T^2 keeps the soft-target gradients on the LM loss's scale).
+    teacher: str = ""  # a PiKV checkpoint (step_<N> or run directory) with the same tokenizer
+    weight: float = 0.5
+    temperature: float = 2.0
+    hidden_layers: list[int] = field(default_factory=list)  # block indices (teacher and student alike)
+    hidden_weight: float = 1.0
 
 
 @dataclass
@@ -121,14 +148,15 @@ class LoggingConfig:
 @dataclass
 class KVConfig:
     # The jointly trained KV compressor (pikv/kv/learned.py): 'learned' = a nested low-rank latent
-    # of each layer's keys+values, trained at the ranks of `train_ratios` (and the full cache
-    # once per cycle); 'none' = a plain model. See docs/kv.md.
-    # Default 'none' for now: trained in, the latent costs the model itself ~0.3 held-out bits/byte
-    # on the default job (2.44 vs 2.15, docs/benchmarks.md "KV cache"); turn it on with
-    # kv.compressor=learned until its training schedule is fixed.
-    compressor: str = "none"
+    # of each layer's keys+values, trained at the ranks of `train_ratios`; 'none' = a plain model;
+    # 'auto' (default) = 'learned' for task=lm, 'none' for the other tasks. See docs/kv.md.
+    compressor: str = "auto"
     train_ratios: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
-    full_every: int = 3  # one full-cache step per this many compressed steps (0 = never)
+    full_every: int = 3  # co-training: one full-cache step per this many compressed steps (0 = never)
+    # Fraction of train.max_steps after which the LM runs through the latent (co-training, the
+    # train_ratios cycle with full_every); before it the LM uses the full cache and the compressor
+    # learns by distillation alone. 1.0 = distillation only (pikv/kv/learned.py TrainSchedule).
+    cotrain_start: float = 0.8
     distill_weight: float = 0.1  # attention-output distillation to the full cache, per layer
     # The KV table of the default held-out evaluation (train/eval.py without --kv).
     eval_policies: list[str] = field(default_factory=lambda: [
@@ -137,7 +165,34 @@ class KVConfig:
 
 
 @dataclass
+class FlexConfig:
+    # task=flex: Flex-MoE (pikv/models/flex_moe.py, docs/variants.md) on the diabetes study's three
+    # measurement sources. Which modalities training samples lack: 'random' (each one absent with
+    # probability missing_rate, at least one kept), 'structured' (whole groups of patients lack
+    # the same sources, see pikv/data/multimodal.py) or 'none'.
+    missing: str = "random"
+    missing_rate: float = 0.5
+    bank: bool = True  # the missing-modality bank; false = zero-filled inputs (the ablation)
+    specialized_routing: bool = True  # S-Router: top-1 expert = the sample's modality combination
+    heldout_fraction: float = 0.2  # patients for the final per-combination test
+    validation_fraction: float = 0.15
+
+
+@dataclass
+class TimeConfig:
+    # task=time: Time-MoE (pikv/models/time_moe.py, docs/variants.md) on statsmodels' series.
+    context_len: int = 64  # input points per training window (<= model.max_seq_len)
+    # Multi-resolution forecast heads (the paper: 1, 8, 32, 64) and the evaluated horizons: 2 / 4
+    # years of monthly, 6 / 12 of quarterly data.
+    heads: list[int] = field(default_factory=lambda: [1, 8, 24, 48])
+    eval_horizons: list[int] = field(default_factory=lambda: [24, 48])
+    huber_delta: float = 2.0  # Time-MoE's Huber loss delta
+    train_fraction: float = 0.8  # of each training series; later windows are the validation split
+
+
+@dataclass
 class JobConfig:
+    task: str = "lm"  # 'lm' | 'flex' | 'time' (pikv/tasks)
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -145,9 +200,14 @@ class JobConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     kv: KVConfig = field(default_factory=KVConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    flex: FlexConfig = field(default_factory=FlexConfig)
+    time: TimeConfig = field(default_factory=TimeConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
+    "moe.kind": ("base", "pikv"),
+    "train.mode": ("lm", "distill"),
     "moe.router": ("softmax_topk", "sigmoid_topk", "noisy_topk", "expert_choice", "sinkhorn"),
     "train.resume_mode": ("auto", "never"),
     "train.engine": ("torch", "deepspeed"),
@@ -155,7 +215,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.dtype": ("auto", "fp32", "bf16", "fp16"),
     "parallel.backend": ("auto", "gloo", "nccl"),
     "logging.wandb_mode": ("online", "offline", "disabled"),
-    "kv.compressor": ("none", "learned"),
+    "kv.compressor": ("auto", "none", "learned"),
+    "task": ("lm", "flex", "time"),
+    "flex.missing": ("random", "structured", "none"),
 }
 
 
@@ -245,16 +307,82 @@ def validate(cfg: JobConfig) -> JobConfig:
     if not t.run_name or "/" in t.run_name:
         _fail("train.run_name", t.run_name, "must be a non-empty name without '/'")
     _check_choice("kv.compressor", cfg.kv.compressor)
+    if cfg.kv.compressor == "auto":  # resolved here, so config.yaml and checkpoints record the choice
+        cfg.kv.compressor = "learned" if cfg.task == "lm" else "none"
     if not cfg.kv.train_ratios or any(not 1 <= r <= 2 * (m.hidden_size // m.num_heads) for r in cfg.kv.train_ratios):
         _fail("kv.train_ratios", list(cfg.kv.train_ratios), "must be a non-empty list of ratios in "
               f"[1, 2 * head dim = {2 * (m.hidden_size // m.num_heads)}]")
+    if not 0.0 <= cfg.data.probe_rate <= 1.0:
+        _fail("data.probe_rate", cfg.data.probe_rate, "must be in [0, 1] (0 = no retrieval probe)")
+    if not 0.0 <= cfg.kv.cotrain_start <= 1.0:
+        _fail("kv.cotrain_start", cfg.kv.cotrain_start, "must be in [0, 1] (1 = distillation only)")
     if cfg.kv.full_every < 0 or cfg.kv.distill_weight < 0:
         _fail("kv.full_every/distill_weight", (cfg.kv.full_every, cfg.kv.distill_weight), "each must be >= 0")
+    _validate_lora_distill(cfg)
     ep = cfg.parallel.expert_parallel_size
     if m.num_experts % ep:
         _fail("parallel.expert_parallel_size", ep, f"must divide model.num_experts={m.num_experts}")
     _validate_engine(t, ep)
+    _validate_task(cfg)
     return cfg
+
+
+def _validate_task(cfg: JobConfig) -> None:
+    _check_choice("task", cfg.task)
+    if cfg.task != "lm" and cfg.kv.compressor != "none":
+        _fail("kv.compressor", cfg.kv.compressor, f"the KV compressor is for task=lm; task={cfg.task} needs 'none'")
+    f = cfg.flex
+    _check_choice("flex.missing", f.missing)
+    if not 0.0 <= f.missing_rate < 1.0:
+        _fail("flex.missing_rate", f.missing_rate, "must be in [0, 1)")
+    if not (0 < f.heldout_fraction < 1 and 0 < f.validation_fraction < 1
+            and f.heldout_fraction + f.validation_fraction < 1):
+        _fail("flex.heldout_fraction/validation_fraction", (f.heldout_fraction, f.validation_fraction),
+              "each must be in (0, 1) and their sum < 1")
+    if cfg.task == "flex" and f.specialized_routing and cfg.moe.every_n_layers != 0:
+        from pikv.data.multimodal import MODALITIES
+        combos = 2 ** len(MODALITIES) - 1
+        if cfg.model.num_experts < combos:
+            _fail("model.num_experts", cfg.model.num_experts, f"flex.specialized_routing gives each of the "
+                  f"{combos} modality combinations its own expert: need >= {combos}")
+    tc = cfg.time
+    if tc.context_len < 1 or (cfg.task == "time" and tc.context_len > cfg.model.max_seq_len):
+        _fail("time.context_len", tc.context_len, f"must be in [1, model.max_seq_len={cfg.model.max_seq_len}]")
+    if not tc.heads or any(h < 1 for h in tc.heads) or len(set(tc.heads)) != len(tc.heads):
+        _fail("time.heads", list(tc.heads), "must be a non-empty list of distinct horizons >= 1")
+    if not tc.eval_horizons or any(h < 1 for h in tc.eval_horizons):
+        _fail("time.eval_horizons", list(tc.eval_horizons), "must be a non-empty list of horizons >= 1")
+    if not tc.huber_delta > 0:
+        _fail("time.huber_delta", tc.huber_delta, "must be > 0")
+    if not 0 < tc.train_fraction < 1:
+        _fail("time.train_fraction", tc.train_fraction, "must be in (0, 1)")
+
+
+def _validate_lora_distill(cfg: JobConfig) -> None:
+    moe, t, d, m = cfg.moe, cfg.train, cfg.distill, cfg.model
+    _check_choice("moe.kind", moe.kind)
+    if moe.kind == "pikv" and not 0 < moe.lora_rank <= min(m.hidden_size, m.expert_ffn_hidden_size):
+        _fail("moe.lora_rank", moe.lora_rank, f"must be in [1, min(model.hidden_size, "
+              f"model.expert_ffn_hidden_size) = {min(m.hidden_size, m.expert_ffn_hidden_size)}]")
+    if not 0 < moe.lora_alpha < float("inf"):
+        _fail("moe.lora_alpha", moe.lora_alpha, "must be a finite number > 0")
+    _check_choice("train.mode", t.mode)
+    if (t.mode == "distill" or t.init_from) and cfg.task != "lm":
+        _fail("train.mode/init_from", (t.mode, t.init_from), f"distillation and upcycling are for task=lm, not {cfg.task}")
+    # Paths are checked when loaded (resolve_checkpoint), not here: a stored config must stay
+    # loadable (eval, export) after its teacher directory is gone.
+    if t.mode == "distill" and not d.teacher:
+        _fail("distill.teacher", d.teacher, "train.mode=distill needs the teacher's checkpoint path")
+    if t.mode != "distill" and d.teacher:
+        _fail("distill.teacher", d.teacher, "is only used with train.mode=distill")
+    if not 0.0 <= d.weight <= 1.0:
+        _fail("distill.weight", d.weight, "must be in [0, 1] (0 = LM loss only, 1 = KD only)")
+    if not 0 < d.temperature < float("inf"):
+        _fail("distill.temperature", d.temperature, "must be a finite number > 0")
+    if d.hidden_weight < 0:
+        _fail("distill.hidden_weight", d.hidden_weight, "must be >= 0")
+    if any(not 0 <= i < m.num_layers for i in d.hidden_layers):
+        _fail("distill.hidden_layers", list(d.hidden_layers), f"indices must be in [0, {m.num_layers})")
 
 
 def _validate_engine(t: TrainConfig, ep: int) -> None:

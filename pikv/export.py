@@ -28,6 +28,7 @@ import torch
 from pikv.config import JobConfig, from_dict, moe_layer_indices
 from pikv.data.tokenizer import EOT, eot_id, load_tokenizer
 from pikv.models import Transformer
+from pikv.moe import merge_adapters
 from pikv.training.checkpoint import load_model_weights, read_trainer_state, resolve_checkpoint
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
@@ -158,6 +159,7 @@ def export_hf(checkpoint: Path, out_dir: Path, *, layout: str = "auto",
     eos = eot_id(load_tokenizer(str(tok_file)))
     model = Transformer(cfg.model, cfg.moe)
     load_model_weights(ckpt, model)
+    merge_adapters(model)  # moe.kind=pikv: export each expert's effective weights (no-op otherwise)
 
     layout = installed_mixtral_layout() if layout == "auto" else layout
     out_dir = Path(out_dir)

@@ -59,22 +59,28 @@ class MetricsLogger:
         if not enabled:
             return
         self.path = run_dir / "metrics.jsonl"
-        # W&B keeps what a killed process logged after its last checkpoint and cannot delete it:
-        # those steps run again but are not sent twice (metrics.jsonl is rewritten instead).
-        self.wandb_logged_until = self._drop_steps_after(resume_step)
+        if resume_step is not None:
+            self._drop_steps_after(resume_step)
         self.file = open(self.path, "a")
         self.wandb_run = self._init_wandb(run_dir, cfg, run_name, resolved_config)
+        # W&B keeps what a killed process logged after its last checkpoint and cannot delete it:
+        # those steps run again but are not sent twice. What W&B holds is asked of W&B itself (the
+        # server's step of a resumed online run, the files of offline runs): a process killed right
+        # after a step may have written metrics.jsonl but never handed that step to W&B.
+        self.wandb_logged_until = 0
+        if self.wandb_run is not None and resume_step is not None:
+            from pikv.wandb_offline import last_step  # needs wandb's protobufs: only when W&B is on
+            self.wandb_logged_until = (last_step(run_dir, self.wandb_run.id) if self.wandb_run.offline
+                                       else max(self.wandb_run.starting_step - 1, 0))
 
-    def _drop_steps_after(self, step: Optional[int]) -> int:
-        """On resume, forget rows logged after the checkpoint: those steps run again.
-        Returns the highest step logged before (0 if none)."""
-        if step is None or not self.path.exists():
-            return 0
+    def _drop_steps_after(self, step: int) -> None:
+        """On resume, forget rows logged after the checkpoint: those steps run again."""
+        if not self.path.exists():
+            return
         rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= step))
         os.replace(tmp, self.path)
-        return max((r.get("step", 0) for r in rows), default=0)
 
     def _init_wandb(self, run_dir: Path, cfg: LoggingConfig, run_name: str, config: dict):
         mode = cfg.wandb_mode

@@ -9,8 +9,10 @@ Writes <out>/heldout_eval.json and <out>/heldout_eval.md.
 
 KV-cache decoding evaluation (pikv/eval/kv.py, docs/kv.md), on the same documents:
   python train/eval.py --checkpoint runs/tiny --kv h2o,snapkv,learned --ratio 2,4,8 [--out DIR]
-writes <out>/kv/results.{json,md,png}. Without --kv it runs the run's kv.eval_policies at
-kv.eval_ratio (the KV table of `make train`); --kv none skips it.
+writes <out>/kv/results.{json,md,png} (with the retrieval probe's accuracy by needle depth when the
+model was trained with data.probe_rate > 0) and logs them to the run's W&B run unless --no-wandb.
+Without --kv it runs the run's kv.eval_policies at kv.eval_ratio (the KV table of `make train`);
+--kv none skips it.
 """
 
 import argparse
@@ -26,6 +28,7 @@ import torch  # noqa: E402
 from pikv.config import DataConfig, from_dict  # noqa: E402
 from pikv.data import iter_eval_batches, load_documents, load_tokenizer, pack_documents  # noqa: E402
 from pikv.data import split_documents, token_byte_lengths  # noqa: E402
+from pikv.data.probe import PasskeyProbe  # noqa: E402
 from pikv.eval import evaluate_lm  # noqa: E402
 from pikv.models import Transformer  # noqa: E402
 from pikv.training.checkpoint import load_model_weights, read_trainer_state, resolve_checkpoint  # noqa: E402
@@ -53,10 +56,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-sequences", type=int, default=None,
                         help="held-out windows decoded per method (default 48 with --kv, 32 for the default table)")
     parser.add_argument("--kv-batch-size", type=int, default=16)
+    parser.add_argument("--no-wandb", action="store_true",
+                        help="do not log the KV evaluation to the run's W&B run (default: the run's logging.wandb_mode)")
     args = parser.parse_args(argv)
     try:
         ckpt = resolve_checkpoint(args.checkpoint)
         cfg = from_dict(read_trainer_state(ckpt).config)
+        if cfg.task != "lm":  # Flex-MoE / Time-MoE: the task's own held-out evaluation
+            from pikv.tasks import evaluate_task_checkpoint
+            evaluate_task_checkpoint(ckpt, cfg, args.out)
+            return 0
         tokenizer = load_tokenizer(str(ckpt / "tokenizer.json"))
         if args.data is None:
             docs = split_documents(load_documents(cfg.data), cfg.data)["heldout"]
@@ -65,8 +74,11 @@ def main(argv: list[str]) -> int:
             docs = load_documents(DataConfig(source=args.data, text_field=args.text_field,
                                              cache_dir=cfg.data.cache_dir))
             data_name = args.data
-        if "kv" not in read_trainer_state(ckpt).config:  # trained before the KV compressor existed
+        state = read_trainer_state(ckpt)
+        if "kv" not in state.config:  # trained before the KV compressor existed
             cfg.kv.compressor = "none"
+        # the retrieval probe is evaluated only on a model trained on it (older checkpoints: no key)
+        probe = (PasskeyProbe(tokenizer) if state.config["data"].get("probe_rate", 0) > 0 else None)
         model = Transformer(cfg.model, cfg.moe, kv_cfg=cfg.kv)
         load_model_weights(ckpt, model)
         kv_specs = []
@@ -90,15 +102,17 @@ def main(argv: list[str]) -> int:
     print(markdown_table({data_name: result}))
     print(f"results: {out / 'heldout_eval.json'} and {out / 'heldout_eval.md'}")
     if kv_specs:
-        from pikv.eval.kv import markdown_table as kv_table, run_kv_evaluation
+        from pikv.eval.kv import log_to_wandb, markdown_table as kv_table, run_kv_evaluation
         length = cfg.data.seq_len
         train_docs = split_documents(load_documents(cfg.data), cfg.data)["train"][:2]
         rows = run_kv_evaluation(model, tokenizer, docs, train_docs, kv_specs, out / "kv", length,
                                  args.prefill or length // 2, args.max_sequences or (48 if args.kv else 32),
                                  args.kv_batch_size,
-                                 {"checkpoint": str(ckpt), "data": data_name})
+                                 {"checkpoint": str(ckpt), "data": data_name}, probe=probe)
         print(kv_table(rows))
         print(f"kv results: {out / 'kv' / 'results.json'}, results.md, results.png")
+        if not args.no_wandb and log_to_wandb(ckpt.parent.parent, cfg, rows, out / "kv", state.step):
+            print(f"kv results logged to W&B ({cfg.logging.wandb_mode}) in {ckpt.parent.parent / 'wandb'}")
     return 0
 
 

@@ -59,10 +59,12 @@ def num_blocks(num_tokens: int, seq_len: int) -> int:
     return max(0, (num_tokens - 1) // seq_len)
 
 
-def _gather(tokens: np.ndarray, block_ids: np.ndarray, seq_len: int):
-    """(inputs_BT, targets_BT) int64 tensors for the given block ids."""
+def _gather(tokens: np.ndarray, block_ids: np.ndarray, seq_len: int, transform=None):
+    """(inputs_BT, targets_BT) int64 tensors for the given block ids; `transform` maps the
+    [B, T+1] blocks first (the retrieval probe, pikv/data/probe.py)."""
     idx = block_ids[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
-    blocks = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
+    blocks = np.asarray(tokens[idx], dtype=np.int64)
+    blocks = torch.from_numpy(transform(blocks) if transform is not None else blocks)
     return blocks[:, :-1], blocks[:, 1:]
 
 
@@ -77,7 +79,7 @@ class BlockLoader:
     """Infinite shuffled block stream for one data-parallel rank; `next_batch()` -> (in, tgt)."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, dp_rank: int = 0,
-                 dp_size: int = 1, seed: int = 0):
+                 dp_size: int = 1, seed: int = 0, probe=None):
         _check_rank(batch_size, dp_rank, dp_size)
         if seed < 0:
             raise ValueError(f"seed={seed}: must be >= 0")
@@ -86,6 +88,7 @@ class BlockLoader:
             raise ValueError(f"seq_len={seq_len}: need 1 <= seq_len < {len(tokens)} tokens")
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
+        self.probe = probe  # a PasskeyProbe: a pure function of the global sample index
         self.consumed_samples = 0  # global, over all ranks
         self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
@@ -117,7 +120,8 @@ class BlockLoader:
         first = self.consumed_samples + self.dp_rank * self.batch_size
         ids = self.block_ids(first, self.batch_size)
         self.consumed_samples += self.global_batch_size
-        return _gather(self.tokens, ids, self.seq_len)
+        probe = self.probe and (lambda blocks: self.probe.insert(blocks, np.arange(first, first + self.batch_size)))
+        return _gather(self.tokens, ids, self.seq_len, probe)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -47,6 +47,8 @@ class KVEvalRow:
     tokens_per_s: Optional[float] = None
     kv_peak_bytes: Optional[int] = None
     read_ratio: Optional[float] = None  # Quest: full bytes read per step / bytes read
+    probe_accuracy: Optional[float] = None  # retrieval probe (pikv/eval/probe.py): passkey recall
+    probe_by_depth: Optional[dict[str, float]] = None  # needle depth -> accuracy
     sequences: int = 0
     scored_tokens: int = 0
     skipped: Optional[str] = None  # why this budget is impossible for this method
@@ -94,8 +96,7 @@ def bootstrap_ci(x: np.ndarray, iters: int = 2000, seed: int = 0) -> list[float]
 
 @torch.no_grad()
 def evaluate_kv(model, seq_XN: torch.Tensor, prefill: int, specs: list[tuple[str, Optional[float]]],
-                batch_size: int = 16, svd_calibration: Optional[torch.Tensor] = None,
-                progress=None) -> list[KVEvalRow]:
+                batch_size: int = 16, svd_bases=None, progress=None) -> list[KVEvalRow]:
     """Evaluate each (policy, ratio) of `specs` against the full fp16 cache on the same sequences."""
     model.eval()
     X, N = seq_XN.shape
@@ -104,11 +105,6 @@ def evaluate_kv(model, seq_XN: torch.Tensor, prefill: int, specs: list[tuple[str
     C = N - prefill
     specs = [(resolve_policy(p), r) for p, r in specs]
     specs = [s for s in specs if s[0] != "full"]  # the full cache is always the reference row
-    bases = None
-    if any(p == "svd" for p, _ in specs):
-        if svd_calibration is None:
-            raise ValueError("kv policy 'svd' needs calibration tokens (svd_calibration)")
-        bases = calibrate_svd(model, svd_calibration)
     cfg = model.cfg
     G, D, L = cfg.num_kv_heads, cfg.hidden_size // cfg.num_heads, cfg.num_layers
     rows = {spec: KVEvalRow(spec[0], spec[1]) for spec in [("full", 1.0)] + specs}
@@ -132,7 +128,7 @@ def evaluate_kv(model, seq_XN: torch.Tensor, prefill: int, specs: list[tuple[str
                 lp, cache = ref, full_cache
             else:
                 try:
-                    cache = make_cache(policy, model, ratio=ratio, total_tokens=N, svd_bases=bases)
+                    cache = make_cache(policy, model, ratio=ratio, total_tokens=N, svd_bases=svd_bases)
                 except ValueError as err:
                     rows[spec].skipped = str(err)
                     continue
@@ -187,48 +183,58 @@ def paired_comparisons(rows: list[KVEvalRow], method: str = "learned") -> list[d
 
 def markdown_table(rows: list[KVEvalRow]) -> str:
     lines = ["| policy | ratio (requested) | compression (measured) | NLL | perplexity | ΔNLL [95% CI] | Δppl % "
-             "| KL to full | top-1 agree | decode tok/s | KV peak bytes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| KL to full | top-1 agree | probe acc | decode tok/s | KV peak bytes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.skipped:
-            lines.append(f"| {r.policy} | {r.ratio:g} | — | skipped: {r.skipped} | | | | | | | |")
+            lines.append(f"| {r.policy} | {r.ratio:g} | — | skipped: {r.skipped} | | | | | | | | |")
             continue
+        probe = "—" if r.probe_accuracy is None else f"{r.probe_accuracy:.3f}"
         comp = f"{r.compression_ratio:.2f}x" + (f" (reads {r.read_ratio:.2f}x less)" if r.read_ratio else "")
         lines.append(f"| {r.policy} | {r.ratio:g} | {comp} | {r.nll:.4f} | {r.perplexity:.2f} | "
                      f"{r.delta_nll:+.4f} [{r.delta_nll_ci95[0]:+.4f}, {r.delta_nll_ci95[1]:+.4f}] | "
-                     f"{r.ppl_change_pct:+.2f} | {r.kl:.4f} | {r.top1_agreement:.3f} | {r.tokens_per_s:.0f} | "
+                     f"{r.ppl_change_pct:+.2f} | {r.kl:.4f} | {r.top1_agreement:.3f} | {probe} | {r.tokens_per_s:.0f} | "
                      f"{r.kv_peak_bytes} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[KVEvalRow], path: Path, probe: Optional[dict] = None) -> None:
-    """ΔNLL vs measured compression ratio, one line per method (PNG)."""
+def plot(rows: list[KVEvalRow], path: Path) -> None:
+    """ΔNLL (and, when measured, retrieval-probe accuracy) vs measured compression ratio, one line
+    per method (PNG)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    with_probe = any(r.probe_accuracy is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if with_probe else 1, figsize=(13 if with_probe else 7, 4.5), squeeze=False)
     by_policy: dict[str, list[KVEvalRow]] = {}
     for r in rows:
         if not r.skipped and r.policy != "full":
             by_policy.setdefault(r.policy, []).append(r)
-    for policy, rs in sorted(by_policy.items()):
-        # Quest frees nothing: it is placed at its read ratio (bytes read per decode step)
-        x = (lambda r: r.read_ratio or r.compression_ratio) if policy == "quest" else (lambda r: r.compression_ratio)
-        rs = sorted(rs, key=x)
-        ax.plot([x(r) for r in rs], [r.delta_nll for r in rs], marker="o",
-                label="quest (read ratio)" if policy == "quest" else policy)
-    ax.axhline(0.0, color="k", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("measured compression ratio (fp16 full bytes / peak resident bytes)")
-    ax.set_ylabel("ΔNLL vs full cache (nats/token)")
-    ax.legend(fontsize=8, ncol=2)
-    ax.grid(alpha=0.3)
+    full = next((r for r in rows if r.policy == "full" and r.probe_accuracy is not None), None)
+    panels = [("delta_nll", "ΔNLL vs full cache (nats/token)")]
+    if with_probe:
+        panels.append(("probe_accuracy", "retrieval probe accuracy (black: full cache)"))
+    for ax, (field, label) in zip(axes[0], panels):
+        for policy, rs in sorted(by_policy.items()):
+            # Quest frees nothing: it is placed at its read ratio (bytes read per decode step)
+            x = (lambda r: r.read_ratio or r.compression_ratio) if policy == "quest" else (lambda r: r.compression_ratio)
+            rs = sorted(rs, key=x)
+            ax.plot([x(r) for r in rs], [getattr(r, field) for r in rs], marker="o",
+                    label="quest (read ratio)" if policy == "quest" else policy)
+        ax.axhline(full.probe_accuracy if field == "probe_accuracy" and full else 0.0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("measured compression ratio (fp16 full bytes / peak resident bytes)")
+        ax.set_ylabel(label)
+        if field == "probe_accuracy":
+            ax.set_ylim(-0.03, 1.03)
+        ax.legend(fontsize=8, ncol=2)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_results(rows: list[KVEvalRow], out: Path, meta: dict) -> None:
+def write_results(rows: list[KVEvalRow], out: Path, meta: dict, probe_md: str = "") -> None:
     out.mkdir(parents=True, exist_ok=True)
     pairs = paired_comparisons(rows)
     (out / "results.json").write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows],
@@ -240,6 +246,8 @@ def write_results(rows: list[KVEvalRow], out: Path, meta: dict) -> None:
                  "| ratio | other | other's measured ratio | ΔNLL [95% CI] |\n|---|---|---|---|\n")
         text += "".join(f"| {p['ratio']:g} | {p['other']} | {p['other_compression_ratio']:.2f}x | "
                         f"{p['delta_nll']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}] |\n" for p in pairs)
+    if probe_md:
+        text += "\n## Retrieval probe: passkey accuracy by needle depth\n\n" + probe_md
     (out / "results.md").write_text(text)
     plot(rows, out / "results.png")
 
@@ -257,16 +265,58 @@ def parse_specs(policies: str, ratios: str) -> list[tuple[str, float]]:
 
 
 def run_kv_evaluation(model, tokenizer, docs, calib_docs, specs, out: Path, length: int, prefill: int,
-                      max_sequences: int, batch_size: int, meta: dict, log=print) -> list[KVEvalRow]:
+                      max_sequences: int, batch_size: int, meta: dict, probe=None,
+                      probe_fillers: int = 16) -> list[KVEvalRow]:
     """Held-out decoding evaluation end to end: sequences, SVD calibration (on `calib_docs`, never
-    the evaluated ones), rows, results.json / results.md / results.png under `out`."""
+    the evaluated ones), rows, the retrieval probe when `probe` (a PasskeyProbe: the model was
+    trained on it) is given, results.json / results.md / results.png under `out`."""
     seq = heldout_sequences(tokenizer, docs, length, max_sequences)
-    calib = heldout_sequences(tokenizer, calib_docs, length, 8) if any(p == "svd" for p, _ in specs) else None
+    bases = None
+    if any(p == "svd" for p, _ in specs):
+        bases = calibrate_svd(model, heldout_sequences(tokenizer, calib_docs, length, 8))
     t0 = time.perf_counter()
-    rows = evaluate_kv(model, seq, prefill, specs, batch_size, svd_calibration=calib)
+    rows = evaluate_kv(model, seq, prefill, specs, batch_size, svd_bases=bases)
     meta = {**meta, "sequences": int(seq.shape[0]), "sequence_length": length, "prefill": prefill,
             "scored_tokens_per_sequence": length - prefill, "seconds": round(time.perf_counter() - t0, 1),
             "protocol": "prefill the context, then teacher-forced sequential decoding with the budget "
                         "enforced after every step; reference = the same model with a full fp16 cache"}
-    write_results(rows, out, meta)
+    probe_md = ""
+    if probe is not None:
+        from pikv.eval import probe as probe_eval
+        fillers = heldout_sequences(tokenizer, docs, length, probe_fillers)
+        results = probe_eval.evaluate_probe(model, probe, fillers, specs, batch_size, svd_bases=bases)
+        for row in rows:
+            r = results.get((row.policy, row.ratio), {})
+            row.probe_accuracy, row.probe_by_depth = r.get("accuracy"), r.get("by_depth")
+        meta["probe"] = probe_eval.summary(results, len(fillers) * len(probe_eval.DEPTHS), length)
+        probe_md = probe_eval.markdown(results)
+    write_results(rows, out, meta, probe_md)
     return rows
+
+
+TABLE_SKIP = ("nll_per_sequence", "delta_nll_ci95", "probe_by_depth")  # lists/dicts: not table cells
+
+
+def log_to_wandb(run_dir: Path, cfg, rows: list[KVEvalRow], out: Path, step: int) -> bool:
+    """Log the KV table, the plot and per-method scalars to the training run's W&B run (resumed by
+    the id in run_dir, under the run's logging config; 'disabled' logs nothing). Returns whether
+    anything was logged."""
+    from pikv.config import to_dict
+    from pikv.logging import MetricsLogger
+    logger = MetricsLogger(run_dir, cfg.logging, cfg.train.run_name, to_dict(cfg), enabled=True, resume_step=None)
+    try:
+        if logger.wandb_run is None:
+            return False
+        import wandb
+        cols = [f.name for f in fields(KVEvalRow) if f.name not in TABLE_SKIP]
+        metrics = {"kv_eval/results": wandb.Table(columns=cols, data=[[getattr(r, c) for c in cols] for r in rows]),
+                   "kv_eval/plot": wandb.Image(str(out / "results.png"))}
+        for r in rows:
+            if not r.skipped:
+                for name in ("delta_nll", "compression_ratio", "kl", "top1_agreement", "probe_accuracy"):
+                    if getattr(r, name) is not None:
+                        metrics[f"kv_eval/{r.policy}@{r.ratio:g}x/{name}"] = getattr(r, name)
+        logger.wandb_run.log(metrics, step=step)
+        return True
+    finally:
+        logger.close()

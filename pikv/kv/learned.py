@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -42,6 +43,9 @@ class LatentKVCompressor(nn.Module):
             self.down.weight.copy_(q.T)
             self.up.weight.copy_(q)
         self.rank: Optional[int] = None  # set by the trainer per step / by the cache for eval
+        # True: attention runs through the latent (co-training, masked evaluation); False: it uses
+        # the full K/V and the latent only feeds the side distillation loss (see side_distill).
+        self.through_latent = True
         self.distill_loss: Optional[torch.Tensor] = None  # set by Attention in training
 
     def check_rank(self, rank: int) -> int:
@@ -67,6 +71,23 @@ class LatentKVCompressor(nn.Module):
         """Round trip at the active rank (training / masked evaluation)."""
         return self.decode(self.encode(k_BGTD, v_BGTD, self.rank))
 
+    def side_distill(self, q_BNTD: torch.Tensor, k_pre_BGTD: torch.Tensor, v_BGTD: torch.Tensor,
+                     o_BNTD: torch.Tensor, rope, start: int) -> torch.Tensor:
+        """Distillation-only training: the model's attention used the full K/V (o_BNTD); attend
+        again through the latent at the active rank and return the error to o_BNTD. Every model
+        input is detached, so this trains the compressor only and the model is untouched."""
+        k_BGTD, v_hat_BGTD = self(k_pre_BGTD.detach(), v_BGTD.detach())
+        o_hat = F.scaled_dot_product_attention(q_BNTD.detach(), rope(k_BGTD, start), v_hat_BGTD,
+                                               is_causal=True, enable_gqa=True)
+        return attention_error(o_hat, o_BNTD.detach())
+
+
+def attention_error(o_BNTD: torch.Tensor, o_ref_BNTD: torch.Tensor) -> torch.Tensor:
+    """Relative squared error of each head's output vector, averaged over (batch, head, token):
+    scale-free (the model cannot lower it by shrinking its values), and a plain mean, so equal
+    data-parallel shards average to the global-batch value."""
+    return ((o_BNTD - o_ref_BNTD).pow(2).sum(-1) / (o_ref_BNTD.pow(2).sum(-1) + 1e-6)).mean()
+
 
 def latent_rank(num_kv_heads: int, head_dim: int, ratio: float) -> int:
     """Latent rank whose fp16 latent is `ratio` times smaller than the fp16 keys + values."""
@@ -89,11 +110,35 @@ def train_rank_schedule(num_kv_heads: int, head_dim: int, ratios: list[float], f
     return ranks
 
 
-def set_compressor_rank(model: nn.Module, rank: Optional[int]) -> None:
-    """Activate every layer's compressor at `rank` (None: full K/V)."""
+class TrainSchedule:
+    """What the compressor does at each training step: (latent rank or None, through_latent).
+
+    Steps before `cotrain_start * max_steps` run the language model on the full cache and train
+    the compressor by distillation alone (side_distill), cycling over the trained ranks: the model
+    is exactly a plain model. From there on, co-training: the rank cycles over
+    train_rank_schedule and attention runs through the latent, so the model adapts to each budget
+    (at the end of training, where the learning rate is low, so that it costs little)."""
+
+    def __init__(self, num_kv_heads: int, head_dim: int, ratios: list[float], full_every: int,
+                 cotrain_start: float, max_steps: int):
+        self.distill = [latent_rank(num_kv_heads, head_dim, r) for r in sorted(ratios)]
+        self.cotrain = train_rank_schedule(num_kv_heads, head_dim, ratios, full_every)
+        self.start = int(round(cotrain_start * max_steps))
+
+    def at(self, step: int) -> tuple[Optional[int], bool]:
+        """Mode of the step that follows `step` completed steps."""
+        if step >= self.start:
+            return self.cotrain[(step - self.start) % len(self.cotrain)], True
+        return self.distill[step % len(self.distill)], False
+
+
+def set_compressor_rank(model: nn.Module, rank: Optional[int], through_latent: bool = True) -> None:
+    """Activate every layer's compressor at `rank` (None: full K/V); `through_latent` as in
+    LatentKVCompressor."""
     for m in model.modules():
         if isinstance(m, LatentKVCompressor):
             m.rank = None if rank is None else m.check_rank(rank)
+            m.through_latent = through_latent
 
 
 def compressor_losses(model: nn.Module) -> Optional[torch.Tensor]:

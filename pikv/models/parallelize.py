@@ -22,8 +22,8 @@ def shard_experts(layer: MoELayer, ep_size: int, ep_rank: int) -> None:
     experts = layer.experts
     local = layer.num_experts // ep_size
     lo = ep_rank * local
-    for name in ("w1_EHF", "w3_EHF", "w2_EFH"):
-        full = getattr(experts, name)
+    # Every parameter of an experts module is stacked [E, ...] (weights, LoRA adapters).
+    for name, full in list(experts.named_parameters(recurse=False)):
         setattr(experts, name, nn.Parameter(full.detach()[lo:lo + local].clone(), requires_grad=full.requires_grad))
     experts.num_experts = local
 

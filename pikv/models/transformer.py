@@ -17,7 +17,7 @@ from torch import nn
 
 from pikv.config import ModelConfig, MoEConfig, moe_layer_indices
 from pikv.kv.cache import KVCache
-from pikv.kv.learned import LatentKVCompressor
+from pikv.kv.learned import LatentKVCompressor, attention_error
 from pikv.moe import FeedForward, MoELayer, create_moe
 
 
@@ -83,7 +83,7 @@ class Attention(nn.Module):
         comp, k_ref_BGTD = self.kv_compressor, None
         if comp is not None:
             comp.distill_loss = None  # only the forward that ran through the latent sets it
-        if comp is not None and comp.rank is not None and cache is None:
+        if comp is not None and comp.rank is not None and cache is None and comp.through_latent:
             # Train / score through the latent: pre-RoPE keys and values round-trip at comp.rank.
             k_ref_BGTD, v_ref_BGTD = k_BGTD, v_BGTD
             k_BGTD, v_BGTD = comp(k_BGTD, v_BGTD)
@@ -96,12 +96,11 @@ class Attention(nn.Module):
                 with torch.no_grad():  # distillation target: the same attention over the full K/V
                     o_ref = F.scaled_dot_product_attention(q_BNTD, rope(k_ref_BGTD, start), v_ref_BGTD,
                                                            is_causal=True, enable_gqa=True)
-                # Relative error of each head's output vector, averaged over (batch, head, token):
-                # scale-free (the model cannot lower it by shrinking its values), and a plain mean,
-                # so equal data-parallel shards average to the global-batch value. Its gradient
-                # reaches the model too: that keeps the full and the compressed modes consistent.
-                err_BNT = (o_BNTD - o_ref).pow(2).sum(-1) / (o_ref.pow(2).sum(-1) + 1e-6)
-                comp.distill_loss = err_BNT.mean()
+                # Its gradient reaches the model too: that keeps the full and compressed modes consistent.
+                comp.distill_loss = attention_error(o_BNTD, o_ref)
+            elif comp is not None and comp.rank is not None and self.training:
+                # distillation-only step: the model used the full K/V, the latent learns on the side
+                comp.distill_loss = comp.side_distill(q_BNTD, k_pre_BGTD, v_BGTD, o_BNTD, rope, start)
         elif hasattr(cache, "attend"):  # policy caches (pikv/kv/policies.py) own the attention
             o_BNTD = cache.attend(self.layer_idx, q_BNTD, k_BGTD, v_BGTD, k_pre_BGTD=k_pre_BGTD,
                                   rope=rope, start=start, module=self)
@@ -128,8 +127,11 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg, layer_idx, kv_latent_rank)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         if is_moe:
-            self.mlp = create_moe("base", cfg.hidden_size, cfg.num_experts, cfg.top_k,
-                                  cfg.expert_ffn_hidden_size, router=moe_cfg.router,
+            # kind 'pikv': LoRA experts (pikv/moe/lora.py) with the moe.lora_* options.
+            lora = (dict(rank=moe_cfg.lora_rank, alpha=moe_cfg.lora_alpha, freeze_base=moe_cfg.freeze_base,
+                         share_base=moe_cfg.share_base) if moe_cfg.kind == "pikv" else {})
+            self.mlp = create_moe(moe_cfg.kind, cfg.hidden_size, cfg.num_experts, cfg.top_k,
+                                  cfg.expert_ffn_hidden_size, **lora, router=moe_cfg.router,
                                   renormalize=moe_cfg.renormalize,
                                   capacity_factor=moe_cfg.capacity_factor,
                                   deterministic=moe_deterministic,

@@ -205,16 +205,21 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w3_EHF, std=std_in)
         nn.init.normal_(self.w2_EFH, std=out_std if out_std is not None else std_in)
 
-    def _grouped(self, x_NH: torch.Tensor, dtype: torch.dtype) -> bool:
-        if self.use_grouped_mm is not None:
-            return self.use_grouped_mm
-        H, Fh = self.w1_EHF.shape[1:]
-        return (x_NH.is_cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-                and H % 8 == 0 and Fh % 8 == 0 and grouped_mm_verified(x_NH.device, dtype))
-
     def forward(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_NH: rows sorted by expert, counts_E: rows per expert -> y_NH (rows past sum(counts) = 0)."""
-        dtype = _compute_dtype(x_NH)
-        if self._grouped(x_NH, dtype):
-            return swiglu_grouped(x_NH, counts_E, self.w1_EHF, self.w3_EHF, self.w2_EFH, dtype)
-        return swiglu_loop(x_NH, counts_E, self.w1_EHF, self.w3_EHF, self.w2_EFH)
+        return run_swiglu(x_NH, counts_E, self.w1_EHF, self.w3_EHF, self.w2_EFH, self.use_grouped_mm)
+
+
+def run_swiglu(x_NH: torch.Tensor, counts_E: torch.Tensor, w1_EHF: torch.Tensor, w3_EHF: torch.Tensor,
+               w2_EFH: torch.Tensor, use_grouped_mm: Optional[bool] = None) -> torch.Tensor:
+    """Stacked SwiGLU experts on the fastest verified path (see GroupedExperts.use_grouped_mm);
+    shared by GroupedExperts and the LoRA experts (pikv/moe/lora.py)."""
+    dtype = _compute_dtype(x_NH)
+    grouped = use_grouped_mm
+    if grouped is None:
+        H, Fh = w1_EHF.shape[1:]
+        grouped = (x_NH.is_cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+                   and H % 8 == 0 and Fh % 8 == 0 and grouped_mm_verified(x_NH.device, dtype))
+    if grouped:
+        return swiglu_grouped(x_NH, counts_E, w1_EHF, w3_EHF, w2_EFH, dtype)
+    return swiglu_loop(x_NH, counts_E, w1_EHF, w3_EHF, w2_EFH)

@@ -31,7 +31,7 @@ class MoELayer(nn.Module):
                  router: str = "softmax_topk", renormalize: bool = True,
                  capacity_factor: Optional[float] = None, deterministic: bool = False,
                  num_shared_experts: int = 0, shared_ffn_hidden_size: Optional[int] = None,
-                 **router_options: Any):
+                 experts: Optional[nn.Module] = None, **router_options: Any):
         super().__init__()
         self.hidden_size = hidden_size
         self.num_experts = num_experts
@@ -41,7 +41,8 @@ class MoELayer(nn.Module):
                                    deterministic=deterministic, capacity_factor=capacity_factor,
                                    **router_options)
         self.dispatcher = LocalDispatcher()  # replaced by an all-to-all dispatcher under EP
-        self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size)
+        # `experts`: another stacked-expert module with the same forward (LoRA experts, pikv.moe.lora).
+        self.experts = experts if experts is not None else GroupedExperts(num_experts, hidden_size, ffn_hidden_size)
         shared_width = num_shared_experts * (shared_ffn_hidden_size or ffn_hidden_size)
         # DeepSeekMoE shared experts: one dense SwiGLU every token goes through. Not named
         # `experts`: the gradient reducer treats parameters under a module named `experts` as
@@ -119,7 +120,10 @@ def _build_base(hidden_size: int, num_experts: int, top_k: int, ffn_hidden_size:
                 router: str = "softmax_topk", renormalize: bool = True,
                 capacity_factor: Optional[float] = None, deterministic: bool = False,
                 num_shared_experts: int = 0, shared_ffn_hidden_size: Optional[int] = None,
-                route_scale: float = 1.0, sinkhorn_iterations: int = 30) -> nn.Module:
+                route_scale: float = 1.0, sinkhorn_iterations: int = 30, *,
+                layer_cls: type = MoELayer, **layer_options: Any) -> nn.Module:
+    """Validate the base options and build `layer_cls` (variants such as pikv.moe.lora pass
+    their MoELayer subclass and its own options)."""
     if router not in ROUTERS:
         raise ValueError(f"router={router!r} is not supported; allowed routers: {', '.join(ROUTERS)}")
     if capacity_factor is not None and not capacity_factor > 0:
@@ -131,14 +135,15 @@ def _build_base(hidden_size: int, num_experts: int, top_k: int, ffn_hidden_size:
             shared_ffn_hidden_size, int) or shared_ffn_hidden_size <= 0):
         raise ValueError(f"shared_ffn_hidden_size={shared_ffn_hidden_size!r} must be a positive integer, "
                          "or None for ffn_hidden_size")
-    return MoELayer(hidden_size, num_experts, top_k, ffn_hidden_size, router=router,
-                    renormalize=bool(renormalize), capacity_factor=capacity_factor,
-                    deterministic=bool(deterministic), num_shared_experts=num_shared_experts,
-                    shared_ffn_hidden_size=shared_ffn_hidden_size, route_scale=route_scale,
-                    sinkhorn_iterations=sinkhorn_iterations)
+    return layer_cls(hidden_size, num_experts, top_k, ffn_hidden_size, router=router,
+                     renormalize=bool(renormalize), capacity_factor=capacity_factor,
+                     deterministic=bool(deterministic), num_shared_experts=num_shared_experts,
+                     shared_ffn_hidden_size=shared_ffn_hidden_size, route_scale=route_scale,
+                     sinkhorn_iterations=sinkhorn_iterations, **layer_options)
 
 
-# kind -> builder; the 'flex', 'time' and 'pikv' variants register here when they land.
+# kind -> builder; variants register themselves on import: 'pikv' (pikv/moe/lora.py), 'flex' and
+# 'time' (pikv/moe/variants/).
 MOE_BUILDERS: dict[str, Callable[..., nn.Module]] = {"base": _build_base}
 _BASE_OPTIONS = ("router", "renormalize", "capacity_factor", "deterministic", "num_shared_experts",
                  "shared_ffn_hidden_size", "route_scale", "sinkhorn_iterations")
@@ -157,6 +162,14 @@ def create_moe(kind: str, hidden_size: int, num_experts: int, top_k: int,
     deterministic=False (no router noise, ties -> lower expert / token index),
     num_shared_experts=0 and shared_ffn_hidden_size=None (= ffn_hidden_size): DeepSeekMoE
     shared experts, route_scale=1.0 (gate weights x route_scale), sinkhorn_iterations=30.
+    kind 'pikv' (pikv.moe.lora, LoRA experts): the base options plus rank=16, alpha=16.0
+    (adapter scale alpha / rank), freeze_base=True, share_base=False (True: one dense FFN is
+    every expert's base), use_distillation=False (True: `set_teacher` + `distill_mse`).
+    kind 'flex' (pikv.moe.variants.flex, Flex-MoE): forward(x, combo) with each token's
+    modality-combination index; options num_modalities=3, specialized_routing=True (needs
+    num_experts >= 2^num_modalities - 1) and the base options (softmax_topk router, dropless).
+    kind 'time' (pikv.moe.variants.time, Time-MoE): the base options, with renormalize=False and
+    num_shared_experts=1 (a sigmoid-gated shared expert) by default.
     Errors are ValueError.
     """
     if kind not in MOE_BUILDERS:

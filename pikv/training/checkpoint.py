@@ -193,6 +193,12 @@ def check_compatible(stored: dict, current: dict, path: Path) -> None:
     for key in ("every_n_layers", "layers", "router", "num_shared_experts", "shared_ffn_hidden_size"):
         if stored["moe"].get(key) != current["moe"].get(key):
             diffs.append(f"moe.{key}: checkpoint {stored['moe'].get(key)!r} vs config {current['moe'].get(key)!r}")
+    # LoRA experts change the parameter set; checkpoints older than these keys were 'base'.
+    lora_keys = (("lora_rank", 8), ("share_base", False)) if current["moe"].get("kind") == "pikv" else ()
+    for key, default in (("kind", "base"),) + lora_keys:
+        if stored["moe"].get(key, default) != current["moe"].get(key, default):
+            diffs.append(f"moe.{key}: checkpoint {stored['moe'].get(key, default)!r} vs config "
+                         f"{current['moe'].get(key, default)!r}")
     if diffs:
         raise ValueError(f"checkpoint {path} is incompatible with the configured model: " + "; ".join(diffs))
 

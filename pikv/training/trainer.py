@@ -18,23 +18,22 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from pikv.config import JobConfig, moe_layer_indices, save_yaml, to_dict
-from pikv.data import BlockLoader, iter_eval_batches, prepare_data
 from pikv.distributed import DistContext
-from pikv.eval import evaluate_lm
-from pikv.kv.learned import compressor_losses, set_compressor_rank, train_rank_schedule
+from pikv.kv.learned import TrainSchedule, compressor_losses, set_compressor_rank
 from pikv.logging import WANDB_ID_FILE, MetricsLogger, get_logger
-from pikv.models import Transformer
 from pikv.models.parallelize import apply_parallelism
 from pikv.training.checkpoint import (TrainerState, check_compatible, complete_checkpoints,
                                       load_checkpoint, read_trainer_state, save_checkpoint)
+from pikv.training.distill import Distiller, load_teacher, parameter_report
 from pikv.training.engines import build_engine
 from pikv.training.moe_metrics import MoEMetrics
 from pikv.training.schedule import lr_at
+from pikv.tasks import build_task
 from pikv.training.throughput import ThroughputMeter, measure_matmul_peak
+from pikv.training.upcycle import upcycle
 
 
 @dataclass
@@ -53,6 +52,13 @@ NAN_STEPS_ENV = "PIKV_TEST_NAN_STEPS"
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+def _to_device(batch, device: torch.device):
+    """A tensor or a tuple of tensors, on `device`."""
+    if isinstance(batch, tuple):
+        return tuple(t.to(device, non_blocking=True) for t in batch)
+    return batch.to(device, non_blocking=True)
 
 
 def autocast_dtype(cfg: JobConfig, device: torch.device) -> Optional[torch.dtype]:
@@ -78,27 +84,34 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(cfg, self.run_dir / "config.yaml")
         ctx.barrier()
-        self.data = prepare_data(cfg, self.run_dir, ctx.is_main, ctx.barrier)
+        # The task (pikv/tasks: lm | flex | time) owns data, model, task loss and evaluation.
+        self.task = build_task(cfg, self.run_dir, ctx)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = Transformer(cfg.model, cfg.moe, kv_cfg=cfg.kv)
+        model = self.task.build_model()
+        if cfg.train.init_from and self._resume_path() is None:  # upcycling (pikv/training/upcycle.py)
+            upcycle(model, load_teacher(cfg.train.init_from)[0])
         # Counted before expert sharding: the sizes of the whole model, not of this rank's slice.
-        self.param_counts = {"num_params": model.num_params(), "num_active_params": model.num_active_params()}
+        self.param_counts = {"num_params": model.num_params(), "num_active_params": model.num_active_params(),
+                             **parameter_report(model)}
         self.model = apply_parallelism(model, ctx).to(ctx.device)
         self.engine = build_engine(self.model, cfg, ctx)
-        self.loader = BlockLoader(self.data.tokens["train"], cfg.data.seq_len, cfg.train.batch_size,
-                                  ctx.dp_rank, ctx.dp_size, cfg.train.seed)
+        self.loader = self.task.loader
         # DeepSpeed bf16/fp16 converts the module itself; autocast only for the torch engine.
         self.amp_dtype = autocast_dtype(cfg, ctx.device) if cfg.train.engine == "torch" else None
+        # train.mode=distill: a frozen teacher on this rank's micro-batches, outside the engine.
+        self.distiller = (Distiller.from_checkpoint(cfg.distill, self.model, self.task.tokenizer_path, ctx.device,
+                                                    self.amp_dtype) if cfg.train.mode == "distill" else None)
         moe_layers = list(zip(moe_layer_indices(cfg.model, cfg.moe), self.model.moe_layers()))
         self.moe_metrics = MoEMetrics(moe_layers, cfg.model.num_experts, ctx.device)
         # Routers balanced without an aux loss (DeepSeek-V3) adjust a selection bias after every
         # optimizer step from the step's global token counts.
         self.bias_layers = [layer for layer in self.model.moe_layers() if hasattr(layer.router, "update_bias")]
-        # The jointly trained KV compressor: the latent rank of each step cycles over the trained
-        # budgets (and the full cache), a pure function of the step (pikv/kv/learned.py).
-        self.kv_ranks = (train_rank_schedule(cfg.model.num_kv_heads, cfg.model.hidden_size // cfg.model.num_heads,
-                                             cfg.kv.train_ratios, cfg.kv.full_every)
-                         if cfg.kv.compressor == "learned" else [None])
+        # The jointly trained KV compressor: latent rank and mode (distillation only / co-training)
+        # of each step, a pure function of the step (pikv/kv/learned.py TrainSchedule).
+        self.kv_schedule = (TrainSchedule(cfg.model.num_kv_heads, cfg.model.hidden_size // cfg.model.num_heads,
+                                          cfg.kv.train_ratios, cfg.kv.full_every, cfg.kv.cotrain_start,
+                                          cfg.train.max_steps)
+                            if cfg.kv.compressor == "learned" else None)
         self.step = 0
         self.nonfinite_steps = 0
         self._nan_steps = {int(s) for s in os.environ.get(NAN_STEPS_ENV, "").split(",") if s.strip()}
@@ -143,25 +156,35 @@ class Trainer:
         self.log.info(f"resumed from {path} at step {self.step}")
 
     # ---- one step -------------------------------------------------------------------------
-    def _micro_batch_loss(self, inputs_BT: torch.Tensor, targets_BT: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _micro_batch_loss(self, inputs, targets) -> dict[str, torch.Tensor]:
+        """inputs: a tensor or a tuple of tensors (the model's positional arguments); the task
+        turns the output into its loss terms (LM: cross-entropy of the logits)."""
         amp = (torch.autocast(self.ctx.device.type, dtype=self.amp_dtype)
                if self.amp_dtype is not None else nullcontext())
         with amp:
-            logits_BTV = self.engine.forward(inputs_BT)
-        lm_loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
+            output = self.engine.forward(*inputs) if isinstance(inputs, tuple) else self.engine.forward(inputs)
+        task_parts = self.task.loss_parts(output, targets)
+        task_loss = task_parts[self.task.loss_key]
+        if self.distiller is not None:  # (1 - w) * LM + w * KD (+ hidden MSE), pikv/training/distill.py
+            kd_parts = self.distiller.losses(inputs, output, task_loss)
+            task_loss = kd_parts.pop("loss")
+            task_parts = {**task_parts, **kd_parts}
         router = self.model.router_losses()
         moe = self.cfg.moe
-        loss = lm_loss + moe.aux_loss_weight * router["aux_loss"] + moe.z_loss_weight * router["z_loss"]
+        loss = (task_loss + moe.aux_loss_weight * router["aux_loss"]
+                + moe.z_loss_weight * router["z_loss"])
         if self.step + 1 in self._nan_steps:
             loss = loss * float("nan")
-        parts = {"loss": loss, "lm_loss": lm_loss, "aux_loss": router["aux_loss"], "z_loss": router["z_loss"]}
+        parts = {"loss": loss, **task_parts, "aux_loss": router["aux_loss"], "z_loss": router["z_loss"]}
         if self.cfg.kv.compressor == "learned":
             distill = compressor_losses(self.model)
             parts["loss"] = loss + self.cfg.kv.distill_weight * distill
             parts["kv_distill_loss"] = distill  # 0 on full-cache steps
-            # latent rank of this step (0 = full cache): lm_loss by kv_rank shows the cost of each budget
-            rank = next((m.rank for m in self.model.modules() if hasattr(m, "distill_loss")), None)
-            parts["kv_rank"] = torch.tensor(float(rank or 0), device=lm_loss.device)
+            # latent rank of this step (0 = full cache): lm_loss by kv_rank shows the cost of each
+            # budget; kv_cotrain = 1 when the LM ran through the latent (0: distillation only)
+            comp = next(m for m in self.model.modules() if hasattr(m, "distill_loss"))
+            parts["kv_rank"] = torch.tensor(float(comp.rank or 0), device=loss.device)
+            parts["kv_cotrain"] = torch.tensor(float(comp.through_latent), device=loss.device)
         return parts
 
     def train_step(self) -> dict[str, torch.Tensor]:
@@ -170,14 +193,14 @@ class Trainer:
         self.engine.set_lr(lr)
         sums: dict[str, torch.Tensor] = {}
         step_counts = [0] * len(self.bias_layers)
-        rank = self.kv_ranks[self.step % len(self.kv_ranks)]
-        set_compressor_rank(self.model, rank)
+        if self.kv_schedule is not None:
+            set_compressor_rank(self.model, *self.kv_schedule.at(self.step))
         for m in self.model.modules():  # no stale distillation loss from a previous step
             if hasattr(m, "distill_loss"):
                 m.distill_loss = None
         for micro in range(cfg.grad_accum_steps):
-            inputs_BT, targets_BT = (t.to(self.ctx.device, non_blocking=True) for t in self.loader.next_batch())
-            parts = self._micro_batch_loss(inputs_BT, targets_BT)
+            inputs, targets = (_to_device(t, self.ctx.device) for t in self.loader.next_batch())
+            parts = self._micro_batch_loss(inputs, targets)
             self.engine.backward(parts["loss"] / cfg.grad_accum_steps, last=micro == cfg.grad_accum_steps - 1)
             self.moe_metrics.accumulate()
             step_counts = [c + layer.metrics["tokens_per_expert"] for c, layer in zip(step_counts, self.bias_layers)]
@@ -232,16 +255,14 @@ class Trainer:
 
     # ---- evaluation and checkpoints -------------------------------------------------------
     def validate(self, split: str = "validation", max_batches: Optional[int] = None) -> dict:
-        batches = iter_eval_batches(self.data.tokens[split], self.cfg.data.seq_len, self.cfg.train.batch_size,
-                                    self.ctx.dp_rank, self.ctx.dp_size, max_batches=max_batches)
-        return evaluate_lm(self.model, batches, self.data.byte_lengths, self.ctx.device, self.amp_dtype).to_dict()
+        return self.task.evaluate(self.model, split, max_batches, self.ctx.device, self.amp_dtype)
 
     def save(self) -> Path:
         state = TrainerState(step=self.step, data_state=self.loader.state_dict(), config=to_dict(self.cfg),
                              world_size=self.ctx.world_size, ep_size=self.ctx.ep_size)
         state.engine, state.zero_stage = self.cfg.train.engine, self.cfg.train.zero_stage
         path = save_checkpoint(self.ckpt_root, state, self.model, self.engine.dcp_optimizer, self.ctx,
-                               self.data.tokenizer_path, self.cfg.train.keep_checkpoints,
+                               self.task.tokenizer_path, self.cfg.train.keep_checkpoints,
                                write_extra=lambda tmp: self.engine.save_extra(tmp, self.ctx.rank))
         self.log.info(f"saved checkpoint {path}")
         return path
@@ -273,13 +294,17 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         cfg, ctx = self.cfg, self.ctx
-        tokens_per_step = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * ctx.dp_size
+        tokens_per_step = self.task.tokens_per_micro_batch * cfg.train.grad_accum_steps * ctx.dp_size
         peak = measure_matmul_peak(ctx.device, self.amp_dtype or torch.float32)
-        meter = ThroughputMeter(self.model.flops_per_token(cfg.data.seq_len), peak, ctx.world_size)
+        meter = ThroughputMeter(self.task.flops_per_token(self.model), peak, ctx.world_size)
         self.log.info(f"model: {self.param_counts['num_params']:,} parameters, "
                       f"{self.param_counts['num_active_params']:,} active "
                       f"per token; {ctx.world_size} process(es), EP={ctx.ep_size}, device {ctx.device}; "
                       f"measured matmul peak {peak / 1e9:.1f} GFLOP/s per process")
+        pc = self.param_counts
+        self.log.info(f"trainable: {pc['num_trainable_params']:,} of {pc['num_params']:,} parameters "
+                      f"({pc['num_frozen_params']:,} frozen: {pc['optimizer_state_bytes_saved'] / 2**20:.1f} MiB of "
+                      f"AdamW state saved, {pc['optimizer_state_bytes'] / 2**20:.1f} MiB kept)")
         if ctx.is_main:
             (self.run_dir / "model_summary.json").write_text(json.dumps(
                 {**self.param_counts, "world_size": ctx.world_size, "ep_size": ctx.ep_size,
@@ -304,8 +329,7 @@ class Trainer:
             if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.max_steps:
                 validation = self.validate(max_batches=cfg.train.eval_batches)
                 self.metrics.log({f"val/{k}": v for k, v in validation.items()}, self.step)
-                self.log.info(f"step {self.step}: val loss {validation['nll']:.4f}, "
-                              f"bits/byte {validation['bits_per_byte']:.4f}")
+                self.log.info(f"step {self.step}: {self.task.describe(validation)}")
             if self.step % cfg.train.checkpoint_every == 0 or self.step == stop_at or self.stop_requested:
                 last_ckpt = self.save()
             if self.stop_requested and self.step < stop_at:

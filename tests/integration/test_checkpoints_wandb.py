@@ -13,7 +13,7 @@ from pikv.config import load_config
 from pikv.models import Transformer
 from pikv.training.checkpoint import complete_checkpoints, load_model_weights, read_trainer_state
 from tests.integration.conftest import REPO, TINY, read_metrics
-from tests.integration.wandb_offline import history, run_ids
+from pikv.wandb_offline import history, run_ids
 
 pytestmark = pytest.mark.slow
 

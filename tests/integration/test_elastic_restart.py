@@ -14,7 +14,7 @@ from pikv.config import load_config
 from pikv.models import Transformer
 from pikv.training.checkpoint import load_model_weights
 from tests.integration.conftest import REPO, TINY, read_metrics
-from tests.integration.wandb_offline import history, run_ids
+from pikv.wandb_offline import history, run_ids
 
 pytestmark = pytest.mark.slow
 STEPS = 24

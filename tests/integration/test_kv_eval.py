@@ -1,22 +1,28 @@
-"""The KV story end to end: the compressor trains jointly (its loss logged), train/eval.py decodes the
-held-out documents under every policy and writes results.json / results.md / results.png."""
+"""The KV story end to end: the compressor trains jointly (distillation first, then co-training; its
+loss logged), train/eval.py decodes the held-out documents under every policy, runs the retrieval
+probe, writes results.json / results.md / results.png and logs them to the run's (offline) W&B run."""
 
 import json
 
 import pytest
 
 from tests.integration.conftest import TINY, read_metrics
+from pikv.wandb_offline import history
 
 pytestmark = pytest.mark.slow
 
 
 def test_joint_compressor_training_and_kv_decoding_eval(run_job):
-    run_job(TINY + ["train.run_name=kv", "train.max_steps=8", "train.checkpoint_every=8", "kv.compressor=learned"])
+    run_job(TINY + ["train.run_name=kv", "train.max_steps=8", "train.checkpoint_every=8", "kv.compressor=learned",
+                    "kv.cotrain_start=0.5", "data.probe_rate=0.5", "logging.wandb_mode=offline"])
     run_dir = run_job.cwd / "runs" / "kv"
     rows = read_metrics(run_dir)
     ranks = [rows[s]["kv_rank"] for s in range(1, 9)]
-    assert ranks == [0, 32, 16, 8] * 2  # full, 2x, 4x, 8x latent ranks (2 * 2 heads * 16 dims / ratio)
-    assert all(rows[s]["kv_distill_loss"] > 0 for s in range(1, 9) if ranks[s - 1]) and rows[1]["kv_distill_loss"] == 0
+    # 2x, 4x, 8x latent ranks (2 * 2 heads * 16 dims / ratio) by distillation only, then co-training
+    # from step 5 cycling full (0), 2x, 4x, 8x
+    assert ranks == [32, 16, 8, 32, 0, 32, 16, 8]
+    assert [rows[s]["kv_cotrain"] for s in range(1, 9)] == [0] * 4 + [1] * 4
+    assert all(rows[s]["kv_distill_loss"] > 0 for s in range(1, 9) if ranks[s - 1]) and rows[5]["kv_distill_loss"] == 0
 
     out = run_job.cwd / "kvout"
     proc = run_job(["--checkpoint", str(run_dir), "--kv", "full,lora,h2o,streaming,quantized,quest,svd",
@@ -40,6 +46,14 @@ def test_joint_compressor_training_and_kv_decoding_eval(run_job):
     pairs = {(p["ratio"], p["other"]) for p in report["learned_vs"]}  # paired learned-minus-X intervals
     assert (8.0, "h2o") in pairs and (2.0, "quant") in pairs and len(got[("learned", 2.0)]["nll_per_sequence"]) == 4
     assert "| h2o | 8 |" in (out / "kv" / "results.md").read_text() and "| learned |" in proc.stdout
+    # the retrieval probe ran for every method (the model was trained with data.probe_rate > 0)
+    assert report["probe"]["full_accuracy"] == got[("full", 1.0)]["probe_accuracy"]
+    assert set(got[("h2o", 8.0)]["probe_by_depth"]) == {"0", "0.25", "0.5", "0.75", "1"}
+    assert "## Retrieval probe" in (out / "kv" / "results.md").read_text()
+    logged = [r for r in history(run_dir) if "kv_eval/h2o@8x/delta_nll" in r]  # the offline W&B run
+    assert len(logged) == 1 and logged[0]["kv_eval/h2o@8x/delta_nll"] == got[("h2o", 8.0)]["delta_nll"]
+    assert logged[0]["kv_eval/results/_type"] == "table-file" and logged[0]["kv_eval/results/nrows"] == len(got)
+    assert logged[0]["kv_eval/plot/_type"] == "image-file"
 
     bad = run_job(["--checkpoint", str(run_dir), "--kv", "h3o"], script="train/eval.py", check=False)
     assert bad.returncode == 2 and "unknown kv policy 'h3o'" in bad.stderr

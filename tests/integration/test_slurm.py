@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import REPO, TINY, read_metrics
-from tests.integration.wandb_offline import history, run_ids
+from pikv.wandb_offline import history, run_ids
 
 pytestmark = pytest.mark.slow
 CLUSTER = REPO / "tests" / "integration" / "slurm_cluster.sh"

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pikv.config import KVConfig, ModelConfig, MoEConfig, load_config
-from pikv.kv.learned import LatentKVCompressor, compressor_losses, latent_rank, set_compressor_rank, train_rank_schedule
+from pikv.kv.learned import (LatentKVCompressor, TrainSchedule, compressor_losses, latent_rank, set_compressor_rank,
+                              train_rank_schedule)
 from pikv.models import Transformer
 
 
@@ -12,6 +13,37 @@ def test_rank_schedule_cycles_full_and_each_trained_budget():
     assert train_rank_schedule(2, 32, [2.0, 4.0, 8.0], full_every=3) == [None, 64, 32, 16]
     assert train_rank_schedule(2, 32, [4.0], full_every=0) == [32]
     assert latent_rank(2, 32, 8) == 16
+
+
+def test_train_schedule_distills_first_then_cotrains():
+    sched = TrainSchedule(2, 32, [2.0, 4.0, 8.0], full_every=3, cotrain_start=0.8, max_steps=10)
+    assert [sched.at(s) for s in range(10)] == [(64, False), (32, False), (16, False)] * 2 + [
+        (64, False), (32, False), (None, True), (64, True)]
+    only = TrainSchedule(2, 32, [4.0], full_every=3, cotrain_start=1.0, max_steps=10)
+    assert {only.at(s) for s in range(10)} == {(32, False)}
+
+
+def test_distillation_only_step_leaves_the_model_exactly_a_plain_model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      ffn_hidden_size=32, max_seq_len=16)
+    model = Transformer(cfg, MoEConfig(every_n_layers=0), kv_cfg=KVConfig(compressor="learned"))
+    x = torch.randint(0, 64, (2, 16))
+    params = [(n, p) for n, p in model.named_parameters() if "kv_compressor" not in n]
+    set_compressor_rank(model, None)
+    ref_logits = model(x)
+    ref_logits.logsumexp(-1).mean().backward()
+    ref_grads = {n: p.grad.clone() for n, p in params}
+    model.zero_grad()
+    set_compressor_rank(model, 8, through_latent=False)
+    logits = model(x)
+    distill = compressor_losses(model)
+    assert torch.equal(logits, ref_logits) and distill.item() > 0
+    (logits.logsumexp(-1).mean() + distill).backward()
+    for n, p in params:  # the distillation term reaches no model weight
+        assert torch.equal(p.grad, ref_grads[n]), n
+    up = model.layers[1].self_attn.kv_compressor.up.weight
+    assert up.grad[:, :8].abs().sum() > 0 and up.grad[:, 8:].abs().sum() == 0
 
 
 def test_nested_rank_uses_prefix_and_full_rank_orthogonal_init_is_lossless():
@@ -46,11 +78,14 @@ def test_compressor_trains_through_lm_loss_and_distillation():
 
 
 def test_kv_config_errors():
-    with pytest.raises(ValueError, match=r"'kv.compressor' = 'mla' is invalid: allowed values are none, learned"):
+    with pytest.raises(ValueError, match=r"'kv.compressor' = 'mla' is invalid: allowed values are auto, none, learned"):
         load_config(None, ["kv.compressor=mla"])
     with pytest.raises(ValueError, match=r"kv.train_ratios"):
         load_config(None, ["kv.train_ratios=[0.5]"])
+    with pytest.raises(ValueError, match=r"'kv.cotrain_start' = 1.5 is invalid: must be in \[0, 1\]"):
+        load_config(None, ["kv.cotrain_start=1.5"])
     assert load_config(None, ["kv.compressor=none"]).kv.compressor == "none"
+    assert load_config(None, []).kv.compressor == "learned"  # the default main job trains it
 
 
 def test_hf_llama_port_matches_logits():

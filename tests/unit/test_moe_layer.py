@@ -176,7 +176,7 @@ def test_mixtral_defaults_and_parameter_layout():
 
 
 @pytest.mark.parametrize("args, options, match", [
-    (("flex", H, E, 2, Fh), {}, r"unknown MoE kind 'flex'; allowed kinds: base"),
+    (("vision", H, E, 2, Fh), {}, r"unknown MoE kind 'vision'; allowed kinds: base, .*flex, time"),
     (("base", H, E, 5, Fh), {}, r"top_k=5 must be <= num_experts=4"),
     (("base", H, E, 0, Fh), {}, r"top_k=0 must be a positive integer"),
     (("base", 0, E, 2, Fh), {}, r"hidden_size=0 must be a positive integer"),

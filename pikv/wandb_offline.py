@@ -1,7 +1,8 @@
 """Read back an offline W&B run (the .wandb file: a LevelDB-style log of protobuf Records).
 
-wandb >= 0.17 no longer ships a Python reader, so the test reads the format directly: 32 KiB
-blocks of records with a 7-byte header (crc32, length, type: full/first/middle/last).
+wandb >= 0.17 no longer ships a Python reader, so this reads the format directly: 32 KiB
+blocks of records with a 7-byte header (crc32, length, type: full/first/middle/last). Used on
+resume (which steps did a killed process really hand to W&B?) and by the tests.
 """
 
 import json
@@ -25,7 +26,7 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
         _, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
         chunk = data[pos + HEADER:pos + HEADER + length]
         pos += HEADER + length
-        if kind == 0:
+        if kind == 0 or len(chunk) < length:  # end of log, or a record cut short by a kill
             break
         pending = chunk if kind in (FULL, FIRST) else pending + chunk
         if kind in (FULL, LAST):
@@ -35,15 +36,20 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
     return records
 
 
-def history(run_dir: Path) -> list[dict]:
-    """Every history row logged to the offline runs under run_dir/wandb, in file order."""
+def history(run_dir: Path, run_id: str = "*") -> list[dict]:
+    """Every history row logged to the offline runs (of run_id) under run_dir/wandb, in file order."""
     rows = []
-    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+    for path in sorted(run_dir.glob(f"wandb/offline-run-*/run-{run_id}.wandb")):
         for record in read_records(path):
             if record.WhichOneof("record_type") == "history":
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
     return rows
+
+
+def last_step(run_dir: Path, run_id: str) -> int:
+    """The highest history step the offline runs of run_id under run_dir hold (0 if none)."""
+    return max((int(row.get("_step", 0)) for row in history(run_dir, run_id)), default=0)
 
 
 def run_ids(run_dir: Path) -> set[str]:

@@ -1,0 +1,50 @@
+"""Language modelling on the prepared token corpus: next-token cross-entropy, bits per byte."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pikv.config import JobConfig
+from pikv.data import BlockLoader, iter_eval_batches, prepare_data
+from pikv.data.probe import make_probe
+from pikv.distributed import DistContext
+from pikv.eval import evaluate_lm
+from pikv.models import Transformer
+
+
+class LMTask:
+    loss_key = "lm_loss"
+
+    def __init__(self, cfg: JobConfig, run_dir: Path, ctx: DistContext):
+        self.cfg, self.ctx = cfg, ctx
+        self.data = prepare_data(cfg, run_dir, ctx.is_main, ctx.barrier)
+        # the retrieval probe (pikv/data/probe.py) is mixed into training only, never validation
+        probe = make_probe(self.data.tokenizer, cfg.data.probe_rate, cfg.train.seed, cfg.data.seq_len)
+        self.loader = BlockLoader(self.data.tokens["train"], cfg.data.seq_len, cfg.train.batch_size,
+                                  ctx.dp_rank, ctx.dp_size, cfg.train.seed, probe=probe)
+        self.tokenizer_path = self.data.tokenizer_path
+        self.tokens_per_micro_batch = cfg.train.batch_size * cfg.data.seq_len
+
+    def build_model(self) -> nn.Module:
+        return Transformer(self.cfg.model, self.cfg.moe, kv_cfg=self.cfg.kv)
+
+    def loss_parts(self, logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"lm_loss": F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())}
+
+    def evaluate(self, model: nn.Module, split: str, max_batches: Optional[int], device: torch.device,
+                 amp_dtype: Optional[torch.dtype]) -> dict:
+        batches = iter_eval_batches(self.data.tokens[split], self.cfg.data.seq_len, self.cfg.train.batch_size,
+                                    self.ctx.dp_rank, self.ctx.dp_size, max_batches=max_batches)
+        return evaluate_lm(model, batches, self.data.byte_lengths, device, amp_dtype).to_dict()
+
+    @staticmethod
+    def describe(result: dict) -> str:
+        return f"val loss {result['nll']:.4f}, bits/byte {result['bits_per_byte']:.4f}"
+
+    def flops_per_token(self, model: nn.Module) -> float:
+        return model.flops_per_token(self.cfg.data.seq_len)

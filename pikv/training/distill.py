@@ -1,0 +1,138 @@
+"""Knowledge distillation from a frozen teacher checkpoint (train.mode=distill).
+
+Shapes: B batch, T tokens, V vocab, H hidden.
+loss = (1 - w) * LM + w * T^2 * KL(teacher_T || student_T) + hidden_weight * sum of hidden-state
+MSEs after the chosen blocks (+ the router losses, added by the trainer). KL on temperature-T
+softened distributions, scaled by T^2 so its gradients stay on the scale of the hard loss
+(Hinton, Vinyals & Dean 2015); averaged over tokens like the LM loss, so data-parallel ranks
+averaging their losses give the global-batch value.
+
+The teacher is an ordinary PiKV checkpoint (dense or MoE), rebuilt from its stored config,
+loaded whole on every rank and run on that rank's own micro-batch: eval mode, torch.no_grad,
+no optimizer, never passed to an engine (DeepSpeed wraps only the student).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pikv.config import DistillConfig, KVConfig, ModelConfig, MoEConfig
+from pikv.models import Transformer
+from pikv.training.checkpoint import load_model_weights, read_trainer_state, resolve_checkpoint
+
+
+def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> tuple[Transformer, Path]:
+    """Rebuild the model of a PiKV checkpoint (step_<N> or run directory) from its stored config
+    and load its weights; returns (frozen model in eval mode, the checkpoint directory)."""
+    ckpt = resolve_checkpoint(Path(path))
+    stored = read_trainer_state(ckpt).config
+
+    def section(cls, name):  # only the architecture; keys missing from an older checkpoint take defaults
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in stored.get(name, {}).items() if k in known})
+
+    # The KV compressor (if trained in) is built too, so upcycling can copy it; unused at full cache.
+    model = Transformer(section(ModelConfig, "model"), section(MoEConfig, "moe"), kv_cfg=section(KVConfig, "kv"))
+    load_model_weights(ckpt, model)
+    model.to(device).eval().requires_grad_(False)
+    return model, ckpt
+
+
+def check_same_tokenizer(teacher_ckpt: Path, student_tokenizer: Optional[Path]) -> None:
+    """The KD loss compares distributions over token ids: both models must use one tokenizer."""
+    teacher_tok = teacher_ckpt / "tokenizer.json"
+    if student_tokenizer is None or not teacher_tok.is_file():
+        raise ValueError(f"distill.teacher = {str(teacher_ckpt)!r}: cannot compare tokenizers (teacher "
+                         f"{teacher_tok} exists: {teacher_tok.is_file()}, student tokenizer: {student_tokenizer}); "
+                         "distillation needs the teacher's and the student's tokenizer.json")
+    if teacher_tok.read_bytes() != Path(student_tokenizer).read_bytes():
+        raise ValueError(f"distill.teacher = {str(teacher_ckpt)!r} was trained with a different tokenizer "
+                         f"({teacher_tok}) than this run ({student_tokenizer}); distillation needs the same "
+                         "tokenizer: use the teacher's data.* settings (source, tokenizer, model.vocab_size)")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), summed over V, mean over tokens (fp32)."""
+    s_logp = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, dim=-1)
+    t_logp = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, dim=-1)
+    kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")
+    return temperature ** 2 * kl
+
+
+class _Capture:
+    """Forward hooks keeping the outputs of chosen blocks of a model (the last forward's)."""
+
+    def __init__(self, model: Transformer, layers: list[int]):
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.handles = [model.layers[i].register_forward_hook(self._hook(i)) for i in layers]
+
+    def _hook(self, i: int):
+        def hook(module, args, output):
+            self.outputs[i] = output
+        return hook
+
+
+class Distiller:
+    """The teacher and the distillation loss of one rank."""
+
+    def __init__(self, cfg: DistillConfig, student: Transformer, teacher: Transformer,
+                 device: torch.device, amp_dtype: Optional[torch.dtype] = None):
+        self.cfg, self.device, self.amp_dtype = cfg, device, amp_dtype
+        self.teacher = teacher.to(device).eval().requires_grad_(False)
+        t, s = self.teacher.cfg, student.cfg
+        if t.vocab_size != s.vocab_size:
+            raise ValueError(f"distill.teacher = {cfg.teacher!r} has model.vocab_size={t.vocab_size}, the student "
+                             f"{s.vocab_size}; logit distillation needs the same vocabulary")
+        layers = sorted(set(cfg.hidden_layers))
+        if layers and (t.hidden_size != s.hidden_size or max(layers) >= t.num_layers):
+            raise ValueError(f"distill.hidden_layers = {layers}: the hidden-state MSE needs the teacher's "
+                             f"hidden_size ({t.hidden_size}) to equal the student's ({s.hidden_size}) and every "
+                             f"index < the teacher's num_layers ({t.num_layers})")
+        self.layers = layers
+        self.student_capture = _Capture(student, layers)
+        self.teacher_capture = _Capture(self.teacher, layers)
+
+    @classmethod
+    def from_checkpoint(cls, cfg: DistillConfig, student: Transformer, student_tokenizer: Optional[Path],
+                        device: torch.device, amp_dtype: Optional[torch.dtype] = None) -> "Distiller":
+        """The teacher of `cfg.teacher`, after checking it shares the student's tokenizer."""
+        teacher, ckpt = load_teacher(cfg.teacher, device)
+        check_same_tokenizer(ckpt, student_tokenizer)
+        return cls(cfg, student, teacher, device, amp_dtype)
+
+    @torch.no_grad()
+    def teacher_logits(self, inputs_BT: torch.Tensor) -> torch.Tensor:
+        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+               else nullcontext())
+        with amp:
+            return self.teacher(inputs_BT)
+
+    def losses(self, inputs_BT: torch.Tensor, student_logits_BTV: torch.Tensor,
+               lm_loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the teacher on the same batch (after the student's forward, whose hidden states the
+        hooks hold). Returns {"loss": distillation total without router losses, "kd_loss", "hidden_mse"}."""
+        teacher_BTV = self.teacher_logits(inputs_BT)
+        kd = kd_loss(student_logits_BTV, teacher_BTV, self.cfg.temperature)
+        hidden = torch.zeros((), device=lm_loss.device)
+        for i in self.layers:
+            s_h, t_h = self.student_capture.outputs[i], self.teacher_capture.outputs[i]
+            hidden = hidden + F.mse_loss(s_h.float(), t_h.float())
+        w = self.cfg.weight
+        total = (1 - w) * lm_loss + w * kd + self.cfg.hidden_weight * hidden
+        return {"loss": total, "kd_loss": kd, "hidden_mse": hidden}
+
+
+def parameter_report(model: nn.Module) -> dict[str, int]:
+    """Trainable vs total parameters, and the optimizer state the frozen ones do not need: AdamW
+    keeps two fp32 moments per trained parameter (8 bytes each)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"num_trainable_params": trainable, "num_frozen_params": total - trainable,
+            "optimizer_state_bytes": 8 * trainable, "optimizer_state_bytes_saved": 8 * (total - trainable)}
