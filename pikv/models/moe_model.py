@@ -1,6 +1,5 @@
-"""What the trainer asks of every model with MoE layers (the Flex-MoE and Time-MoE models; the
-language model has the same methods in pikv/models/transformer.py): router losses, parameter
-counts and training FLOPs. Subclasses keep their blocks in `self.layers`, each with `is_moe` and
+"""What the trainer asks of every model with MoE layers (the language model, Flex-MoE, Time-MoE):
+router losses, parameter counts and training FLOPs. Subclasses keep their blocks in `self.layers`, each with `is_moe` and
 its FFN in `mlp`."""
 
 from __future__ import annotations
@@ -30,7 +29,8 @@ class MoEModel(nn.Module):
         return [block.mlp for block in self.layers if block.is_moe]
 
     def router_losses(self) -> dict[str, torch.Tensor]:
-        """Unweighted sums over MoE layers of the last forward's aux_loss and z_loss."""
+        """Unweighted sums over MoE layers of the last forward's aux_loss and z_loss
+        (the trainer applies MoEConfig.aux_loss_weight / z_loss_weight); zeros when dense."""
         zero = torch.zeros((), device=next(self.parameters()).device)
         out = {"aux_loss": zero, "z_loss": zero}
         for layer in self.moe_layers():
@@ -39,10 +39,12 @@ class MoEModel(nn.Module):
         return out
 
     def num_params(self) -> int:
+        """All parameters; a tied embedding / LM head is counted once."""
         return sum(p.numel() for p in self.parameters())
 
     def num_active_params(self) -> int:
-        """Total minus the (E - top_k)/E share of each MoE layer's routed experts."""
+        """Parameters one token uses: total minus the (E - top_k)/E share of each MoE layer's routed
+        experts (router and shared experts stay fully active; expert choice: top_k on average)."""
         inactive = 0
         for layer in self.moe_layers():
             per_expert = sum(p.numel() for p in layer.experts.parameters()) // layer.num_experts

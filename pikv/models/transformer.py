@@ -18,7 +18,8 @@ from torch import nn
 from pikv.config import ModelConfig, MoEConfig, moe_layer_indices
 from pikv.kv.cache import KVCache
 from pikv.kv.learned import LatentKVCompressor, attention_error
-from pikv.moe import FeedForward, MoELayer, create_moe
+from pikv.models.moe_model import MoEModel
+from pikv.moe import FeedForward, create_moe
 
 
 class RMSNorm(nn.Module):
@@ -147,7 +148,7 @@ class Block(nn.Module):
         return x_BTH + self.mlp(self.post_attention_layernorm(x_BTH))
 
 
-class Transformer(nn.Module):
+class Transformer(MoEModel):
     """embed -> N x [RMSNorm, attention, +, RMSNorm, FFN or MoE, +] -> RMSNorm -> LM head.
 
     MoE layers are those of `moe_layer_indices(cfg, moe_cfg)`; moe_deterministic fixes router
@@ -209,33 +210,6 @@ class Transformer(nn.Module):
         for block in self.layers:
             x_BTH = block(x_BTH, self.rope, start, cache)
         return self.lm_head(self.norm(x_BTH))
-
-    def moe_layers(self) -> list[MoELayer]:
-        return [block.mlp for block in self.layers if block.is_moe]
-
-    def router_losses(self) -> dict[str, torch.Tensor]:
-        """Unweighted sums over MoE layers of the last forward's aux_loss and z_loss
-        (the trainer applies MoEConfig.aux_loss_weight / z_loss_weight); zeros when dense."""
-        zero = torch.zeros((), device=self.embed_tokens.weight.device)
-        out = {"aux_loss": zero, "z_loss": zero}
-        for layer in self.moe_layers():
-            if layer.aux_loss is not None:
-                out = {"aux_loss": out["aux_loss"] + layer.aux_loss,
-                       "z_loss": out["z_loss"] + layer.z_loss}
-        return out
-
-    def num_params(self) -> int:
-        """All parameters; a tied embedding / LM head is counted once."""
-        return sum(p.numel() for p in self.parameters())
-
-    def num_active_params(self) -> int:
-        """Parameters one token uses: total minus the (E - top_k)/E share of each MoE layer's routed
-        experts (router and shared experts stay fully active; expert choice: top_k on average)."""
-        inactive = 0
-        for layer in self.moe_layers():
-            per_expert = sum(p.numel() for p in layer.experts.parameters()) // layer.num_experts
-            inactive += (layer.num_experts - layer.top_k) * per_expert
-        return self.num_params() - inactive
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token, for MFU: 6 * N + 12 * L * H * seq_len.

@@ -23,11 +23,15 @@ def test_train_schedule_distills_first_then_cotrains():
     assert {only.at(s) for s in range(10)} == {(32, False)}
 
 
-def test_distillation_only_step_leaves_the_model_exactly_a_plain_model():
+def _tiny_dense_model_with_compressor() -> Transformer:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                       ffn_hidden_size=32, max_seq_len=16)
-    model = Transformer(cfg, MoEConfig(every_n_layers=0), kv_cfg=KVConfig(compressor="learned"))
+    return Transformer(cfg, MoEConfig(every_n_layers=0), kv_cfg=KVConfig(compressor="learned"))
+
+
+def test_distillation_only_step_leaves_the_model_exactly_a_plain_model():
+    model = _tiny_dense_model_with_compressor()
     x = torch.randint(0, 64, (2, 16))
     params = [(n, p) for n, p in model.named_parameters() if "kv_compressor" not in n]
     set_compressor_rank(model, None)
@@ -57,10 +61,7 @@ def test_nested_rank_uses_prefix_and_full_rank_orthogonal_init_is_lossless():
 
 
 def test_compressor_trains_through_lm_loss_and_distillation():
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                      ffn_hidden_size=32, max_seq_len=16)
-    model = Transformer(cfg, MoEConfig(every_n_layers=0), kv_cfg=KVConfig(compressor="learned"))
+    model = _tiny_dense_model_with_compressor()
     x = torch.randint(0, 64, (2, 16))
     set_compressor_rank(model, 8)
     logits = model(x)

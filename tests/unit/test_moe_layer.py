@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pikv.moe import GroupedExperts, MoELayer, create_moe
+from tests.unit.test_routers import steer
 
 H, E, Fh = 16, 4, 32
 
@@ -70,21 +71,11 @@ def test_matches_reference(renormalize, capacity_factor):
         assert dropped > 0  # the drop path is really exercised
 
 
-def _steer(layer: MoELayer, x_TH: torch.Tensor, hot: int, cold=None):
-    """Feature 0 is a large constant: expert `hot` always wins, `cold` never gets picked."""
-    x_TH[:, 0] = 5.0
-    with torch.no_grad():
-        layer.router.gate.weight[:, 0] = 0.0
-        layer.router.gate.weight[hot, 0] = 4.0
-        if cold is not None:
-            layer.router.gate.weight[cold, 0] = -4.0
-
-
 def test_all_tokens_to_one_expert():
     torch.manual_seed(1)
     layer = create_moe("base", H, E, 1, Fh)
     x_TH = torch.randn(10, H)
-    _steer(layer, x_TH, hot=2)
+    steer(layer, x_TH, hot=2)
     _, used = check_against_reference(layer, x_TH)
     assert used == [0, 0, 10, 0]
     assert layer.metrics["tokens_per_expert"].tolist() == [0, 0, 10, 0]
@@ -95,7 +86,7 @@ def test_expert_receiving_nothing_with_capacity():
     torch.manual_seed(2)
     layer = create_moe("base", H, 8, 2, Fh, capacity_factor=2.0)
     x_TH = torch.randn(12, H)
-    _steer(layer, x_TH, hot=3, cold=5)
+    steer(layer, x_TH, hot=3, cold=5)
     dropped, used = check_against_reference(layer, x_TH, layer.capacity(12))
     assert used[3] == min(12, layer.capacity(12)) and used[5] == 0
     assert dropped == 12 - layer.capacity(12)  # expert 3 overflows: 12 slots, capacity 6
@@ -109,7 +100,7 @@ def test_grouped_mm_path_matches_loop():
     torch.manual_seed(3)
     layer = create_moe("base", H, 8, 2, Fh, capacity_factor=1.0)
     x_TH = torch.randn(20, H)
-    _steer(layer, x_TH, hot=3, cold=5)  # overflow, an empty expert, unaligned segments
+    steer(layer, x_TH, hot=3, cold=5)  # overflow, an empty expert, unaligned segments
     outs = []
     for grouped in (False, True):
         layer.zero_grad()
