@@ -158,6 +158,10 @@ class KVConfig:
     # learns by distillation alone. 1.0 = distillation only (pikv/kv/learned.py TrainSchedule).
     cotrain_start: float = 0.8
     distill_weight: float = 0.1  # attention-output distillation to the full cache, per layer
+    # Storage of the latent codes: 8 = int8 with one fp16 scale per token and layer (Palu-style
+    # quantized latent: at equal bytes about twice the rank of fp16), trained with the same
+    # quantization in the loop; 16 = fp16 codes. The rank of a ratio fills its byte budget.
+    latent_bits: int = 8
     # The KV table of the default held-out evaluation (train/eval.py without --kv).
     eval_policies: list[str] = field(default_factory=lambda: [
         "learned", "window", "streaming", "h2o", "snapkv", "pyramid", "lru", "quest", "quant", "svd"])
@@ -316,6 +320,8 @@ def validate(cfg: JobConfig) -> JobConfig:
         _fail("data.probe_rate", cfg.data.probe_rate, "must be in [0, 1] (0 = no retrieval probe)")
     if not 0.0 <= cfg.kv.cotrain_start <= 1.0:
         _fail("kv.cotrain_start", cfg.kv.cotrain_start, "must be in [0, 1] (1 = distillation only)")
+    if cfg.kv.latent_bits not in (8, 16):
+        _fail("kv.latent_bits", cfg.kv.latent_bits, "allowed values are 8 (int8 codes + fp16 scale) and 16 (fp16)")
     if cfg.kv.full_every < 0 or cfg.kv.distill_weight < 0:
         _fail("kv.full_every/distill_weight", (cfg.kv.full_every, cfg.kv.distill_weight), "each must be >= 0")
     _validate_lora_distill(cfg)

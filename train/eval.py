@@ -77,6 +77,8 @@ def main(argv: list[str]) -> int:
         state = read_trainer_state(ckpt)
         if "kv" not in state.config:  # trained before the KV compressor existed
             cfg.kv.compressor = "none"
+        elif "latent_bits" not in state.config["kv"]:  # trained before int8 latents: fp16 codes
+            cfg.kv.latent_bits = 16
         # the retrieval probe is evaluated only on a model trained on it (older checkpoints: no key)
         probe = (PasskeyProbe(tokenizer) if state.config["data"].get("probe_rate", 0) > 0 else None)
         model = Transformer(cfg.model, cfg.moe, kv_cfg=cfg.kv)

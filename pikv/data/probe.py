@@ -11,6 +11,10 @@ each answer token has exactly one earlier match (an induction head solves it: Ol
 is the training block's own text, so a probe block still trains the language model on all but
 2K + 3 of its tokens, which keeps its cost to held-out quality small.
 
+`NATURAL` is the original wording of the passkey test ("The pass key is 7143. Remember it. ...
+What is the pass key? The pass key is 7143"), for pretrained models that were never trained on the
+`#`/`|` format (bench/kv_probe_smollm2.py).
+
 Training insertion is a pure function of (seed, global sample index): whether sample i is a probe,
 its key and its depth come from `np.random.default_rng([seed, i, STREAM])`, so the data stream
 (and so exact resume, with any number of ranks) depends only on the loader's sample counter.
@@ -25,6 +29,9 @@ from tokenizers import Tokenizer
 
 STREAM = 0x50524F42  # "PROB": keeps the probe's random stream apart from the loader's
 OPEN, CLOSE = "#", "|"
+# (needle text before the key, needle text after it, query text before the key)
+TRAINED = (OPEN, CLOSE, OPEN)
+NATURAL = (" The pass key is ", ". Remember it. ", " What is the pass key? The pass key is ")
 
 
 def _ids(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -34,7 +41,8 @@ def _ids(tokenizer: Tokenizer, text: str) -> list[int]:
 class PasskeyProbe:
     """Builds passkey sequences for `tokenizer`; `insert` applies it to training blocks at `rate`."""
 
-    def __init__(self, tokenizer: Tokenizer, rate: float = 0.0, seed: int = 0, key_len: int = 4):
+    def __init__(self, tokenizer: Tokenizer, rate: float = 0.0, seed: int = 0, key_len: int = 4,
+                 wording: tuple[str, str, str] = TRAINED):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"data.probe_rate={rate}: must be in [0, 1]")
         if not 1 <= key_len <= 10:
@@ -44,13 +52,19 @@ class PasskeyProbe:
             raise ValueError("the retrieval probe needs every decimal digit to be one token; this "
                              f"tokenizer splits them as {digits} (set data.probe_rate=0)")
         self.digits = np.array([d[0] for d in digits], dtype=np.int64)
-        self.open, self.close = _ids(tokenizer, OPEN), _ids(tokenizer, CLOSE)
+        self.open, self.close, self.query = (_ids(tokenizer, text) for text in wording)
+        self.wording = wording
         self.rate, self.seed, self.key_len = rate, seed, key_len
 
     @property
     def overhead(self) -> int:
         """Tokens a probe adds to its filler: needle (open + key + close) + query (open) + answer."""
-        return 2 * len(self.open) + len(self.close) + 2 * self.key_len
+        return len(self.open) + len(self.close) + len(self.query) + 2 * self.key_len
+
+    def describe(self) -> str:
+        before, after, query = self.wording
+        return (f"needle {before!r} + {self.key_len} distinct digits + {after!r} at a depth in ordinary held-out "
+                f"text, query {query!r} at the end; recalled = every key digit is the argmax")
 
     def build(self, filler: np.ndarray, key: np.ndarray, pos: int) -> np.ndarray:
         """A probe of len(filler) tokens: filler[:pos] + needle + filler[pos:body] + query + key,
@@ -59,7 +73,7 @@ class PasskeyProbe:
         if body < 0 or not 0 <= pos <= body:
             raise ValueError(f"probe needle position {pos} must be in [0, {body}] for {len(filler)} tokens")
         k = self.digits[key]
-        parts = [filler[:pos], self.open, k, self.close, filler[pos:body], self.open, k]
+        parts = [filler[:pos], self.open, k, self.close, filler[pos:body], self.query, k]
         return np.concatenate([np.asarray(p, dtype=filler.dtype) for p in parts])
 
     def random_key(self, rng: np.random.Generator) -> np.ndarray:

@@ -288,7 +288,7 @@ def run_kv_evaluation(model, tokenizer, docs, calib_docs, specs, out: Path, leng
         for row in rows:
             r = results.get((row.policy, row.ratio), {})
             row.probe_accuracy, row.probe_by_depth = r.get("accuracy"), r.get("by_depth")
-        meta["probe"] = probe_eval.summary(results, len(fillers) * len(probe_eval.DEPTHS), length)
+        meta["probe"] = probe_eval.summary(results, probe, len(fillers) * len(probe_eval.DEPTHS), length)
         probe_md = probe_eval.markdown(results)
     write_results(rows, out, meta, probe_md)
     return rows

@@ -56,11 +56,10 @@ def evaluate_probe(model, probe: PasskeyProbe, fillers_XN: torch.Tensor,
     return out
 
 
-def summary(results: dict, sequences: int, N: int) -> dict:
+def summary(results: dict, probe: PasskeyProbe, sequences: int, N: int) -> dict:
     """What results.json records about the probe as a whole."""
     full = results[("full", 1.0)]["accuracy"]
-    return {"format": "needle '#<4 distinct digits>|' at a depth in ordinary held-out text, query '#' at "
-                      "the end; recalled = every key digit is the argmax",
+    return {"format": probe.describe(),
             "sequences": sequences, "sequence_length": N, "depths": list(DEPTHS),
             "full_accuracy": full, "valid": full >= VALID_FULL_ACCURACY}
 

@@ -15,10 +15,17 @@ Kusupati et al. 2022): rank r uses the first r rows of `down` and columns of `up
 serves every budget; training cycles over the ranks of the budgets it will be evaluated at (and
 the full cache), so the model co-adapts to each (the co-training that distinguishes DMC/DMS,
 arXiv:2403.09636 / 2506.05345, from post-hoc compression).
+
+With `bits=8` the latent is stored as int8 codes with one fp16 absmax scale per token and layer,
+as Palu quantizes its low-rank latents: at the same bytes that is about twice the rank of fp16
+codes, and rounding the kept coordinates to 8 bits loses far less than halving the rank. Training runs the same
+quantization in the loop (straight-through gradient), so the compressor learns a latent that
+survives it and the single-pass training forward equals decoding from the int8 cache.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -29,9 +36,11 @@ from torch import nn
 class LatentKVCompressor(nn.Module):
     """down: C -> R_max, up: R_max -> C, used at a prefix rank `rank` (None = inactive: full K/V)."""
 
-    def __init__(self, num_kv_heads: int, head_dim: int, max_rank: int, init_std: float = 0.02):
+    def __init__(self, num_kv_heads: int, head_dim: int, max_rank: int, bits: int = 16):
         super().__init__()
-        self.G, self.D = num_kv_heads, head_dim
+        if bits not in LATENT_BITS:
+            raise ValueError(f"kv latent bits {bits} is not supported: allowed {LATENT_BITS}")
+        self.G, self.D, self.bits = num_kv_heads, head_dim, bits
         C = 2 * num_kv_heads * head_dim
         if not 0 < max_rank <= C:
             raise ValueError(f"kv latent rank {max_rank} must be in [1, {C}] (2 * kv heads * head dim)")
@@ -68,8 +77,11 @@ class LatentKVCompressor(nn.Module):
         return x_B2GTD[:, :self.G], x_B2GTD[:, self.G:]
 
     def forward(self, k_BGTD: torch.Tensor, v_BGTD: torch.Tensor):
-        """Round trip at the active rank (training / masked evaluation)."""
-        return self.decode(self.encode(k_BGTD, v_BGTD, self.rank))
+        """Round trip at the active rank through the stored format (training / masked evaluation)."""
+        c_BTR = self.encode(k_BGTD, v_BGTD, self.rank)
+        if self.bits == 8:  # straight-through: the forward sees the int8 round trip, the gradient is the identity
+            c_BTR = c_BTR + (dequantize_latent(*quantize_latent(c_BTR.detach()), c_BTR.dtype) - c_BTR).detach()
+        return self.decode(c_BTR)
 
     def side_distill(self, q_BNTD: torch.Tensor, k_pre_BGTD: torch.Tensor, v_BGTD: torch.Tensor,
                      o_BNTD: torch.Tensor, rope, start: int) -> torch.Tensor:
@@ -89,17 +101,39 @@ def attention_error(o_BNTD: torch.Tensor, o_ref_BNTD: torch.Tensor) -> torch.Ten
     return ((o_BNTD - o_ref_BNTD).pow(2).sum(-1) / (o_ref_BNTD.pow(2).sum(-1) + 1e-6)).mean()
 
 
-def latent_rank(num_kv_heads: int, head_dim: int, ratio: float) -> int:
-    """Latent rank whose fp16 latent is `ratio` times smaller than the fp16 keys + values."""
+LATENT_BITS = (8, 16)
+SCALE_BYTES = 2  # int8 latents: one fp16 absmax scale per token and layer
+
+
+def quantize_latent(c_BTR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-token int8: (codes int8 [B, T, r], scale fp16 [B, T, 1]). The scale is
+    rounded to fp16 before the codes are formed, so what the cache stores is exactly what the
+    training round trip used."""
+    scale = (c_BTR.detach().float().abs().amax(-1, keepdim=True) / 127).clamp_min(1e-6).half()
+    codes = torch.round(c_BTR.float() / scale.float()).clamp_(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+def dequantize_latent(codes_BTR: torch.Tensor, scale_BT1: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (codes_BTR.float() * scale_BT1.float()).to(dtype)
+
+
+def latent_rank(num_kv_heads: int, head_dim: int, ratio: float, bits: int = 16) -> int:
+    """The largest latent rank whose stored bytes per token (rank codes of bits/8 bytes, plus the
+    fp16 scale of int8 codes) are at most the fp16 keys + values' bytes / `ratio`."""
     if ratio < 1:
         raise ValueError(f"compression ratio {ratio} must be >= 1")
-    return max(1, int(2 * num_kv_heads * head_dim // ratio))
+    C = 2 * num_kv_heads * head_dim
+    if bits == 16:
+        return max(1, int(C // ratio))
+    return max(1, min(C, math.floor(2 * C / ratio) - SCALE_BYTES))
 
 
-def train_rank_schedule(num_kv_heads: int, head_dim: int, ratios: list[float], full_every: int) -> list[Optional[int]]:
+def train_rank_schedule(num_kv_heads: int, head_dim: int, ratios: list[float], full_every: int,
+                        bits: int = 16) -> list[Optional[int]]:
     """The ranks cycled over training steps: each trained ratio once, and the full cache (None)
     once every `full_every` entries (0 = never)."""
-    ranks: list[Optional[int]] = [latent_rank(num_kv_heads, head_dim, r) for r in sorted(ratios)]
+    ranks: list[Optional[int]] = [latent_rank(num_kv_heads, head_dim, r, bits) for r in sorted(ratios)]
     if full_every > 0:
         out: list[Optional[int]] = []
         for i, r in enumerate(ranks):
@@ -114,15 +148,16 @@ class TrainSchedule:
     """What the compressor does at each training step: (latent rank or None, through_latent).
 
     Steps before `cotrain_start * max_steps` run the language model on the full cache and train
-    the compressor by distillation alone (side_distill), cycling over the trained ranks: the model
-    is exactly a plain model. From there on, co-training: the rank cycles over
+    the compressor by distillation alone (side_distill), cycling over the trained ranks: no
+    gradient of it reaches the model (the global clipping norm still includes it, docs/kv.md).
+    From there on, co-training: the rank cycles over
     train_rank_schedule and attention runs through the latent, so the model adapts to each budget
     (at the end of training, where the learning rate is low, so that it costs little)."""
 
     def __init__(self, num_kv_heads: int, head_dim: int, ratios: list[float], full_every: int,
-                 cotrain_start: float, max_steps: int):
-        self.distill = [latent_rank(num_kv_heads, head_dim, r) for r in sorted(ratios)]
-        self.cotrain = train_rank_schedule(num_kv_heads, head_dim, ratios, full_every)
+                 cotrain_start: float, max_steps: int, bits: int = 16):
+        self.distill = [latent_rank(num_kv_heads, head_dim, r, bits) for r in sorted(ratios)]
+        self.cotrain = train_rank_schedule(num_kv_heads, head_dim, ratios, full_every, bits)
         self.start = int(round(cotrain_start * max_steps))
 
     def at(self, step: int) -> tuple[Optional[int], bool]:

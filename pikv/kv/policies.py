@@ -19,6 +19,7 @@ tokens (SVD bases, the learned compressor) are model parameters and are not coun
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -26,6 +27,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from pikv.kv.budgets import pyramid_budgets, quant_plan, snap_window_for, token_budget
+from pikv.kv.learned import dequantize_latent, latent_rank, quantize_latent
 from pikv.kv.quant import dequantize, pack, quantize, unpack
 
 POLICIES = ("full", "window", "streaming", "h2o", "snapkv", "pyramid", "quest", "lru", "quant", "svd", "learned")
@@ -52,59 +55,23 @@ def resolve_policy(name: str) -> str:
 class PolicyOptions:
     sinks: int = 4  # StreamingLLM attention sinks
     h2o_recent_fraction: float = 0.5  # H2O: half heavy hitters, half recent tokens
-    snap_window: int = 16  # SnapKV observation window (capped at budget // 4)
-    snap_kernel: int = 7  # SnapKV max-pool kernel over key positions
-    pyramid_beta: float = 4.0  # PyramidKV: top layer budget = mean / beta, bottom = 2 * mean - top
+    # SnapKV / PyramidKV as kvpress 0.5.5 computes them (SnapKVPress / PyramidKVPress defaults):
+    # observation window of the last 64 prompt queries (kept, as part of the budget), average pool
+    # of kernel 5 over key positions. A budget M <= the window cannot hold it: make_cache then
+    # uses a window of M // 2 (`snap_window_for`); kvpress asserts instead.
+    snap_window: int = 64
+    snap_kernel: int = 5
+    pyramid_beta: float = 20.0  # PyramidKV: kvpress's beta (budget of the last layer = mean / beta)
     lru_hit_fraction: float = 0.125  # LRU: the top fraction of the budget by attention counts as "used"
     quest_page: int = 16
     quant_group: int = 32  # tokens per key group (per channel) and channels per value group
     # Recent tokens kept in fp16 beyond the group being filled (KIVI's residual; KIVI uses 128 on
-    # 4k-token contexts). 0 here: on 256-token sequences a residual would dominate the bytes.
-    quant_residual: int = 0
+    # 4k-token contexts). None = auto (`quant_plan`): the largest multiple of quant_group up to 128
+    # whose bytes still meet the requested ratio at total_tokens (0 when total_tokens is unknown).
+    quant_residual: Optional[int] = None
     # Compress the prefill only and let generated tokens accumulate (kvpress's protocol, for the
     # side-by-side bench); the default enforces the budget after every step.
     prefill_only: bool = False
-
-
-def token_budget(ratio: Optional[float], tokens: Optional[int], total_tokens: Optional[int]) -> int:
-    """Tokens kept per layer: `tokens`, or ceil(total_tokens / ratio)."""
-    if (ratio is None) == (tokens is None):
-        raise ValueError(f"give exactly one of a compression ratio and a token budget (ratio={ratio}, tokens={tokens})")
-    if tokens is not None:
-        if tokens < 1:
-            raise ValueError(f"kv token budget {tokens} is impossible: must be >= 1")
-        return int(tokens)
-    if not ratio >= 1:
-        raise ValueError(f"kv compression ratio {ratio} is impossible: must be >= 1 (1 = full cache)")
-    if total_tokens is None:
-        raise ValueError("a compression ratio needs the total number of tokens of the sequence")
-    return max(1, math.ceil(total_tokens / ratio))
-
-
-def pyramid_budgets(mean: int, num_layers: int, beta: float, minimum: int) -> list[int]:
-    """PyramidKV (Cai et al. 2024, arXiv:2406.02069): budgets shrink linearly with depth, top =
-    mean / beta, bottom = 2 * mean - top, summing exactly to num_layers * mean."""
-    if num_layers == 1:
-        return [mean]
-    top = max(minimum, mean / beta)
-    bottom = 2 * mean - top
-    raw = [bottom + (top - bottom) * i / (num_layers - 1) for i in range(num_layers)]
-    out = [max(minimum, int(round(b))) for b in raw]
-    out[0] += num_layers * mean - sum(out)  # exact total
-    if min(out) < minimum:
-        raise ValueError(f"kv budget {mean} tokens per layer is impossible for pyramid over {num_layers} layers "
-                         f"(each layer needs >= {minimum})")
-    return out
-
-
-def quant_bits_for_ratio(ratio: float) -> int:
-    """KIVI bit width for a requested ratio: 4 bits (~3x with scales) up to 3x, 2 bits (~5x) up to 5x."""
-    if ratio <= 3.0:
-        return 4
-    if ratio <= 5.0:
-        return 2
-    raise ValueError(f"kv compression ratio {ratio} is impossible for quant: 2-bit codes with fp16 "
-                     "scales/zero points reach about 5x (allowed ratios <= 5)")
 
 
 def attention(q_BNTD, k_BGSD, v_BGSD, keep, need_probs: bool):
@@ -112,18 +79,22 @@ def attention(q_BNTD, k_BGSD, v_BGSD, keep, need_probs: bool):
     (True = may attend) or None. Returns (o_BNTD, probs_BNTS or None)."""
     B, N, T, D = q_BNTD.shape
     G = k_BGSD.shape[1]
+    S = k_BGSD.shape[2]
     k_BGSD, v_BGSD = k_BGSD.to(q_BNTD.dtype), v_BGSD.to(q_BNTD.dtype)
-    if keep is not None and keep.dim() == 4:
-        keep = keep.repeat_interleave(N // G, dim=1)
     if not need_probs:
+        if keep is not None and keep.dim() == 4:
+            keep = keep.repeat_interleave(N // G, dim=1)
         return F.scaled_dot_product_attention(q_BNTD, k_BGSD, v_BGSD, attn_mask=keep, enable_gqa=True), None
-    k_BNSD = k_BGSD.repeat_interleave(N // G, dim=1)
-    v_BNSD = v_BGSD.repeat_interleave(N // G, dim=1)
-    s_BNTS = (q_BNTD @ k_BNSD.transpose(-1, -2)) / math.sqrt(D)
+    # Each kv head's N/G query heads as one [N/G*T, D] block: one batched matmul per kv head,
+    # without materialising repeated keys/values (measured: the copies dominated a decode step).
+    q_BGMD = q_BNTD.reshape(B, G, N // G * T, D)
+    s_BGHTS = ((q_BGMD @ k_BGSD.transpose(-1, -2)) / math.sqrt(D)).view(B, G, N // G, T, S)
     if keep is not None:
-        s_BNTS = s_BNTS.masked_fill(~keep, float("-inf"))
-    p_BNTS = torch.softmax(s_BNTS.float(), dim=-1).to(q_BNTD.dtype)
-    return p_BNTS @ v_BNSD, p_BNTS
+        keep = keep[:, :, None] if keep.dim() == 4 else keep
+        s_BGHTS = s_BGHTS.masked_fill(~keep, float("-inf"))
+    p_BGHTS = torch.softmax(s_BGHTS.float(), dim=-1).to(q_BNTD.dtype)
+    o_BNTD = (p_BGHTS.view(B, G, N // G * T, S) @ v_BGSD).view(B, N, T, D)
+    return o_BNTD, p_BGHTS.view(B, N, T, S)
 
 
 def _group_sum(p_BNTS: torch.Tensor, G: int) -> torch.Tensor:
@@ -227,7 +198,9 @@ class PolicyCache:
             self.budgets[li] += T
         k_BGSD, v_BGSD = st["k"], st["v"]
         S = k_BGSD.shape[2]
-        if p == "full" or S == start + T:  # nothing evicted yet: positions 0..S-1 in every row
+        if p == "full" or S == start + T or T == 1:
+            # nothing evicted yet (positions 0..S-1 in every row), or one query that may see every
+            # stored token: no per-row mask, so decoding takes SDPA's unmasked fast path
             keep = self._causal_TS(S, T, k_BGTD.device)
         else:
             q_pos = torch.arange(start, start + T, device=k_BGTD.device, dtype=torch.int32)
@@ -238,7 +211,7 @@ class PolicyCache:
         if p == "h2o":  # H2O (Zhang et al. 2023): accumulated attention over every query so far
             st["score"] = st["score"] + _group_sum(p_BNTS.float(), G)
         elif p in ("snapkv", "pyramid") and start == 0:
-            st["score"] = self._snap_scores(p_BNTS, G, self._budget(li))
+            st["score"] = self._snap_scores(p_BNTS, G, li)
         elif p == "lru":
             mass_BGS = _group_sum(p_BNTS.float(), G)
             hits = max(1, int(self._budget(li) * self.opt.lru_hit_fraction))
@@ -247,14 +220,27 @@ class PolicyCache:
         self._evict(li)
         return o_BNTD
 
-    def _snap_scores(self, p_BNTS, G, budget) -> torch.Tensor:
-        """SnapKV (Li et al. 2024, arXiv:2404.14469): attention of the last `w` prompt queries,
-        summed over the group's heads, max-pooled over key positions."""
-        w = max(1, min(self.opt.snap_window, budget // 4))
+    def _snap_scores(self, p_BNTS, G, li) -> torch.Tensor:
+        """SnapKV (Li et al. 2024, arXiv:2404.14469) exactly as kvpress 0.5.5's SnapKVPress.score:
+        the prefill's attention probabilities (softmax over every causal key) of the last w
+        queries on the first S - w keys, averaged over those queries, average-pooled over key
+        positions (kernel k, zero padding counted), averaged over the kv group's query heads; the
+        w window tokens get max + 1 so they are always kept. [B,G,S]"""
         B, N, T, S = p_BNTS.shape
-        obs_BGS = _group_sum(p_BNTS[:, :, -w:].float(), G)
+        w = min(self._snap_window(li), S - 1)
+        if w < 1:  # a single token: nothing to score
+            return torch.zeros(B, G, S, device=p_BNTS.device)
+        obs_BNS = p_BNTS[:, :, -w:, :S - w].mean(dim=2).float()
         k = self.opt.snap_kernel
-        return F.max_pool1d(obs_BGS.view(B * G, 1, S), k, stride=1, padding=k // 2).view(B, G, S)
+        pooled_BNS = F.avg_pool1d(obs_BNS, k, stride=1, padding=k // 2)
+        score_BGS = pooled_BNS.view(B, G, N // G, S - w).mean(2)
+        return F.pad(score_BGS, (0, w), value=float(score_BGS.detach().max()) + 1)
+
+    def _snap_window(self, li: int) -> int:
+        """The observation window (make_cache resolved it from the mean budget); a layer whose
+        budget is below it (a PolicyCache built directly) uses half its budget."""
+        w, M = self.opt.snap_window, self._budget(li)
+        return w if w <= M else max(1, M // 2)
 
     def _budget(self, li: int) -> int:
         return self.budgets[li]
@@ -270,7 +256,7 @@ class PolicyCache:
         if p == "h2o":
             return 0, max(1, int(M * self.opt.h2o_recent_fraction))
         if p in ("snapkv", "pyramid"):
-            return 0, max(1, min(self.opt.snap_window, M // 4))
+            return 0, self._snap_window(li)
         return 0, 1  # lru: the newest token
 
     def _evict(self, li: int) -> None:
@@ -279,14 +265,15 @@ class PolicyCache:
         if S <= M:
             return
         sinks, recent = self._protect(li, S)
+        if self.policy in ("window", "streaming"):  # same positions in every row: slices, no scores
+            # (basic slicing copies at memory speed; an index tensor takes ATen's generic gather,
+            # measured 40x slower per decode step on CPU)
+            for key, t in st.items():
+                st[key] = torch.cat([t[:, :, :sinks], t[:, :, S - recent:]], dim=2) if sinks else t[:, :, S - recent:].contiguous()
+            return
         B, G = st["k"].shape[:2]
         dev = st["k"].device
         idx_S = torch.arange(S, device=dev)
-        if self.policy in ("window", "streaming"):  # same positions in every row: slice, no scores
-            keep_S = torch.cat([idx_S[:sinks], idx_S[S - recent:]])
-            for key in st:
-                st[key] = st[key][:, :, keep_S].contiguous()
-            return
         if self.policy == "lru":  # least recently used first, older first among ties
             score = st["used"].double() * (S + 1) + idx_S.double()
         else:
@@ -338,11 +325,16 @@ class PolicyCache:
 
     # -- KIVI-style quantization
     def _attend_quant(self, li, q_BNTD, k_BGTD, v_BGTD):
+        """KIVI order: the new tokens are appended in fp16 and attended (a prefill attends to its
+        own prompt at full precision, as KIVI and kvpress do), then full groups are quantized."""
         st = self.state[li]
-        g, R, bits = self.opt.quant_group, self.opt.quant_residual, self.bits
+        g, R, bits = self.opt.quant_group, self.opt.quant_residual or 0, self.bits
         for key, t in (("k", k_BGTD), ("v", v_BGTD)):
             t = t.to(self.store_dtype)
             st[key] = torch.cat([st[key], t], dim=2) if key in st else t
+        k_BGSD, v_BGSD = self._dequant(st, q_BNTD.dtype)
+        S, T = k_BGSD.shape[2], q_BNTD.shape[2]
+        o, _ = attention(q_BNTD, k_BGSD, v_BGSD, self._causal_TS(S, T, q_BNTD.device), need_probs=False)
         while st["k"].shape[2] >= R + g:  # quantize the oldest group of g tokens
             k_g, v_g = st["k"][:, :, :g].float(), st["v"][:, :, :g].float()
             B, G, _, D = k_g.shape
@@ -355,9 +347,6 @@ class PolicyCache:
             for key, t in blocks.items():
                 st[key] = torch.cat([st[key], t], dim=2) if key in st else t
             st["k"], st["v"] = st["k"][:, :, g:].contiguous(), st["v"][:, :, g:].contiguous()
-        k_BGSD, v_BGSD = self._dequant(st, q_BNTD.dtype)
-        S, T = k_BGSD.shape[2], q_BNTD.shape[2]
-        o, _ = attention(q_BNTD, k_BGSD, v_BGSD, self._causal_TS(S, T, q_BNTD.device), need_probs=False)
         return o
 
     def _dequant(self, st, dtype):
@@ -381,9 +370,16 @@ class PolicyCache:
             comp = module.kv_compressor
             if comp is None:
                 raise ValueError("kv policy 'learned' needs a model trained with kv.compressor=learned")
-            c_new = comp.encode(k_pre_BGTD, v_BGTD, self.rank).to(self.store_dtype)
-            st["c"] = torch.cat([st["c"], c_new], dim=1) if "c" in st else c_new
-            k_pre_BGSD, v_BGSD = comp.decode(st["c"].to(q_BNTD.dtype))
+            c_new = comp.encode(k_pre_BGTD, v_BGTD, self.rank)
+            if comp.bits == 8:  # int8 codes + one fp16 scale per token (pikv/kv/learned.py)
+                new = dict(zip(("c", "c_scale"), quantize_latent(c_new)))
+            else:
+                new = {"c": c_new.to(self.store_dtype)}
+            for key, t in new.items():
+                st[key] = torch.cat([st[key], t], dim=1) if key in st else t
+            c = (dequantize_latent(st["c"], st["c_scale"], q_BNTD.dtype) if comp.bits == 8
+                 else st["c"].to(q_BNTD.dtype))
+            k_pre_BGSD, v_BGSD = comp.decode(c)
         else:
             Uk_GDR, Uv_GDR = (u.to(q_BNTD.dtype) for u in self.svd_bases[li])
             ck = torch.einsum("bgtd,gdr->bgtr", k_pre_BGTD, Uk_GDR[..., :self.rank]).to(self.store_dtype)
@@ -410,7 +406,8 @@ def make_cache(policy: str, model, *, ratio: Optional[float] = None, tokens: Opt
                svd_bases: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None) -> PolicyCache:
     """A PolicyCache for `model` (a pikv Transformer) at a budget: `ratio` (fp16 full bytes /
     kept bytes; token policies keep ceil(total_tokens / ratio) tokens per layer, low-rank ones a
-    rank D / ratio (svd) or 2 G D / ratio (learned), quant picks its bit width) or `tokens`
+    rank D / ratio (svd) or 2 G D / ratio (learned), quant picks its bit width and fp16 residual
+    for total_tokens with `quant_plan`) or `tokens`
     (token policies only). Raises ValueError for an unknown policy or an impossible budget."""
     policy = resolve_policy(policy)
     cfg = model.cfg
@@ -425,7 +422,9 @@ def make_cache(policy: str, model, *, ratio: Optional[float] = None, tokens: Opt
         if not ratio >= 1:
             raise ValueError(f"kv compression ratio {ratio} is impossible: must be >= 1")
         if policy == "quant":
-            return PolicyCache(policy, L, G, D, bits=quant_bits_for_ratio(ratio), **kw)
+            bits, residual = quant_plan(ratio, D, total_tokens, opt.quant_group, opt.quant_residual)
+            kw["options"] = dataclasses.replace(opt, quant_residual=residual)
+            return PolicyCache(policy, L, G, D, bits=bits, **kw)
         if policy == "svd":
             if svd_bases is None:
                 raise ValueError("kv policy 'svd' needs calibration bases: svd_bases=calibrate_svd(model, tokens)")
@@ -436,13 +435,16 @@ def make_cache(policy: str, model, *, ratio: Optional[float] = None, tokens: Opt
         comp = model.layers[0].self_attn.kv_compressor
         if comp is None:
             raise ValueError("kv policy 'learned' (alias 'lora') needs a model trained with kv.compressor=learned")
-        from pikv.kv.learned import latent_rank
-        return PolicyCache(policy, L, G, D, rank=comp.check_rank(latent_rank(G, D, ratio)), **kw)
+        return PolicyCache(policy, L, G, D, rank=comp.check_rank(latent_rank(G, D, ratio, comp.bits)), **kw)
     M = token_budget(ratio, tokens, total_tokens)
     lo = min_budget(policy, opt)
     if M < lo:
         raise ValueError(f"kv budget of {M} tokens per layer is impossible for {policy!r}: it needs >= {lo}")
-    budgets = pyramid_budgets(M, L, opt.pyramid_beta, lo) if policy == "pyramid" else [M] * L
+    budgets = [M] * L
+    if policy in ("snapkv", "pyramid"):  # the observation window, resolved from the mean budget
+        kw["options"] = opt = dataclasses.replace(opt, snap_window=snap_window_for(opt.snap_window, M))
+        if policy == "pyramid":  # length: the tokens a layer sees (kvpress: the prompt)
+            budgets = pyramid_budgets(M, L, opt.pyramid_beta, opt.snap_window, total_tokens, lo)
     return PolicyCache(policy, L, G, D, budgets=budgets, **kw)
 
 

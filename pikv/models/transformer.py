@@ -62,7 +62,8 @@ class RotaryEmbedding(nn.Module):
 class Attention(nn.Module):
     """Grouped-query attention (kv head g serves query heads g*N/G .. (g+1)*N/G - 1, HF repeat_kv)."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, kv_latent_rank: Optional[int] = None):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, kv_latent_rank: Optional[int] = None,
+                 kv_latent_bits: int = 16):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
@@ -72,8 +73,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
         # The jointly trained KV compressor (pikv/kv/learned.py); inactive unless its rank is set.
-        self.kv_compressor = (LatentKVCompressor(self.num_kv_heads, self.head_dim, kv_latent_rank)
-                              if kv_latent_rank else None)
+        # Its init draws from a forked RNG, so the model's own initial weights do not depend on
+        # whether (or at which rank) it exists: runs with and without it start from the same model.
+        self.kv_compressor = None
+        if kv_latent_rank:
+            with torch.random.fork_rng(devices=[]):
+                self.kv_compressor = LatentKVCompressor(self.num_kv_heads, self.head_dim, kv_latent_rank,
+                                                        kv_latent_bits)
 
     def forward(self, x_BTH: torch.Tensor, rope: RotaryEmbedding, start: int,
                 cache: Optional[KVCache] = None) -> torch.Tensor:
@@ -121,11 +127,11 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, layer_idx: int, is_moe: bool,
-                 moe_deterministic: bool = False, kv_latent_rank: Optional[int] = None):
+                 moe_deterministic: bool = False, kv_latent_rank: Optional[int] = None, kv_latent_bits: int = 16):
         super().__init__()
         self.is_moe = is_moe
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = Attention(cfg, layer_idx, kv_latent_rank)
+        self.self_attn = Attention(cfg, layer_idx, kv_latent_rank, kv_latent_bits)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         if is_moe:
             # kind 'pikv': LoRA experts (pikv/moe/lora.py) with the moe.lora_* options.
@@ -171,12 +177,13 @@ class Transformer(MoEModel):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rope = RotaryEmbedding(cfg.hidden_size // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta)
         # kv_cfg (pikv.config.KVConfig) with compressor='learned' adds the jointly trained KV latent.
-        kv_rank = None
+        kv_rank, kv_bits = None, 16
         if kv_cfg is not None and kv_cfg.compressor == "learned":
             from pikv.kv.learned import latent_rank
-            kv_rank = latent_rank(cfg.num_kv_heads, cfg.hidden_size // cfg.num_heads, min(kv_cfg.train_ratios))
+            kv_bits = kv_cfg.latent_bits
+            kv_rank = latent_rank(cfg.num_kv_heads, cfg.hidden_size // cfg.num_heads, min(kv_cfg.train_ratios), kv_bits)
         self.layers = nn.ModuleList(
-            Block(cfg, moe_cfg, i, i in moe_layers, moe_deterministic, kv_rank) for i in range(cfg.num_layers))
+            Block(cfg, moe_cfg, i, i in moe_layers, moe_deterministic, kv_rank, kv_bits) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

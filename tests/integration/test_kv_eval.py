@@ -18,9 +18,9 @@ def test_joint_compressor_training_and_kv_decoding_eval(run_job):
     run_dir = run_job.cwd / "runs" / "kv"
     rows = read_metrics(run_dir)
     ranks = [rows[s]["kv_rank"] for s in range(1, 9)]
-    # 2x, 4x, 8x latent ranks (2 * 2 heads * 16 dims / ratio) by distillation only, then co-training
-    # from step 5 cycling full (0), 2x, 4x, 8x
-    assert ranks == [32, 16, 8, 32, 0, 32, 16, 8]
+    # 2x, 4x, 8x int8 latent ranks (codes + a 2-byte scale fill 2 * (2 * 2 heads * 16 dims) / ratio
+    # bytes) by distillation only, then co-training from step 5 cycling full (0), 2x, 4x, 8x
+    assert ranks == [62, 30, 14, 62, 0, 62, 30, 14]
     assert [rows[s]["kv_cotrain"] for s in range(1, 9)] == [0] * 4 + [1] * 4
     assert all(rows[s]["kv_distill_loss"] > 0 for s in range(1, 9) if ranks[s - 1]) and rows[5]["kv_distill_loss"] == 0
 

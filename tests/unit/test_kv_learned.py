@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pikv.config import KVConfig, ModelConfig, MoEConfig, load_config
-from pikv.kv.learned import (LatentKVCompressor, TrainSchedule, compressor_losses, latent_rank, set_compressor_rank,
-                              train_rank_schedule)
+from pikv.kv.learned import (LatentKVCompressor, TrainSchedule, compressor_losses, dequantize_latent, latent_rank,
+                              quantize_latent, set_compressor_rank, train_rank_schedule)
 from pikv.models import Transformer
 
 
@@ -13,6 +13,38 @@ def test_rank_schedule_cycles_full_and_each_trained_budget():
     assert train_rank_schedule(2, 32, [2.0, 4.0, 8.0], full_every=3) == [None, 64, 32, 16]
     assert train_rank_schedule(2, 32, [4.0], full_every=0) == [32]
     assert latent_rank(2, 32, 8) == 16
+
+
+def test_int8_latent_rank_fills_the_byte_budget():
+    # C = 2*2*32 = 128 numbers = 256 fp16 bytes per token; int8 codes + a 2-byte scale
+    assert [latent_rank(2, 32, r, bits=8) for r in (2, 4, 8)] == [126, 62, 30]
+    assert [latent_rank(2, 32, r, bits=8) + 2 for r in (2, 4, 8)] == [256 // r for r in (2, 4, 8)]
+    assert latent_rank(2, 32, 1, bits=8) == 128  # never above C
+    assert train_rank_schedule(2, 32, [2.0, 4.0, 8.0], full_every=3, bits=8) == [None, 126, 62, 30]
+
+
+def test_int8_latent_round_trip_error_and_straight_through_gradient():
+    c = torch.randn(3, 5, 30) * torch.linspace(0.1, 4, 30)
+    codes, scale = quantize_latent(c)
+    assert codes.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (3, 5, 1)
+    err = (dequantize_latent(codes, scale, torch.float32) - c).abs()
+    assert (err <= scale.float() / 2 + 1e-6).all() and codes.abs().max() == 127
+    comp = LatentKVCompressor(2, 8, 16, bits=8)
+    comp.rank = 16
+    k, v = torch.randn(1, 2, 5, 8, requires_grad=True), torch.randn(1, 2, 5, 8)
+    k_hat, v_hat = comp(k, v)
+    ref_codes, ref_scale = quantize_latent(comp.encode(k, v, 16))
+    ref_k, ref_v = comp.decode(dequantize_latent(ref_codes, ref_scale, torch.float32))
+    assert torch.equal(k_hat, ref_k) and torch.equal(v_hat, ref_v)  # the forward is the int8 round trip
+    k_hat.sum().backward()
+    fp = LatentKVCompressor(2, 8, 16, bits=16)
+    fp.load_state_dict(comp.state_dict())
+    fp.rank = 16
+    k2 = k.detach().clone().requires_grad_()
+    fp(k2, v)[0].sum().backward()
+    torch.testing.assert_close(k.grad, k2.grad)  # straight-through: the gradient of the fp16 path
+    with pytest.raises(ValueError, match="kv latent bits 4 is not supported"):
+        LatentKVCompressor(2, 8, 16, bits=4)
 
 
 def test_train_schedule_distills_first_then_cotrains():
@@ -28,6 +60,20 @@ def _tiny_dense_model_with_compressor() -> Transformer:
     cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                       ffn_hidden_size=32, max_seq_len=16)
     return Transformer(cfg, MoEConfig(every_n_layers=0), kv_cfg=KVConfig(compressor="learned"))
+
+
+def test_compressor_does_not_change_the_models_initial_weights():
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      ffn_hidden_size=32, max_seq_len=16)
+    models = []
+    for kv_cfg in (None, KVConfig(compressor="learned", latent_bits=8), KVConfig(compressor="learned", latent_bits=16)):
+        torch.manual_seed(0)
+        models.append(Transformer(cfg, MoEConfig(), kv_cfg=kv_cfg).state_dict())
+    plain, *with_compressor = models
+    for sd in with_compressor:
+        assert any("kv_compressor" in k for k in sd)
+        for k, v in plain.items():
+            assert torch.equal(sd[k], v), k
 
 
 def test_distillation_only_step_leaves_the_model_exactly_a_plain_model():
@@ -83,6 +129,8 @@ def test_kv_config_errors():
         load_config(None, ["kv.compressor=mla"])
     with pytest.raises(ValueError, match=r"kv.train_ratios"):
         load_config(None, ["kv.train_ratios=[0.5]"])
+    with pytest.raises(ValueError, match=r"'kv.latent_bits' = 4 is invalid: allowed values are 8"):
+        load_config(None, ["kv.latent_bits=4"])
     with pytest.raises(ValueError, match=r"'kv.cotrain_start' = 1.5 is invalid: must be in \[0, 1\]"):
         load_config(None, ["kv.cotrain_start=1.5"])
     assert load_config(None, ["kv.compressor=none"]).kv.compressor == "none"

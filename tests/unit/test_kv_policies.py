@@ -8,7 +8,8 @@ import torch
 from pikv.config import KVConfig, ModelConfig, MoEConfig
 from pikv.kv import KVCache, PolicyCache, calibrate_svd, make_cache, resolve_policy
 from pikv.kv.learned import set_compressor_rank
-from pikv.kv.policies import EVICTING, PolicyOptions, attention, pyramid_budgets
+from pikv.kv.budgets import pyramid_budgets, quant_nbytes_per_head, quant_plan
+from pikv.kv.policies import EVICTING, PolicyOptions, attention
 from pikv.kv.quant import dequantize, pack, quantize, unpack
 from pikv.models import Transformer
 from pikv.models.generation import generate
@@ -17,11 +18,12 @@ L, G, D, N_HEADS = 3, 2, 16, 4
 N_TOK, PREFILL = 64, 24
 
 
-def tiny_model(learned: bool = True) -> Transformer:
+def tiny_model(learned: bool = True, latent_bits: int = 8) -> Transformer:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=96, hidden_size=N_HEADS * D, num_layers=L, num_heads=N_HEADS, num_kv_heads=G,
                       ffn_hidden_size=64, expert_ffn_hidden_size=32, num_experts=4, max_seq_len=N_TOK)
-    return Transformer(cfg, MoEConfig(every_n_layers=0), kv_cfg=KVConfig(compressor="learned") if learned else None).eval()
+    kv_cfg = KVConfig(compressor="learned", latent_bits=latent_bits) if learned else None
+    return Transformer(cfg, MoEConfig(every_n_layers=0), kv_cfg=kv_cfg).eval()
 
 
 def decode(model, x, cache, check=None):
@@ -199,13 +201,62 @@ def test_quant_cache_bytes_and_accuracy(model, tokens):
         assert (got - ref).abs().max() < (0.05 if bits == 4 else 0.5)
 
 
-def test_lowrank_full_rank_is_lossless_and_learned_decode_equals_single_pass(model, tokens):
+def test_quant_plan_meets_the_requested_ratio_with_kivi_residual():
+    # SmolLM2 (head dim 64), 1024-token sequences: 4-bit + 128 fp16 tokens at 2x, 2-bit + 32 at 4x
+    assert quant_plan(2, 64, 1024) == (4, 128)
+    assert quant_plan(4, 64, 1024) == (2, 32)
+    assert quant_plan(3, 64, 1024)[0] == 4 and quant_plan(3.5, 64, 1024)[0] == 2
+    assert quant_plan(4, 64) == (2, 0) and quant_plan(2, 64, None, 32, 64) == (4, 64)
+    # 5x is not reachable at 1023 tokens (the partial group waits in fp16): the plan is 2-bit without
+    # a residual and the measured ratio (4.7x) is what the evaluation reports
+    assert quant_plan(5, 64, 1024) == (2, 0) and 4 * 64 * 1023 / quant_nbytes_per_head(1023, 64, 2, 32, 0) < 5
+    for r in (2, 3, 4):
+        bits, R = quant_plan(r, 64, 1024)
+        assert R % 32 == 0 and 0 <= R <= 128
+        for n in (1023, 1024):
+            assert 4 * 64 * n / quant_nbytes_per_head(n, 64, bits, 32, R) >= r
+        if R < 128:  # the largest residual that fits
+            assert 4 * 64 * 1023 / quant_nbytes_per_head(1023, 64, bits, 32, R + 32) < r or \
+                4 * 64 * 1024 / quant_nbytes_per_head(1024, 64, bits, 32, R + 32) < r
+
+
+@pytest.mark.parametrize("ratio", [2, 4])
+def test_quant_measured_ratio_and_fp16_residual(ratio):
+    torch.manual_seed(0)
+    Gk, Dh, n_total, prefill = 2, 32, 1024, 900
+    bits, R = quant_plan(ratio, Dh, n_total)
+    assert R > 0
+    cache = PolicyCache("quant", 1, Gk, Dh, bits=bits, options=PolicyOptions(quant_residual=R))
+    k, v = torch.randn(1, Gk, n_total, Dh), torch.randn(1, Gk, n_total, Dh)
+    q = torch.randn(1, 4, n_total, Dh)
+    kw = dict(k_pre_BGTD=None, rope=None, module=None)
+    o = cache.attend(0, q[:, :, :prefill], k[:, :, :prefill], v[:, :, :prefill], start=0, **kw)
+    # the prefill attends to its prompt at full precision (KIVI), then the groups are quantized
+    ref, _ = attention(q[:, :, :prefill], k[:, :, :prefill].half(), v[:, :, :prefill].half(),
+                       PolicyCache._causal_TS(prefill, prefill, None), need_probs=False)
+    torch.testing.assert_close(o, ref)
+    for t in range(prefill, n_total - 1):
+        cache.attend(0, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], start=t, **kw)
+        fp16 = cache.state[0]["k"].shape[2]
+        assert R <= fp16 < R + 32  # KIVI's residual: the newest R..R+31 tokens stay fp16
+        assert torch.equal(cache.state[0]["k"][0, :, -1], k[0, :, t].half())
+    S = n_total - 1
+    assert cache.nbytes() == Gk * quant_nbytes_per_head(S, Dh, bits, 32, R)
+    assert Gk * S * 4 * Dh / cache.peak_nbytes >= ratio  # measured ratio meets the requested one
+
+
+def test_svd_full_rank_is_lossless(model, tokens):
     ref = decode(model, tokens, KVCache(L))
     bases = calibrate_svd(model, tokens)
     svd = decode(model, tokens, make_cache("svd", model, ratio=1, svd_bases=bases, store_dtype=torch.float32))
     torch.testing.assert_close(svd, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_learned_decode_equals_single_pass_and_bytes_fill_the_budget(tokens, bits):
     # the jointly trained latent: sequential decoding with the latent cache == the training-time
     # single pass through the compressor (the masked simulation), NLL within 1e-4
+    model = tiny_model(latent_bits=bits)
     cache = make_cache("learned", model, ratio=4, store_dtype=torch.float32)
     seq = decode(model, tokens, cache)
     set_compressor_rank(model, cache.rank)
@@ -215,14 +266,124 @@ def test_lowrank_full_rank_is_lossless_and_learned_decode_equals_single_pass(mod
     finally:
         set_compressor_rank(model, None)
     nll = lambda lg: torch.nn.functional.cross_entropy(lg.flatten(0, 1), tokens[:, PREFILL:].flatten())  # noqa: E731
-    assert abs(float(nll(seq) - nll(one_pass))) < 1e-4
-    assert cache.nbytes() == L * tokens.shape[0] * (N_TOK - 1) * cache.rank * 4  # latent only
-    assert cache.rank == 2 * G * D // 4
+    assert abs(float((nll(seq) - nll(one_pass)).detach())) < 1e-4
+    per_token = cache.rank * 4 if bits == 16 else cache.rank + 2  # fp32 codes here / int8 codes + fp16 scale
+    assert cache.nbytes() == L * tokens.shape[0] * (N_TOK - 1) * per_token
+    # the rank fills the 4x budget of 2 * (2 G D) bytes per token: fp16 codes G D / 2, int8 G D - 2
+    assert cache.rank == (2 * G * D // 4 if bits == 16 else G * D - 2)
+    full_fp16 = L * tokens.shape[0] * (N_TOK - 1) * 2 * G * D * 2
+    if bits == 8:
+        assert full_fp16 / cache.nbytes() == 4.0
 
 
-def test_pyramid_budgets_shrink_with_depth_and_sum_exactly():
-    b = pyramid_budgets(32, 4, 4.0, 2)
-    assert b == sorted(b, reverse=True) and sum(b) == 128 and b[-1] == 8
+def kvpress_pyramid_budget(layer, num_layers, q_len, compression_ratio, window, beta):
+    """PyramidKVPress.get_layer_budget (kvpress 0.5.5), transcribed from its docstring's formulas."""
+    max_capacity_prompt = window + q_len * (1 - compression_ratio)
+    min_num = (max_capacity_prompt - window) / beta
+    max_num = (max_capacity_prompt - window) * 2 - min_num
+    if max_num >= q_len - window:
+        max_num = q_len - window
+        min_num = (max_capacity_prompt - window) * 2 - max_num
+    if not (q_len >= max_num >= min_num >= window):
+        return max(1, round(q_len * (1 - compression_ratio)))
+    return round(max_num - layer * (max_num - min_num) / (num_layers - 1))
+
+
+@pytest.mark.parametrize("q_len,ratio,layers", [(768, 2, 30), (768, 4, 30), (768, 8, 30), (256, 2, 4),
+                                                (4096, 4, 32), (1000, 3, 7)])
+def test_pyramid_budgets_equal_kvpress(q_len, ratio, layers):
+    mean = q_len / ratio
+    ref = [kvpress_pyramid_budget(i, layers, q_len, 1 - 1 / ratio, 64, 20) for i in range(layers)]
+    assert pyramid_budgets(mean, layers, 20, 64, q_len) == ref
+    if ref[0] != ref[-1]:  # a real pyramid: shrinks with depth, the mean kept up to rounding
+        assert ref == sorted(ref, reverse=True) and abs(sum(ref) - layers * mean) < layers / 2
+    # SmolLM2 (30 layers), 768-token prompt: a pyramid at 2x only; kvpress falls back to SnapKV at 4x / 8x
+    if (q_len, layers) == (768, 30):
+        assert (ref[0], ref[-1]) == ((704, 64) if ratio == 2 else (q_len // ratio,) * 2)
+
+
+def naive_snapkv(q_NSD, k_GSD, window, kernel):
+    """SnapKV as kvpress 0.5.5's SnapKVPress.score defines it, one prompt, python loops: the last
+    `window` queries' softmax attention (causal, over every key) on the first S - window keys,
+    mean over those queries, average pool (zero padding counted), mean over the kv group's query
+    heads (query head n reads kv head n // (N / G)); the window gets max + 1. Scores [G][S]."""
+    N, S, Dh = q_NSD.shape
+    G = k_GSD.shape[0]
+    n_rep, n_obs = N // G, S - window
+    per_head = []
+    for n in range(N):
+        k = k_GSD[n // n_rep].double()
+        a = [0.0] * n_obs
+        for i in range(S - window, S):
+            p = torch.softmax(q_NSD[n, i].double() @ k[:i + 1].T / math.sqrt(Dh), -1)
+            for j in range(n_obs):
+                a[j] += float(p[j]) / window
+        half = kernel // 2
+        per_head.append([sum(a[t] for t in range(j - half, j + half + 1) if 0 <= t < n_obs) / kernel
+                         for j in range(n_obs)])
+    scores = [[sum(per_head[g * n_rep + r][j] for r in range(n_rep)) / n_rep for j in range(n_obs)] for g in range(G)]
+    top = max(max(row) for row in scores) + 1
+    return [row + [top] * window for row in scores]
+
+
+def prefill_policy(cache, q_BNSD, k_BGSD, v_BGSD):
+    for li in range(cache.num_layers):
+        cache.attend(li, q_BNSD, k_BGSD, v_BGSD, k_pre_BGTD=None, rope=None, start=0, module=None)
+
+
+@pytest.mark.parametrize("S,window,kernel,budget", [(40, 8, 5, 16), (33, 4, 3, 9), (24, 8, 5, 8)])
+def test_snapkv_scores_and_kept_equal_kvpress_reference(S, window, kernel, budget):
+    torch.manual_seed(S)
+    N, Gk, Dh = 6, 2, 8
+    q, k, v = torch.randn(1, N, S, Dh) * 2, torch.randn(1, Gk, S, Dh), torch.randn(1, Gk, S, Dh)
+    cache = PolicyCache("snapkv", 1, Gk, Dh, budgets=[budget], store_dtype=torch.float32,
+                        options=PolicyOptions(snap_window=window, snap_kernel=kernel))
+    ref = naive_snapkv(q[0], k[0], window, kernel)
+    score = cache._snap_scores(attention(q, k, v, PolicyCache._causal_TS(S, S, None), True)[1], Gk, 0)
+    torch.testing.assert_close(score[0].double(), torch.tensor(ref, dtype=torch.float64), atol=1e-6, rtol=1e-5)
+    prefill_policy(cache, q, k, v)
+    for g in range(Gk):  # kvpress: topk(budget) of the scores (the window's max + 1 keeps it)
+        kept = sorted(torch.tensor(ref[g]).topk(budget).indices.tolist())
+        assert cache.state[0]["pos"][0, g].tolist() == kept
+        assert set(range(S - window, S)) <= set(kept)
+        torch.testing.assert_close(cache.state[0]["k"][0, g], k[0, g, kept])
+
+
+def test_pyramid_kept_equal_kvpress_reference_per_layer():
+    torch.manual_seed(3)
+    L_, N, Gk, Dh, S, window, ratio = 4, 4, 2, 8, 96, 8, 2
+    budgets = pyramid_budgets(S / ratio, L_, 20, window, S)
+    assert budgets == [kvpress_pyramid_budget(i, L_, S, 1 - 1 / ratio, window, 20) for i in range(L_)]
+    assert budgets[0] > budgets[-1] >= window
+    cache = PolicyCache("pyramid", L_, Gk, Dh, budgets=list(budgets), store_dtype=torch.float32,
+                        options=PolicyOptions(snap_window=window, prefill_only=True))
+    q, k, v = torch.randn(1, N, S, Dh) * 2, torch.randn(1, Gk, S, Dh), torch.randn(1, Gk, S, Dh)
+    prefill_policy(cache, q, k, v)
+    ref = naive_snapkv(q[0], k[0], window, 5)
+    for li in range(L_):
+        assert cache.length(li) == budgets[li]
+        for g in range(Gk):
+            assert cache.state[li]["pos"][0, g].tolist() == sorted(torch.tensor(ref[g]).topk(budgets[li]).indices.tolist())
+
+
+def test_make_cache_resolves_snap_window_and_pyramid_from_the_mean_budget(model):
+    # window 64 (kvpress) when the budget holds it, else half the budget (kvpress would assert)
+    assert make_cache("snapkv", model, tokens=100).opt.snap_window == 64
+    assert make_cache("snapkv", model, tokens=64).opt.snap_window == 32
+    c = make_cache("pyramid", model, ratio=2, total_tokens=N_TOK)  # M = 32, window 16, length 64
+    assert c.opt.snap_window == 16 and c.budgets == [48, 32, 16]
+    c = make_cache("pyramid", model, ratio=4, total_tokens=N_TOK)  # pyramid does not fit: SnapKV
+    assert c.budgets == [16] * L
+
+
+def test_snapkv_decode_keeps_budget_and_recent_window(model, tokens):
+    cache = make_cache("snapkv", model, ratio=4, total_tokens=N_TOK)  # M = 16, window 8
+    decode(model, tokens, cache)
+    last = N_TOK - 2
+    for li in range(L):
+        pos = cache.state[li]["pos"]
+        assert pos.shape[2] == 16
+        assert (pos[:, :, -8:] == torch.arange(last - 7, last + 1, dtype=pos.dtype)).all()
 
 
 def test_generate_with_policy_runs_and_full_equals_plain(model, tokens):

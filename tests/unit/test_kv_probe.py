@@ -7,7 +7,7 @@ import torch
 
 from pikv.config import KVConfig, ModelConfig, MoEConfig, load_config
 from pikv.data import BlockLoader
-from pikv.data.probe import PasskeyProbe, make_probe
+from pikv.data.probe import NATURAL, PasskeyProbe, make_probe
 from pikv.data.tokenizer import train_bpe
 from pikv.eval.probe import DEPTHS, evaluate_probe
 from pikv.models import Transformer
@@ -33,6 +33,19 @@ def test_probe_layout_hides_the_key_at_the_depth_and_asks_for_it_at_the_end(tok)
     assert tok.decode(seq[-(len(o) + 4):].tolist()) == "#3892"
     with pytest.raises(ValueError, match=r"probe needle position 99 must be in \[0, 29\]"):
         probe.build(filler, np.array([1, 2, 3, 4]), pos=99)
+
+
+def test_natural_wording_asks_for_the_key_in_words(tok):
+    probe = PasskeyProbe(tok, key_len=4, wording=NATURAL)
+    filler = np.arange(1000, 1080, dtype=np.int64)
+    seq = probe.build(filler, np.array([3, 8, 9, 2]), pos=7)
+    ids = lambda text: tok.encode(text).ids  # noqa: E731
+    assert seq[:7].tolist() == list(range(1000, 1007)) and len(seq) == 80
+    needle = ids(NATURAL[0]) + [ids(str(d))[0] for d in (3, 8, 9, 2)] + ids(NATURAL[1])
+    assert seq[7:7 + len(needle)].tolist() == needle
+    assert tok.decode(seq[-(len(ids(NATURAL[2])) + 4):].tolist()).strip() == "What is the pass key? The pass key is 3892"
+    assert probe.overhead == len(ids(NATURAL[0])) + len(ids(NATURAL[1])) + len(ids(NATURAL[2])) + 8
+    assert "The pass key is" in probe.describe()
 
 
 def test_insertion_is_a_pure_function_of_seed_and_sample_index(tok):

@@ -1,0 +1,94 @@
+"""Budgets of the KV policies: tokens per layer for a ratio, SnapKV's window, PyramidKV's per-layer
+budgets (kvpress's formula) and KIVI's bit width / fp16 residual plan with its exact bytes. Pure
+functions of sizes, shared by `make_cache` and the tests."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+
+def token_budget(ratio: Optional[float], tokens: Optional[int], total_tokens: Optional[int]) -> int:
+    """Tokens kept per layer: `tokens`, or ceil(total_tokens / ratio)."""
+    if (ratio is None) == (tokens is None):
+        raise ValueError(f"give exactly one of a compression ratio and a token budget (ratio={ratio}, tokens={tokens})")
+    if tokens is not None:
+        if tokens < 1:
+            raise ValueError(f"kv token budget {tokens} is impossible: must be >= 1")
+        return int(tokens)
+    if not ratio >= 1:
+        raise ValueError(f"kv compression ratio {ratio} is impossible: must be >= 1 (1 = full cache)")
+    if total_tokens is None:
+        raise ValueError("a compression ratio needs the total number of tokens of the sequence")
+    return max(1, math.ceil(total_tokens / ratio))
+
+
+def snap_window_for(window: int, budget: int) -> int:
+    """SnapKV's observation window (kept as part of the budget) for a budget of `budget` tokens:
+    kvpress's window when it leaves room for scored tokens, else half the budget (kvpress asserts)."""
+    return window if window < budget else max(1, budget // 2)
+
+
+def pyramid_budgets(mean: float, num_layers: int, beta: float, window: int,
+                    length: Optional[int] = None, minimum: int = 1) -> list[int]:
+    """PyramidKV (Cai et al. 2024, arXiv:2406.02069) per-layer budgets, exactly kvpress 0.5.5's
+    `PyramidKVPress.get_layer_budget` (from KVCache-Factory): the first layer keeps max_num, the
+    last min_num = mean / beta, linearly in between, max_num + min_num = 2 * mean; max_num is capped
+    at length - window (length: the tokens a layer will see, unknown = no cap) and min_num raised
+    to keep the mean. When that pyramid does not fit (length >= max_num >= min_num >= window
+    fails) every layer keeps `mean` (SnapKV), as kvpress falls back. Budgets are rounded per layer
+    (Python round, as kvpress), so the total can differ from num_layers * mean by < num_layers / 2;
+    the measured bytes show it."""
+    min_num = mean / beta
+    max_num = 2 * mean - min_num
+    if length is not None and max_num >= length - window:
+        max_num = length - window
+        min_num = 2 * mean - max_num
+    uniform = [max(minimum, round(mean))] * num_layers
+    if not ((length is None or length >= max_num) and max_num >= min_num >= window):
+        return uniform
+    steps = (max_num - min_num) / (num_layers - 1) if num_layers > 1 else 0.0
+    out = [round(max_num - i * steps) for i in range(num_layers)]
+    return out if min(out) >= minimum else uniform
+
+
+def quant_bits_for_ratio(ratio: float) -> int:
+    """KIVI bit width for a requested ratio: 4 bits (~3x with scales) up to 3x, 2 bits (~5x) up to 5x."""
+    if ratio <= 3.0:
+        return 4
+    if ratio <= 5.0:
+        return 2
+    raise ValueError(f"kv compression ratio {ratio} is impossible for quant: 2-bit codes with fp16 "
+                     "scales/zero points reach about 5x (allowed ratios <= 5)")
+
+
+def quant_nbytes_per_head(tokens: int, head_dim: int, bits: int, group: int, residual: int) -> int:
+    """Bytes the quant cache holds per kv head for `tokens` tokens (what nbytes() measures): fp16
+    tokens wait until residual + group of them exist, then the oldest group is quantized (packed
+    codes, fp16 scale + zero point per key channel per group, per value token per channel group)."""
+    fp16 = tokens if tokens < residual + group else residual + (tokens - residual) % group
+    nq = tokens - fp16
+    per_token = head_dim * bits // 4 + 4 * (head_dim // min(group, head_dim))  # K+V codes, value scale/zero
+    return nq * per_token + (nq // group) * 4 * head_dim + fp16 * 4 * head_dim
+
+
+def quant_plan(ratio: float, head_dim: int, total_tokens: Optional[int] = None, group: int = 32,
+               residual: Optional[int] = None) -> tuple[int, int]:
+    """(bits, fp16 residual) for a requested ratio. With total_tokens (the sequence the cache will
+    hold; the ratio is checked at total_tokens - 1 and total_tokens, the peak of a decode): 4 bits
+    if they meet the ratio, else 2; residual None picks KIVI's residual, the largest multiple of
+    `group` up to 128 whose bytes still meet the ratio (0 if none does: then short sequences measure
+    below the requested ratio, their partial group being fp16). Without total_tokens: the fixed
+    rule of quant_bits_for_ratio and residual 0."""
+    bits = quant_bits_for_ratio(ratio)  # raises above 5x
+    if total_tokens is None:
+        return bits, residual or 0
+    lengths = [max(1, total_tokens - 1), total_tokens]
+
+    def meets(b: int, R: int) -> bool:
+        return all(4 * head_dim * n >= ratio * quant_nbytes_per_head(n, head_dim, b, group, R) for n in lengths)
+
+    bits = 4 if meets(4, residual or 0) else 2
+    if residual is None:
+        residual = max([R for R in range(0, 129, group) if meets(bits, R)], default=0)
+    return bits, residual
