@@ -76,6 +76,18 @@ class LatentKVCompressor(nn.Module):
         x_B2GTD = x_BTC.view(B, T, 2 * self.G, self.D).transpose(1, 2)
         return x_B2GTD[:, :self.G], x_B2GTD[:, self.G:]
 
+    def store(self, c_BTR: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """What a cache holds for latent codes: int8 codes + fp16 scale, or the codes in `dtype`."""
+        if self.bits == 8:
+            return dict(zip(("c", "c_scale"), quantize_latent(c_BTR)))
+        return {"c": c_BTR.to(dtype)}
+
+    def load(self, stored: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The latent [B, T, r] back from what `store` returned (concatenated over tokens)."""
+        if self.bits == 8:
+            return dequantize_latent(stored["c"], stored["c_scale"], dtype)
+        return stored["c"].to(dtype)
+
     def forward(self, k_BGTD: torch.Tensor, v_BGTD: torch.Tensor):
         """Round trip at the active rank through the stored format (training / masked evaluation)."""
         c_BTR = self.encode(k_BGTD, v_BGTD, self.rank)
