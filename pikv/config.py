@@ -162,6 +162,12 @@ class KVConfig:
     # quantized latent: at equal bytes about twice the rank of fp16), trained with the same
     # quantization in the loop; 16 = fp16 codes. The rank of a ratio fills its byte budget.
     latent_bits: int = 8
+    # Recent tokens kept exact (fp16) beside the latent: a query reads its last `latent_window`
+    # keys/values exactly and older ones through the latent, whose rank gets the bytes the window
+    # leaves for a data.seq_len-token sequence (pikv/kv/learned.py latent_rank). 0 = latent only;
+    # null (default) = 8, or fewer where 8 would take more than half of the smallest budget
+    # (short sequences), resolved in `validate` so config.yaml and checkpoints record the number.
+    latent_window: Optional[int] = None
     # The KV table of the default held-out evaluation (train/eval.py without --kv).
     eval_policies: list[str] = field(default_factory=lambda: [
         "learned", "window", "streaming", "h2o", "snapkv", "pyramid", "lru", "quest", "quant", "svd"])
@@ -330,7 +336,25 @@ def validate(cfg: JobConfig) -> JobConfig:
         _fail("parallel.expert_parallel_size", ep, f"must divide model.num_experts={m.num_experts}")
     _validate_engine(t, ep)
     _validate_task(cfg)
+    _validate_latent_window(cfg)
     return cfg
+
+
+def _validate_latent_window(cfg: JobConfig) -> None:
+    if cfg.kv.compressor != "learned":
+        return
+    from pikv.kv.learned import default_latent_window, latent_rank
+    if cfg.kv.latent_window is None:
+        cfg.kv.latent_window = default_latent_window(cfg.data.seq_len, cfg.kv.train_ratios)
+    if cfg.kv.latent_window < 0:
+        _fail("kv.latent_window", cfg.kv.latent_window, "must be >= 0 (0 = latent only)")
+    m = cfg.model
+    try:
+        for r in cfg.kv.train_ratios:
+            latent_rank(m.num_kv_heads, m.hidden_size // m.num_heads, r, cfg.kv.latent_bits,
+                        cfg.kv.latent_window, cfg.data.seq_len)
+    except ValueError as err:
+        _fail("kv.latent_window", cfg.kv.latent_window, f"must leave every kv.train_ratios budget a latent ({err})")
 
 
 def _validate_task(cfg: JobConfig) -> None:

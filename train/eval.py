@@ -77,8 +77,9 @@ def main(argv: list[str]) -> int:
         state = read_trainer_state(ckpt)
         if "kv" not in state.config:  # trained before the KV compressor existed
             cfg.kv.compressor = "none"
-        elif "latent_bits" not in state.config["kv"]:  # trained before int8 latents: fp16 codes
-            cfg.kv.latent_bits = 16
+        else:  # trained before int8 latents (fp16 codes) / before the exact window (none)
+            cfg.kv.latent_bits = state.config["kv"].get("latent_bits", 16)
+            cfg.kv.latent_window = state.config["kv"].get("latent_window", 0)
         # the retrieval probe is evaluated only on a model trained on it (older checkpoints: no key)
         probe = (PasskeyProbe(tokenizer) if state.config["data"].get("probe_rate", 0) > 0 else None)
         model = Transformer(cfg.model, cfg.moe, kv_cfg=cfg.kv)

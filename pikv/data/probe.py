@@ -13,7 +13,9 @@ is the training block's own text, so a probe block still trains the language mod
 
 `NATURAL` is the original wording of the passkey test ("The pass key is 7143. Remember it. ...
 What is the pass key? The pass key is 7143"), for pretrained models that were never trained on the
-`#`/`|` format (bench/kv_probe_smollm2.py).
+`#`/`|` format (bench/kv_probe_smollm2.py). `bos_id` starts every probe with that token, for models
+trained with a BOS: without it the first token is the attention sink, and a needle at depth 0 has
+to be both the sink and the text to copy. PiKV's own models have no BOS (bos_id None, the default).
 
 Training insertion is a pure function of (seed, global sample index): whether sample i is a probe,
 its key and its depth come from `np.random.default_rng([seed, i, STREAM])`, so the data stream
@@ -42,7 +44,7 @@ class PasskeyProbe:
     """Builds passkey sequences for `tokenizer`; `insert` applies it to training blocks at `rate`."""
 
     def __init__(self, tokenizer: Tokenizer, rate: float = 0.0, seed: int = 0, key_len: int = 4,
-                 wording: tuple[str, str, str] = TRAINED):
+                 wording: tuple[str, str, str] = TRAINED, bos_id: Optional[int] = None):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"data.probe_rate={rate}: must be in [0, 1]")
         if not 1 <= key_len <= 10:
@@ -54,26 +56,30 @@ class PasskeyProbe:
         self.digits = np.array([d[0] for d in digits], dtype=np.int64)
         self.open, self.close, self.query = (_ids(tokenizer, text) for text in wording)
         self.wording = wording
+        self.bos = [] if bos_id is None else [int(bos_id)]  # a token list, like open/close/query
         self.rate, self.seed, self.key_len = rate, seed, key_len
 
     @property
     def overhead(self) -> int:
-        """Tokens a probe adds to its filler: needle (open + key + close) + query (open) + answer."""
-        return len(self.open) + len(self.close) + len(self.query) + 2 * self.key_len
+        """Tokens a probe adds to its filler: BOS (if any) + needle (open + key + close) + query
+        (open) + answer. The BOS counts like any token, so a probe stays len(filler) tokens."""
+        return len(self.bos) + len(self.open) + len(self.close) + len(self.query) + 2 * self.key_len
 
     def describe(self) -> str:
         before, after, query = self.wording
-        return (f"needle {before!r} + {self.key_len} distinct digits + {after!r} at a depth in ordinary held-out "
-                f"text, query {query!r} at the end; recalled = every key digit is the argmax")
+        bos = "".join(f"BOS token {t} first, " for t in self.bos)
+        return (f"{bos}needle {before!r} + {self.key_len} distinct digits + {after!r} at a depth in ordinary "
+                f"held-out text, query {query!r} at the end; recalled = every key digit is the argmax")
 
     def build(self, filler: np.ndarray, key: np.ndarray, pos: int) -> np.ndarray:
-        """A probe of len(filler) tokens: filler[:pos] + needle + filler[pos:body] + query + key,
-        body = len(filler) - overhead. `key` are digit values, `pos` in [0, body]."""
+        """A probe of len(filler) tokens: [BOS] + filler[:pos] + needle + filler[pos:body] + query
+        + key, body = len(filler) - overhead. `key` are digit values, `pos` in [0, body] (0: the
+        needle comes first, right after the BOS if any)."""
         body = len(filler) - self.overhead
         if body < 0 or not 0 <= pos <= body:
             raise ValueError(f"probe needle position {pos} must be in [0, {body}] for {len(filler)} tokens")
         k = self.digits[key]
-        parts = [filler[:pos], self.open, k, self.close, filler[pos:body], self.query, k]
+        parts = [self.bos, filler[:pos], self.open, k, self.close, filler[pos:body], self.query, k]
         return np.concatenate([np.asarray(p, dtype=filler.dtype) for p in parts])
 
     def random_key(self, rng: np.random.Generator) -> np.ndarray:
@@ -96,7 +102,7 @@ class PasskeyProbe:
     def eval_set(self, fillers: np.ndarray, depths: list[float], seed: int = 0
                  ) -> tuple[np.ndarray, np.ndarray]:
         """Evaluation: every filler [X, N] at every depth (fraction of the body before the needle,
-        0 = first token, 1 = right before the query). Returns (sequences [X*len(depths), N],
+        0 = first token after the BOS if any, 1 = right before the query). Returns (sequences [X*len(depths), N],
         depth of each row)."""
         rng = np.random.default_rng([seed, STREAM])
         body = fillers.shape[1] - self.overhead

@@ -3,7 +3,8 @@
 Shapes: X probe sequences, N sequence length, K key digits, B batch.
 
 Each held-out window gets a needle `#<key>|` at a depth (fraction of the context before it) and
-ends with the query `#` + key (pikv/data/probe.py, the format the model was trained on). The model
+ends with the query `#` + key (pikv/data/probe.py, the format the model was trained on), after the
+probe's BOS when it has one (one of the N tokens, kept or evicted like any other). The model
 prefills everything up to the query, under the policy's budget (ratio r keeps N / r tokens, as
 in the decoding evaluation), then decodes the K key tokens one at a time (teacher forced, the
 budget enforced after every step). A sequence counts as recalled when the argmax at every key

@@ -5,8 +5,8 @@ Shapes: B batch, G kv heads, T tokens, D head dim, C = 2*G*D (one token's keys +
 layer), R latent rank (R_max = C / min trained ratio).
 
 Per layer, one token's pre-RoPE keys and its values (all kv heads, concatenated: C numbers) are
-encoded into a latent of rank R by `down` and decoded by `up`; the cache stores only the latent
-(fp16) and re-applies RoPE to the decoded keys at their known positions. This is the joint
+encoded into a latent of rank R by `down` and decoded by `up`; the cache stores the latent
+and re-applies RoPE to the decoded keys at their known positions. This is the joint
 K/V latent of DeepSeek-V2's multi-head latent attention (MLA, arXiv:2405.04434), kept as a
 bypassable autoencoder so the same model also runs with a full cache (the reference). Compressing
 keys before RoPE follows MLA's decoupled RoPE and Palu (arXiv:2407.21118): pre-RoPE keys are
@@ -21,6 +21,12 @@ as Palu quantizes its low-rank latents: at the same bytes that is about twice th
 codes, and rounding the kept coordinates to 8 bits loses far less than halving the rank. Training runs the same
 quantization in the loop (straight-through gradient), so the compressor learns a latent that
 survives it and the single-pass training forward equals decoding from the int8 cache.
+
+With `window` > 0 the most recent `window` tokens are also held exactly: a query reads them at
+full precision and only older tokens through the latent, whose rank gets the bytes the window
+leaves (`latent_rank`). Attention mass concentrates on recent tokens (the reason recency eviction
+is cheap), so the latent's error costs most there; KIVI keeps an fp16 residual of recent tokens
+beside its quantized cache, and StreamingLLM / H2O always keep a recent window, for the same reason.
 """
 
 from __future__ import annotations
@@ -36,11 +42,13 @@ from torch import nn
 class LatentKVCompressor(nn.Module):
     """down: C -> R_max, up: R_max -> C, used at a prefix rank `rank` (None = inactive: full K/V)."""
 
-    def __init__(self, num_kv_heads: int, head_dim: int, max_rank: int, bits: int = 16):
+    def __init__(self, num_kv_heads: int, head_dim: int, max_rank: int, bits: int = 16, window: int = 0):
         super().__init__()
         if bits not in LATENT_BITS:
             raise ValueError(f"kv latent bits {bits} is not supported: allowed {LATENT_BITS}")
-        self.G, self.D, self.bits = num_kv_heads, head_dim, bits
+        if window < 0:
+            raise ValueError(f"kv latent window {window} must be >= 0 (recent tokens kept exact)")
+        self.G, self.D, self.bits, self.window = num_kv_heads, head_dim, bits, window
         C = 2 * num_kv_heads * head_dim
         if not 0 < max_rank <= C:
             raise ValueError(f"kv latent rank {max_rank} must be in [1, {C}] (2 * kv heads * head dim)")
@@ -95,14 +103,30 @@ class LatentKVCompressor(nn.Module):
             c_BTR = c_BTR + (dequantize_latent(*quantize_latent(c_BTR.detach()), c_BTR.dtype) - c_BTR).detach()
         return self.decode(c_BTR)
 
-    def side_distill(self, q_BNTD: torch.Tensor, k_pre_BGTD: torch.Tensor, v_BGTD: torch.Tensor,
-                     o_BNTD: torch.Tensor, rope, start: int) -> torch.Tensor:
+    def attention(self, q_BNTD: torch.Tensor, k_lat_BGSD: torch.Tensor, v_lat_BGSD: torch.Tensor,
+                  k_BGED: torch.Tensor, v_BGED: torch.Tensor) -> torch.Tensor:
+        """Causal attention of the T queries at positions S-T..S-1 over a latent cache whose last
+        `window` positions are also held exactly: a query at p reads key j exactly when
+        p - window < j <= p, through the latent when j <= p - window. Keys after RoPE; the latent
+        ones cover positions 0..S-1, the exact ones the last E (>= min(window, S)) positions."""
+        T, S, E = q_BNTD.shape[2], k_lat_BGSD.shape[2], k_BGED.shape[2]
+        dist_TS = torch.arange(S - T, S, device=q_BNTD.device)[:, None] - torch.arange(S, device=q_BNTD.device)
+        if self.window == 0:
+            return F.scaled_dot_product_attention(q_BNTD, k_lat_BGSD, v_lat_BGSD,
+                                                  attn_mask=dist_TS >= 0 if T > 1 else None, enable_gqa=True)
+        exact_TE = (dist_TS[:, S - E:] >= 0) & (dist_TS[:, S - E:] < self.window)
+        mask = torch.cat([dist_TS >= self.window, exact_TE], 1)
+        return F.scaled_dot_product_attention(q_BNTD, torch.cat([k_lat_BGSD, k_BGED], 2),
+                                              torch.cat([v_lat_BGSD, v_BGED], 2), attn_mask=mask, enable_gqa=True)
+
+    def side_distill(self, q_BNTD: torch.Tensor, k_pre_BGTD: torch.Tensor, k_BGTD: torch.Tensor,
+                     v_BGTD: torch.Tensor, o_BNTD: torch.Tensor, rope, start: int) -> torch.Tensor:
         """Distillation-only training: the model's attention used the full K/V (o_BNTD); attend
         again through the latent at the active rank and return the error to o_BNTD. Every model
         input is detached, so this trains the compressor only and the model is untouched."""
-        k_BGTD, v_hat_BGTD = self(k_pre_BGTD.detach(), v_BGTD.detach())
-        o_hat = F.scaled_dot_product_attention(q_BNTD.detach(), rope(k_BGTD, start), v_hat_BGTD,
-                                               is_causal=True, enable_gqa=True)
+        k_lat_BGTD, v_lat_BGTD = self(k_pre_BGTD.detach(), v_BGTD.detach())
+        o_hat = self.attention(q_BNTD.detach(), rope(k_lat_BGTD, start), v_lat_BGTD, k_BGTD.detach(),
+                               v_BGTD.detach())
         return attention_error(o_hat, o_BNTD.detach())
 
 
@@ -130,22 +154,43 @@ def dequantize_latent(codes_BTR: torch.Tensor, scale_BT1: torch.Tensor, dtype: t
     return (codes_BTR.float() * scale_BT1.float()).to(dtype)
 
 
-def latent_rank(num_kv_heads: int, head_dim: int, ratio: float, bits: int = 16) -> int:
-    """The largest latent rank whose stored bytes per token (rank codes of bits/8 bytes, plus the
-    fp16 scale of int8 codes) are at most the fp16 keys + values' bytes / `ratio`."""
-    if ratio < 1:
+def latent_rank(num_kv_heads: int, head_dim: int, ratio: float, bits: int = 16, window: int = 0,
+                length: Optional[int] = None) -> int:
+    """The largest latent rank whose cache fits the fp16 keys + values' bytes / `ratio`: per token
+    `rank` codes of bits/8 bytes, plus the fp16 scale of int8 codes. With `window` > 0, a sequence
+    of `length` tokens keeps its last `window` tokens exact (fp16) and the latent of the other
+    length - window tokens gets the bytes those leave. ValueError when nothing is left for it."""
+    if not ratio >= 1:
         raise ValueError(f"compression ratio {ratio} must be >= 1")
     C = 2 * num_kv_heads * head_dim
-    if bits == 16:
-        return max(1, int(C // ratio))
-    return max(1, min(C, math.floor(2 * C / ratio) - SCALE_BYTES))
+    full = 2 * C  # fp16 bytes of one token's keys + values
+    per_token = full / ratio
+    if window:
+        if length is None or length <= window:
+            raise ValueError(f"kv latent window {window} needs a sequence length above it (got {length})")
+        per_token = (length * full / ratio - window * full) / (length - window)
+    rank = min(C, math.floor(per_token * 8 / bits + 1e-9) - (SCALE_BYTES if bits == 8 else 0))
+    if rank < 1:
+        raise ValueError(f"kv compression ratio {ratio} is impossible for the learned latent"
+                         + (f" beside a {window}-token exact window over {length} tokens" if window else "")
+                         + f": {per_token:.1f} bytes per token leave no latent rank >= 1")
+    return rank
+
+
+DEFAULT_LATENT_WINDOW = 8  # measured on the default model: docs/benchmarks.md, "KV cache"
+
+
+def default_latent_window(length: int, ratios: list[float]) -> int:
+    """`kv.latent_window` when unset: 8 tokens, or fewer for short sequences, so that the window
+    never takes more than half of the smallest budget (length / max ratio tokens)."""
+    return min(DEFAULT_LATENT_WINDOW, int(length // (2 * max(ratios))))
 
 
 def train_rank_schedule(num_kv_heads: int, head_dim: int, ratios: list[float], full_every: int,
-                        bits: int = 16) -> list[Optional[int]]:
+                        bits: int = 16, window: int = 0, length: Optional[int] = None) -> list[Optional[int]]:
     """The ranks cycled over training steps: each trained ratio once, and the full cache (None)
     once every `full_every` entries (0 = never)."""
-    ranks: list[Optional[int]] = [latent_rank(num_kv_heads, head_dim, r, bits) for r in sorted(ratios)]
+    ranks: list[Optional[int]] = [latent_rank(num_kv_heads, head_dim, r, bits, window, length) for r in sorted(ratios)]
     if full_every > 0:
         out: list[Optional[int]] = []
         for i, r in enumerate(ranks):
@@ -167,9 +212,10 @@ class TrainSchedule:
     (at the end of training, where the learning rate is low, so that it costs little)."""
 
     def __init__(self, num_kv_heads: int, head_dim: int, ratios: list[float], full_every: int,
-                 cotrain_start: float, max_steps: int, bits: int = 16):
-        self.distill = [latent_rank(num_kv_heads, head_dim, r, bits) for r in sorted(ratios)]
-        self.cotrain = train_rank_schedule(num_kv_heads, head_dim, ratios, full_every, bits)
+                 cotrain_start: float, max_steps: int, bits: int = 16, window: int = 0,
+                 length: Optional[int] = None):
+        self.cotrain = train_rank_schedule(num_kv_heads, head_dim, ratios, full_every, bits, window, length)
+        self.distill = [r for r in self.cotrain if r is not None]
         self.start = int(round(cotrain_start * max_steps))
 
     def at(self, step: int) -> tuple[Optional[int], bool]:

@@ -133,10 +133,10 @@ class PolicyCache:
 
     def length(self, layer_idx: int) -> int:
         st = self.state[layer_idx]
+        if "wk" in st or "c" in st:  # the learned latent: codes + the exact recent window
+            return sum(st[key].shape[-2 if key == "wk" else 1] for key in ("c", "wk") if key in st)
         if "k" in st:
             return st["k"].shape[2] + (st["qk_codes"].shape[2] * self.opt.quant_group if "qk_codes" in st else 0)
-        if "c" in st:
-            return st["c"].shape[1]
         if "ck" in st:
             return st["ck"].shape[2]
         return 0
@@ -160,8 +160,10 @@ class PolicyCache:
             elif T == 1:
                 self.decode_steps += 1
         p = self.policy
-        if p in ("svd", "learned"):
-            o = self._attend_lowrank(layer_idx, q_BNTD, k_pre_BGTD, v_BGTD, rope, module)
+        if p == "learned":
+            o = self._attend_latent(self.state[layer_idx], q_BNTD, k_pre_BGTD, v_BGTD, rope, module.kv_compressor)
+        elif p == "svd":
+            o = self._attend_svd(layer_idx, q_BNTD, k_pre_BGTD, v_BGTD, rope)
         elif p == "quant":
             o = self._attend_quant(layer_idx, q_BNTD, k_BGTD, v_BGTD)
         elif p == "quest":
@@ -365,27 +367,45 @@ class PolicyCache:
         return torch.cat([k, st["k"].to(dtype)], 2), torch.cat([v, st["v"].to(dtype)], 2)
 
     # -- low-rank: SVD (calibrated) or the jointly trained latent
-    def _attend_lowrank(self, li, q_BNTD, k_pre_BGTD, v_BGTD, rope, module):
+    def _attend_svd(self, li, q_BNTD, k_pre_BGTD, v_BGTD, rope):
         st = self.state[li]
-        if self.policy == "learned":
-            comp = module.kv_compressor
-            if comp is None:
-                raise ValueError("kv policy 'learned' needs a model trained with kv.compressor=learned")
-            new = comp.store(comp.encode(k_pre_BGTD, v_BGTD, self.rank), self.store_dtype)
-            for key, t in new.items():
-                st[key] = torch.cat([st[key], t], dim=1) if key in st else t
-            k_pre_BGSD, v_BGSD = comp.decode(comp.load(st, q_BNTD.dtype))
-        else:
-            Uk_GDR, Uv_GDR = (u.to(q_BNTD.dtype) for u in self.svd_bases[li])
-            ck = torch.einsum("bgtd,gdr->bgtr", k_pre_BGTD, Uk_GDR[..., :self.rank]).to(self.store_dtype)
-            cv = torch.einsum("bgtd,gdr->bgtr", v_BGTD, Uv_GDR[..., :self.rank]).to(self.store_dtype)
-            st["ck"] = torch.cat([st["ck"], ck], dim=2) if "ck" in st else ck
-            st["cv"] = torch.cat([st["cv"], cv], dim=2) if "cv" in st else cv
-            k_pre_BGSD = torch.einsum("bgsr,gdr->bgsd", st["ck"].to(q_BNTD.dtype), Uk_GDR[..., :self.rank])
-            v_BGSD = torch.einsum("bgsr,gdr->bgsd", st["cv"].to(q_BNTD.dtype), Uv_GDR[..., :self.rank])
+        Uk_GDR, Uv_GDR = (u.to(q_BNTD.dtype) for u in self.svd_bases[li])
+        ck = torch.einsum("bgtd,gdr->bgtr", k_pre_BGTD, Uk_GDR[..., :self.rank]).to(self.store_dtype)
+        cv = torch.einsum("bgtd,gdr->bgtr", v_BGTD, Uv_GDR[..., :self.rank]).to(self.store_dtype)
+        st["ck"] = torch.cat([st["ck"], ck], dim=2) if "ck" in st else ck
+        st["cv"] = torch.cat([st["cv"], cv], dim=2) if "cv" in st else cv
+        k_pre_BGSD = torch.einsum("bgsr,gdr->bgsd", st["ck"].to(q_BNTD.dtype), Uk_GDR[..., :self.rank])
+        v_BGSD = torch.einsum("bgsr,gdr->bgsd", st["cv"].to(q_BNTD.dtype), Uv_GDR[..., :self.rank])
         S, T = k_pre_BGSD.shape[2], q_BNTD.shape[2]
         k_BGSD = rope(k_pre_BGSD, 0)  # every token kept: stored positions are 0..S-1
         o, _ = attention(q_BNTD, k_BGSD, v_BGSD, self._causal_TS(S, T, q_BNTD.device), need_probs=False)
+        return o
+
+    def _attend_latent(self, st, q_BNTD, k_pre_BGTD, v_BGTD, rope, comp):
+        """The jointly trained latent (pikv/kv/learned.py): the last comp.window tokens are held
+        exactly (pre-RoPE keys, values), older ones only as latent codes. E = the held tokens plus
+        the new ones; they are encoded each step (as in the training pass), and those leaving the
+        window keep only their codes."""
+        if comp is None:
+            raise ValueError("kv policy 'learned' needs a model trained with kv.compressor=learned")
+        dtype = q_BNTD.dtype
+        k_pre_BGED, v_BGED = k_pre_BGTD, v_BGTD
+        if "wk" in st:
+            k_pre_BGED = torch.cat([st["wk"].to(dtype), k_pre_BGTD], 2)
+            v_BGED = torch.cat([st["wv"].to(dtype), v_BGTD], 2)
+        codes_E = comp.store(comp.encode(k_pre_BGED, v_BGED, self.rank), self.store_dtype)
+        latent_E = comp.load(codes_E, dtype)
+        latent_S = torch.cat([comp.load(st, dtype), latent_E], 1) if "c" in st else latent_E
+        k_lat_BGSD, v_lat_BGSD = comp.decode(latent_S)
+        S, E = latent_S.shape[1], k_pre_BGED.shape[2]
+        o = comp.attention(q_BNTD, rope(k_lat_BGSD, 0), v_lat_BGSD, rope(k_pre_BGED, S - E), v_BGED)
+        leaving = max(E - comp.window, 0)
+        if leaving:  # clones: a slice would keep the whole step's storage resident
+            for key, t in codes_E.items():
+                st[key] = torch.cat([st[key], t[:, :leaving]], 1) if key in st else t[:, :leaving].clone()
+        if comp.window:
+            st["wk"] = k_pre_BGED[:, :, leaving:].to(self.store_dtype).clone()
+            st["wv"] = v_BGED[:, :, leaving:].to(self.store_dtype).clone()
         return o
 
 
@@ -430,7 +450,8 @@ def make_cache(policy: str, model, *, ratio: Optional[float] = None, tokens: Opt
         comp = model.layers[0].self_attn.kv_compressor
         if comp is None:
             raise ValueError("kv policy 'learned' (alias 'lora') needs a model trained with kv.compressor=learned")
-        return PolicyCache(policy, L, G, D, rank=comp.check_rank(latent_rank(G, D, ratio, comp.bits)), **kw)
+        rank = latent_rank(G, D, ratio, comp.bits, comp.window, total_tokens)
+        return PolicyCache(policy, L, G, D, rank=comp.check_rank(rank), **kw)
     M = token_budget(ratio, tokens, total_tokens)
     lo = min_budget(policy, opt)
     if M < lo:

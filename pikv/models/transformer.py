@@ -63,7 +63,7 @@ class Attention(nn.Module):
     """Grouped-query attention (kv head g serves query heads g*N/G .. (g+1)*N/G - 1, HF repeat_kv)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, kv_latent_rank: Optional[int] = None,
-                 kv_latent_bits: int = 16):
+                 kv_latent_bits: int = 16, kv_latent_window: int = 0):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
@@ -79,7 +79,7 @@ class Attention(nn.Module):
         if kv_latent_rank:
             with torch.random.fork_rng(devices=[]):
                 self.kv_compressor = LatentKVCompressor(self.num_kv_heads, self.head_dim, kv_latent_rank,
-                                                        kv_latent_bits)
+                                                        kv_latent_bits, kv_latent_window)
 
     def forward(self, x_BTH: torch.Tensor, rope: RotaryEmbedding, start: int,
                 cache: Optional[KVCache] = None) -> torch.Tensor:
@@ -87,27 +87,28 @@ class Attention(nn.Module):
         q_BNTD = self.q_proj(x_BTH).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k_BGTD = self.k_proj(x_BTH).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v_BGTD = self.v_proj(x_BTH).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        comp, k_ref_BGTD = self.kv_compressor, None
+        comp = self.kv_compressor
         if comp is not None:
-            comp.distill_loss = None  # only the forward that ran through the latent sets it
-        if comp is not None and comp.rank is not None and cache is None and comp.through_latent:
-            # Train / score through the latent: pre-RoPE keys and values round-trip at comp.rank.
-            k_ref_BGTD, v_ref_BGTD = k_BGTD, v_BGTD
-            k_BGTD, v_BGTD = comp(k_BGTD, v_BGTD)
+            comp.distill_loss = None  # only a training forward with an active rank sets it
         k_pre_BGTD = k_BGTD
         q_BNTD, k_BGTD = rope(q_BNTD, start), rope(k_BGTD, start)
         if cache is None:
-            o_BNTD = F.scaled_dot_product_attention(q_BNTD, k_BGTD, v_BGTD, is_causal=True,
-                                                    enable_gqa=True)
-            if k_ref_BGTD is not None and self.training:
-                with torch.no_grad():  # distillation target: the same attention over the full K/V
-                    o_ref = F.scaled_dot_product_attention(q_BNTD, rope(k_ref_BGTD, start), v_ref_BGTD,
-                                                           is_causal=True, enable_gqa=True)
-                # Its gradient reaches the model too: that keeps the full and compressed modes consistent.
-                comp.distill_loss = attention_error(o_BNTD, o_ref)
-            elif comp is not None and comp.rank is not None and self.training:
-                # distillation-only step: the model used the full K/V, the latent learns on the side
-                comp.distill_loss = comp.side_distill(q_BNTD, k_pre_BGTD, v_BGTD, o_BNTD, rope, start)
+            if comp is not None and comp.rank is not None and comp.through_latent:
+                # Train / score through the latent: pre-RoPE keys and values round-trip at comp.rank.
+                k_lat_BGTD, v_lat_BGTD = comp(k_pre_BGTD, v_BGTD)
+                o_BNTD = comp.attention(q_BNTD, rope(k_lat_BGTD, start), v_lat_BGTD, k_BGTD, v_BGTD)
+                if self.training:
+                    with torch.no_grad():  # distillation target: the same attention over the full K/V
+                        o_ref = F.scaled_dot_product_attention(q_BNTD, k_BGTD, v_BGTD, is_causal=True,
+                                                               enable_gqa=True)
+                    # Its gradient reaches the model too: that keeps the full and compressed modes consistent.
+                    comp.distill_loss = attention_error(o_BNTD, o_ref)
+            else:
+                o_BNTD = F.scaled_dot_product_attention(q_BNTD, k_BGTD, v_BGTD, is_causal=True,
+                                                        enable_gqa=True)
+                if comp is not None and comp.rank is not None and self.training:
+                    # distillation-only step: the model used the full K/V, the latent learns on the side
+                    comp.distill_loss = comp.side_distill(q_BNTD, k_pre_BGTD, k_BGTD, v_BGTD, o_BNTD, rope, start)
         elif hasattr(cache, "attend"):  # policy caches (pikv/kv/policies.py) own the attention
             o_BNTD = cache.attend(self.layer_idx, q_BNTD, k_BGTD, v_BGTD, k_pre_BGTD=k_pre_BGTD,
                                   rope=rope, start=start, module=self)
@@ -127,11 +128,12 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, layer_idx: int, is_moe: bool,
-                 moe_deterministic: bool = False, kv_latent_rank: Optional[int] = None, kv_latent_bits: int = 16):
+                 moe_deterministic: bool = False, kv_latent_rank: Optional[int] = None, kv_latent_bits: int = 16,
+                 kv_latent_window: int = 0):
         super().__init__()
         self.is_moe = is_moe
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = Attention(cfg, layer_idx, kv_latent_rank, kv_latent_bits)
+        self.self_attn = Attention(cfg, layer_idx, kv_latent_rank, kv_latent_bits, kv_latent_window)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         if is_moe:
             # kind 'pikv': LoRA experts (pikv/moe/lora.py) with the moe.lora_* options.
@@ -177,13 +179,17 @@ class Transformer(MoEModel):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rope = RotaryEmbedding(cfg.hidden_size // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta)
         # kv_cfg (pikv.config.KVConfig) with compressor='learned' adds the jointly trained KV latent.
-        kv_rank, kv_bits = None, 16
+        kv_rank, kv_bits, kv_window = None, 16, 0
         if kv_cfg is not None and kv_cfg.compressor == "learned":
-            from pikv.kv.learned import latent_rank
-            kv_bits = kv_cfg.latent_bits
+            from pikv.kv.learned import default_latent_window, latent_rank
+            kv_bits, kv_window = kv_cfg.latent_bits, kv_cfg.latent_window
+            if kv_window is None:  # a KVConfig that did not pass through pikv.config.validate
+                kv_window = default_latent_window(cfg.max_seq_len, kv_cfg.train_ratios)
+            # sized without the exact window, the largest rank any sequence length can ask for
             kv_rank = latent_rank(cfg.num_kv_heads, cfg.hidden_size // cfg.num_heads, min(kv_cfg.train_ratios), kv_bits)
         self.layers = nn.ModuleList(
-            Block(cfg, moe_cfg, i, i in moe_layers, moe_deterministic, kv_rank, kv_bits) for i in range(cfg.num_layers))
+            Block(cfg, moe_cfg, i, i in moe_layers, moe_deterministic, kv_rank, kv_bits, kv_window)
+            for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

@@ -110,7 +110,8 @@ class Trainer:
         # of each step, a pure function of the step (pikv/kv/learned.py TrainSchedule).
         self.kv_schedule = (TrainSchedule(cfg.model.num_kv_heads, cfg.model.hidden_size // cfg.model.num_heads,
                                           cfg.kv.train_ratios, cfg.kv.full_every, cfg.kv.cotrain_start,
-                                          cfg.train.max_steps, cfg.kv.latent_bits)
+                                          cfg.train.max_steps, cfg.kv.latent_bits, cfg.kv.latent_window,
+                                          cfg.data.seq_len)
                             if cfg.kv.compressor == "learned" else None)
         self.step = 0
         self.nonfinite_steps = 0

@@ -18,9 +18,11 @@ def test_joint_compressor_training_and_kv_decoding_eval(run_job):
     run_dir = run_job.cwd / "runs" / "kv"
     rows = read_metrics(run_dir)
     ranks = [rows[s]["kv_rank"] for s in range(1, 9)]
-    # 2x, 4x, 8x int8 latent ranks (codes + a 2-byte scale fill 2 * (2 * 2 heads * 16 dims) / ratio
-    # bytes) by distillation only, then co-training from step 5 cycling full (0), 2x, 4x, 8x
-    assert ranks == [62, 30, 14, 62, 0, 62, 30, 14]
+    # 2x, 4x, 8x int8 latent ranks beside the exact window (4 tokens at seq_len 64: the default 8
+    # would take the whole 8x budget): the window's 4 x 128 fp16 bytes come off 64 x 128 / ratio, and
+    # the other 60 tokens' codes + 2-byte scales get the rest; distillation only, then co-training
+    # from step 5 cycling full (0), 2x, 4x, 8x
+    assert ranks == [57, 23, 6, 57, 0, 57, 23, 6]
     assert [rows[s]["kv_cotrain"] for s in range(1, 9)] == [0] * 4 + [1] * 4
     assert all(rows[s]["kv_distill_loss"] > 0 for s in range(1, 9) if ranks[s - 1]) and rows[5]["kv_distill_loss"] == 0
 
@@ -38,7 +40,7 @@ def test_joint_compressor_training_and_kv_decoding_eval(run_job):
                       "tokens_per_s", "delta_nll_ci95"):
             assert r[field] is not None, (key, field)
     assert got[("full", 1.0)]["compression_ratio"] == 1.0 and got[("full", 1.0)]["kl"] == 0
-    assert abs(got[("learned", 8.0)]["compression_ratio"] - 8.0) < 0.05
+    assert 8.0 <= got[("learned", 8.0)]["compression_ratio"] < 8.5  # fills the budget up to the rank's rounding
     assert 6.0 < got[("h2o", 8.0)]["compression_ratio"] < 8.0  # positions + scores are counted
     assert got[("quest", 2.0)]["compression_ratio"] < 1.0 < got[("quest", 2.0)]["read_ratio"]
     assert "impossible for 'quest'" in got[("quest", 8.0)]["skipped"]  # 8 tokens < one 16-token page

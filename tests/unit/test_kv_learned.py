@@ -23,6 +23,43 @@ def test_int8_latent_rank_fills_the_byte_budget():
     assert train_rank_schedule(2, 32, [2.0, 4.0, 8.0], full_every=3, bits=8) == [None, 126, 62, 30]
 
 
+def test_exact_window_takes_its_bytes_off_the_latent_budget():
+    # the default model: 256 fp16 bytes per token; a 256-token sequence keeps 8 tokens exact
+    assert [latent_rank(2, 32, r, bits=8, window=8, length=256) for r in (2, 4, 8)] == [121, 55, 22]
+    for r, rank in zip((2, 4, 8), (121, 55, 22)):  # within budget, and rank + 1 would not be
+        assert 8 * 256 + 248 * (rank + 2) <= 256 * 256 / r < 8 * 256 + 248 * (rank + 3)
+    assert train_rank_schedule(2, 32, [2.0, 8.0], full_every=0, bits=8, window=8, length=256) == [121, 22]
+    with pytest.raises(ValueError, match="ratio 8 is impossible for the learned latent beside a 32-token exact window"):
+        latent_rank(2, 32, 8, bits=8, window=32, length=256)  # the window alone is the whole 8x budget
+    with pytest.raises(ValueError, match="window 8 needs a sequence length above it"):
+        latent_rank(2, 32, 4, window=8)
+
+
+@pytest.mark.parametrize("window", [0, 3])
+def test_windowed_latent_attention_equals_a_naive_loop(window):
+    # query p reads key j exactly when p - window < j <= p, through the latent when j <= p - window
+    torch.manual_seed(0)
+    comp = LatentKVCompressor(2, 8, 16, window=window)
+    B, N, G, T, S, E, Dh = 1, 4, 2, 3, 9, 5, 8
+    q = torch.randn(B, N, T, Dh)
+    k_lat, v_lat = torch.randn(B, G, S, Dh), torch.randn(B, G, S, Dh)
+    k_ex, v_ex = torch.randn(B, G, E, Dh), torch.randn(B, G, E, Dh)
+    got = comp.attention(q, k_lat, v_lat, k_ex, v_ex)
+    ref = torch.zeros_like(got)
+    for n in range(N):
+        g = n // (N // G)
+        for t in range(T):
+            p = S - T + t
+            keys, vals = [], []
+            for j in range(p + 1):
+                exact = p - j < window
+                keys.append(k_ex[0, g, j - (S - E)] if exact else k_lat[0, g, j])
+                vals.append(v_ex[0, g, j - (S - E)] if exact else v_lat[0, g, j])
+            w = torch.softmax(torch.stack(keys) @ q[0, n, t] / Dh ** 0.5, 0)
+            ref[0, n, t] = w @ torch.stack(vals)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_int8_latent_round_trip_error_and_straight_through_gradient():
     c = torch.randn(3, 5, 30) * torch.linspace(0.1, 4, 30)
     codes, scale = quantize_latent(c)
@@ -131,10 +168,17 @@ def test_kv_config_errors():
         load_config(None, ["kv.train_ratios=[0.5]"])
     with pytest.raises(ValueError, match=r"'kv.latent_bits' = 4 is invalid: allowed values are 8"):
         load_config(None, ["kv.latent_bits=4"])
+    with pytest.raises(ValueError, match=r"'kv.latent_window' = 64 is invalid: must leave every kv.train_ratios"):
+        load_config(None, ["kv.latent_window=64"])
+    with pytest.raises(ValueError, match=r"'kv.latent_window' = -1 is invalid: must be >= 0"):
+        load_config(None, ["kv.latent_window=-1"])
     with pytest.raises(ValueError, match=r"'kv.cotrain_start' = 1.5 is invalid: must be in \[0, 1\]"):
         load_config(None, ["kv.cotrain_start=1.5"])
     assert load_config(None, ["kv.compressor=none"]).kv.compressor == "none"
     assert load_config(None, []).kv.compressor == "learned"  # the default main job trains it
+    # the exact window resolves to 8 tokens, fewer where it would take over half of the 8x budget
+    assert load_config(None, []).kv.latent_window == 8
+    assert load_config(None, ["data.seq_len=64", "model.max_seq_len=64"]).kv.latent_window == 4
 
 
 def test_hf_llama_port_matches_logits():

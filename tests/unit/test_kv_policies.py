@@ -18,11 +18,11 @@ L, G, D, N_HEADS = 3, 2, 16, 4
 N_TOK, PREFILL = 64, 24
 
 
-def tiny_model(learned: bool = True, latent_bits: int = 8) -> Transformer:
+def tiny_model(learned: bool = True, latent_bits: int = 8, latent_window: int = 0) -> Transformer:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=96, hidden_size=N_HEADS * D, num_layers=L, num_heads=N_HEADS, num_kv_heads=G,
                       ffn_hidden_size=64, expert_ffn_hidden_size=32, num_experts=4, max_seq_len=N_TOK)
-    kv_cfg = KVConfig(compressor="learned", latent_bits=latent_bits) if learned else None
+    kv_cfg = KVConfig(compressor="learned", latent_bits=latent_bits, latent_window=latent_window) if learned else None
     return Transformer(cfg, MoEConfig(every_n_layers=0), kv_cfg=kv_cfg).eval()
 
 
@@ -252,28 +252,38 @@ def test_svd_full_rank_is_lossless(model, tokens):
     torch.testing.assert_close(svd, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("bits", [16, 8])
-def test_learned_decode_equals_single_pass_and_bytes_fill_the_budget(tokens, bits):
-    # the jointly trained latent: sequential decoding with the latent cache == the training-time
-    # single pass through the compressor (the masked simulation), NLL within 1e-4
-    model = tiny_model(latent_bits=bits)
-    cache = make_cache("learned", model, ratio=4, store_dtype=torch.float32)
-    seq = decode(model, tokens, cache)
+@pytest.mark.parametrize("bits,window", [(16, 0), (8, 0), (8, 8)])
+def test_learned_decode_equals_single_pass_and_bytes_fill_the_budget(tokens, bits, window):
+    # the jointly trained latent (with `window` recent tokens exact): sequential decoding with the
+    # latent cache == the training-time single pass through the compressor, NLL within 1e-4
+    model = tiny_model(latent_bits=bits, latent_window=window)
+    cache = make_cache("learned", model, ratio=4, total_tokens=N_TOK, store_dtype=torch.float32)
+    widths = []
+    seq = decode(model, tokens, cache, check=lambda c: widths.append(c.length(0)))
     set_compressor_rank(model, cache.rank)
     try:
         with torch.no_grad():
             one_pass = model(tokens[:, :-1])[:, PREFILL - 1:]
+            set_compressor_rank(model, None)
+            full = model(tokens[:, :-1])[:, PREFILL - 1:]
     finally:
         set_compressor_rank(model, None)
     nll = lambda lg: torch.nn.functional.cross_entropy(lg.flatten(0, 1), tokens[:, PREFILL:].flatten())  # noqa: E731
     assert abs(float((nll(seq) - nll(one_pass)).detach())) < 1e-4
+    assert float((seq - full).abs().max().detach()) > 1e-3  # the latent is really read
+    assert widths == list(range(PREFILL, N_TOK))  # every token kept, as codes or exactly
+    C, seen = 2 * G * D, N_TOK - 1
     per_token = cache.rank * 4 if bits == 16 else cache.rank + 2  # fp32 codes here / int8 codes + fp16 scale
-    assert cache.nbytes() == L * tokens.shape[0] * (N_TOK - 1) * per_token
-    # the rank fills the 4x budget of 2 * (2 G D) bytes per token: fp16 codes G D / 2, int8 G D - 2
-    assert cache.rank == (2 * G * D // 4 if bits == 16 else G * D - 2)
-    full_fp16 = L * tokens.shape[0] * (N_TOK - 1) * 2 * G * D * 2
-    if bits == 8:
-        assert full_fp16 / cache.nbytes() == 4.0
+    exact = window * C * 4  # the window's fp32 keys + values here
+    assert cache.nbytes() == L * tokens.shape[0] * ((seen - window) * per_token + exact)
+    if window == 0:  # the rank fills the 4x budget of 2C bytes per token: fp16 codes C/4, int8 C/2 - 2
+        assert cache.rank == (C // 4 if bits == 16 else C // 2 - 2)
+    else:  # the window takes its fp16 bytes off the budget of N_TOK tokens; the codes get the rest
+        assert cache.rank == (N_TOK * 2 * C // 4 - window * 2 * C) // (N_TOK - window) - 2
+    if bits == 8:  # measured in the fp16 cache the evaluation uses
+        fp16 = make_cache("learned", model, ratio=4, total_tokens=N_TOK)
+        decode(model, tokens, fp16)
+        assert L * tokens.shape[0] * seen * 2 * C * 2 / fp16.nbytes() >= 4.0
 
 
 def kvpress_pyramid_budget(layer, num_layers, q_len, compression_ratio, window, beta):

@@ -48,6 +48,25 @@ def test_natural_wording_asks_for_the_key_in_words(tok):
     assert "The pass key is" in probe.describe()
 
 
+def test_bos_starts_every_probe_and_counts_toward_its_length(tok):
+    plain, bos = PasskeyProbe(tok, wording=NATURAL), PasskeyProbe(tok, wording=NATURAL, bos_id=7)
+    assert bos.overhead == plain.overhead + 1
+    assert "BOS token 7 first" in bos.describe() and "BOS" not in plain.describe()
+    filler, key = np.arange(1000, 1080, dtype=np.int64), np.array([3, 8, 9, 2])
+    for pos in (0, 5, 80 - bos.overhead):  # BOS + the plain probe of the filler less its last token
+        seq = bos.build(filler, key, pos)
+        assert len(seq) == 80 and seq[0] == 7
+        assert seq[1:].tolist() == plain.build(filler[:-1], key, pos).tolist()
+    needle, answer = bos.open + bos.digits[key].tolist() + bos.close, bos.digits[key].tolist()
+    assert bos.build(filler, key, 0)[1:1 + len(needle)].tolist() == needle  # depth 0: right after the BOS
+    tail = bos.build(filler, key, 80 - bos.overhead)[-(len(needle) + len(bos.query) + 4):]
+    assert tail.tolist() == needle + bos.query + answer  # depth 1: right before the query; answer last
+    assert plain.build(filler, key, 0)[:len(needle)].tolist() == needle  # no BOS: the layout as before
+    seqs, _ = bos.eval_set(filler[None], list(DEPTHS))
+    assert seqs.shape == (5, 80) and (seqs[:, 0] == 7).all() and np.isin(seqs[:, -4:], bos.digits).all()
+    assert np.array_equal(seqs[:, 1:], plain.eval_set(filler[None, :-1], list(DEPTHS))[0])
+
+
 def test_insertion_is_a_pure_function_of_seed_and_sample_index(tok):
     probe = PasskeyProbe(tok, rate=0.3, seed=7)
     blocks = np.random.default_rng(0).integers(100, 200, size=(400, 33))
@@ -89,8 +108,8 @@ class GreedyKeyProbe(PasskeyProbe):
     """Rows at even indices get the model's own greedy continuation as the answer, so a correct
     evaluation recalls exactly those (an untrained model recalls nothing by chance)."""
 
-    def __init__(self, tok, model):
-        super().__init__(tok)
+    def __init__(self, tok, model, bos_id=None):
+        super().__init__(tok, bos_id=bos_id)
         self.model = model
 
     def eval_set(self, fillers, depths, seed=0):
@@ -102,12 +121,13 @@ class GreedyKeyProbe(PasskeyProbe):
         return x.numpy(), depth
 
 
-def test_probe_evaluation_matches_a_single_pass_reference(tok):
+@pytest.mark.parametrize("bos_id", [None, 1])
+def test_probe_evaluation_matches_a_single_pass_reference(tok, bos_id):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                       ffn_hidden_size=32, max_seq_len=48)
     model = Transformer(cfg, MoEConfig(every_n_layers=0), kv_cfg=KVConfig()).eval()
-    probe = GreedyKeyProbe(tok, model)
+    probe = GreedyKeyProbe(tok, model, bos_id)
     fillers = torch.randint(20, 300, (4, 48))
     out = evaluate_probe(model, probe, fillers, [("window", 1.5), ("quest", 8.0)], batch_size=3)
     seqs, depth = probe.eval_set(fillers.numpy(), list(DEPTHS))
