@@ -403,9 +403,9 @@ class PolicyCache:
         if leaving:  # clones: a slice would keep the whole step's storage resident
             for key, t in codes_E.items():
                 st[key] = torch.cat([st[key], t[:, :leaving]], 1) if key in st else t[:, :leaving].clone()
-        if comp.window:
-            st["wk"] = k_pre_BGED[:, :, leaving:].to(self.store_dtype).clone()
-            st["wv"] = v_BGED[:, :, leaving:].to(self.store_dtype).clone()
+        if comp.window:  # copies, for the same reason
+            st["wk"] = k_pre_BGED[:, :, leaving:].to(self.store_dtype, copy=True)
+            st["wv"] = v_BGED[:, :, leaving:].to(self.store_dtype, copy=True)
         return o
 
 
