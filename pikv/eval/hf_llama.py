@@ -23,8 +23,10 @@ def _rope_theta(c) -> float:
     return float(theta)
 
 
-def transformer_from_hf_llama(hf_model, max_seq_len: int | None = None) -> Transformer:
-    """A pikv Transformer with the weights of an HF LlamaForCausalLM (fp32, eval mode)."""
+def transformer_from_hf_llama(hf_model, max_seq_len: int | None = None, kv_cfg=None) -> Transformer:
+    """A pikv Transformer with the weights of an HF LlamaForCausalLM (fp32, eval mode). With
+    `kv_cfg` (pikv.config.KVConfig, compressor='learned') every layer also gets a fresh learned KV
+    compressor, to be fitted to the frozen model (pikv.kv.fit)."""
     c = hf_model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     if head_dim * c.num_attention_heads != c.hidden_size:
@@ -34,7 +36,7 @@ def transformer_from_hf_llama(hf_model, max_seq_len: int | None = None) -> Trans
                       ffn_hidden_size=c.intermediate_size, max_seq_len=max_seq_len or c.max_position_embeddings,
                       rope_theta=_rope_theta(c), norm_eps=c.rms_norm_eps,
                       tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)))
-    model = Transformer(cfg, MoEConfig(every_n_layers=0))
+    model = Transformer(cfg, MoEConfig(every_n_layers=0), kv_cfg=kv_cfg)
     state = {}
     for k, v in hf_model.state_dict().items():
         k = k.removeprefix("model.")
@@ -44,7 +46,7 @@ def transformer_from_hf_llama(hf_model, max_seq_len: int | None = None) -> Trans
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
+    missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight") and "kv_compressor" not in m]
     if missing or unexpected:
         raise ValueError(f"HF Llama -> pikv: missing {missing}, unexpected {unexpected}")
     return model.eval()

@@ -29,7 +29,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pikv.kv.policies import calibrate_svd, make_cache, resolve_policy
+from pikv.kv.fit import calibrate_svd
+from pikv.kv.policies import make_cache, resolve_policy
 
 
 @dataclass

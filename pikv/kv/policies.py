@@ -462,36 +462,3 @@ def make_cache(policy: str, model, *, ratio: Optional[float] = None, tokens: Opt
         if policy == "pyramid":  # length: the tokens a layer sees (kvpress: the prompt)
             budgets = pyramid_budgets(M, L, opt.pyramid_beta, opt.snap_window, total_tokens, lo)
     return PolicyCache(policy, L, G, D, budgets=budgets, **kw)
-
-
-@torch.no_grad()
-def calibrate_svd(model, tokens_BT: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer and kv head, the right singular vectors of the calibration set's pre-RoPE keys
-    and values, ordered by singular value: [(Uk_GDD, Uv_GDD)] per layer (rank r = first r columns).
-    Post-training low-rank KV projection (Palu, arXiv:2407.21118; Eigen Attention, arXiv:2408.05646)."""
-    cfg = model.cfg
-    G, D = cfg.num_kv_heads, cfg.hidden_size // cfg.num_heads
-    seen: dict[tuple[int, str], list[torch.Tensor]] = {}
-    hooks = []
-    for i, block in enumerate(model.layers):
-        for name in ("k_proj", "v_proj"):
-            def hook(mod, inp, out, key=(i, name)):
-                seen.setdefault(key, []).append(out.reshape(-1, G, D).float())
-            hooks.append(getattr(block.self_attn, name).register_forward_hook(hook))
-    try:
-        was = model.training
-        model.eval()
-        model(tokens_BT)
-        model.train(was)
-    finally:
-        for h in hooks:
-            h.remove()
-    bases = []
-    for i in range(len(model.layers)):
-        pair = []
-        for name in ("k_proj", "v_proj"):
-            x_XGD = torch.cat(seen[(i, name)])
-            _, _, Vh_GDD = torch.linalg.svd(x_XGD.transpose(0, 1), full_matrices=False)
-            pair.append(Vh_GDD.transpose(1, 2).contiguous())  # [G, D, D], columns = directions
-        bases.append((pair[0], pair[1]))
-    return bases
