@@ -2,7 +2,7 @@
 held-out decoding evaluation and the passkey probe against the training-free policies.
 
   .venv-anchors/bin/python bench/kv_learned_smollm2.py [--steps 96] [--batch-size 2] [--length 512]
-      [--end-to-end] [--compressor PATH (load instead of fitting)] [--sequences 16] [--prefill 384]
+      [--compressor PATH (load instead of fitting)] [--sequences 16] [--prefill 384]
       [--policies window,streaming,h2o,snapkv,pyramid,quant] [--ratios 2,4,8] [--probe-windows 8]
       [--out runs/bench/kv_learned_smollm2]
 
@@ -58,21 +58,19 @@ def fit(model, tok, args) -> dict:
                          f"calibration ones; --steps x --batch-size needs {args.steps * args.batch_size}")
     batches = (train[i * args.batch_size:(i + 1) * args.batch_size] for i in range(args.steps))
 
-    what = "KL to the full cache" if args.end_to_end else "attention error per layer"
-
     def progress(step, rank, loss):
         if step % 10 == 0 or step == args.steps - 1:
-            print(f"fit step {step}: rank {rank}, {what} {loss:.4f} ({time.time() - t0:.0f}s)", flush=True)
+            print(f"fit step {step}: rank {rank}, attention error per layer {loss:.4f} ({time.time() - t0:.0f}s)",
+                  flush=True)
 
-    log = fit_compressors(model, batches, RATIOS, args.steps, args.length, lr=args.lr, end_to_end=args.end_to_end,
-                          progress=progress)
+    log = fit_compressors(model, batches, RATIOS, args.steps, args.length, lr=args.lr, progress=progress)
     by_rank: dict[int, list[float]] = {}
     for _, rank, loss in log:
         by_rank.setdefault(rank, []).append(loss)
-    info = {"fit": what, "fit_steps": args.steps, "fit_batch": args.batch_size, "fit_length": args.length,
+    info = {"fit_steps": args.steps, "fit_batch": args.batch_size, "fit_length": args.length,
             "lr": args.lr,
             "pca_windows": args.calibration, "pca_seconds": round(pca_s), "fit_seconds": round(time.time() - t0),
-            "loss_first_last_cycle": {r: [round(v[0], 4), round(v[-1], 4)] for r, v in by_rank.items()}}
+            "attention_error_first_last_cycle": {r: [round(v[0], 4), round(v[-1], 4)] for r, v in by_rank.items()}}
     save_compressors(model, args.out / "compressor.safetensors", info)
     return info
 
@@ -83,8 +81,6 @@ def main(argv):
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--length", type=int, default=512, help="tokens per fitting / evaluation / probe window")
     ap.add_argument("--lr", type=float, default=3e-5, help="AdamW peak: larger ones first undo the PCA (docs/kv.md)")
-    ap.add_argument("--end-to-end", action="store_true", help="fit on the KL to the full cache's next-token "
-                    "distribution through the latent (pikv.kv.fit.fit_compressors), not per-layer side distillation")
     ap.add_argument("--calibration", type=int, default=16, help="train windows for the PCA initialisation")
     ap.add_argument("--compressor", type=Path, help="load this fitted compressor instead of fitting one")
     ap.add_argument("--sequences", type=int, default=16, help="held-out windows for the decoding evaluation")

@@ -4,14 +4,16 @@ pretrained model, e.g. SmolLM2 loaded through pikv.eval.hf_llama, saved / loaded
 
 PiKV's own models train the compressor jointly (distillation, then co-training; docs/kv.md). A
 pretrained model whose weights stay frozen can only get the first half: the compressor learns by
-distillation alone. Two steps, as post-training low-rank KV methods do (Palu, arXiv:2407.21118;
-MLA conversions of pretrained models such as MHA2MLA, arXiv:2502.14837):
+distillation alone. Two steps, as post-training low-rank KV methods do (Palu, arXiv:2407.21118)
+and as MLA conversions of pretrained models start (MHA2MLA, arXiv:2502.14837, which then also
+fine-tunes the model):
 1. `pca_init_`: each layer's `down`/`up` start as the principal directions of its concatenated
    pre-RoPE keys and values on calibration text. That is the best linear autoencoder in squared
    error at every rank at once, so it suits the nested (Matryoshka) ranks as they are.
 2. `fit_compressors`: the same side distillation as the joint training's first phase
    (LatentKVCompressor.side_distill: each layer's attention output through the latent vs through
    the full K/V, teacher-forced on the full-cache model), cycling over the ranks of the budgets.
+What this reaches on SmolLM2, and where it falls short of co-training: docs/kv.md.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from pikv.kv.learned import LatentKVCompressor, TrainSchedule, compressor_losses, set_compressor_rank
 
@@ -112,17 +113,16 @@ def run_layers(model, tokens_BT: torch.Tensor) -> torch.Tensor:
 
 
 def fit_compressors(model, batches: Iterable[torch.Tensor], ratios: list[float], steps: int, length: int,
-                    lr: float = 1e-3, warmup: int = 10, end_to_end: bool = False, distill_weight: float = 0.1,
+                    lr: float = 1e-3, warmup: int = 10,
                     progress: Optional[Callable[[int, int, float], None]] = None) -> list[tuple[int, int, float]]:
-    """Train only the compressors for `steps` batches (the model's own weights are frozen and
-    untouched), cycling over the latent ranks of `ratios` at sequences of `length` tokens. Warmup,
-    then cosine decay to 10% of lr. Returns (step, rank, loss) per step.
+    """Train only the compressors by side distillation for `steps` batches (the model's own
+    weights are frozen and untouched), cycling over the latent ranks of `ratios` at sequences of
+    `length` tokens. Warmup, then cosine decay to 10% of lr. Returns (step, rank, mean per-layer
+    attention error) per step.
 
-    Side distillation (default): each layer's attention output through the latent vs through the
-    full K/V, teacher-forced; loss = the mean per-layer error. end_to_end: the model runs through
-    the latent and the loss is the KL divergence of its next-token distribution from the full
-    cache's (nats per token) + distill_weight x the summed attention errors, so the gradient
-    carries what each layer's error does to the output; about 3x the cost of a side step."""
+    Per-layer side distillation rather than the KL of the output distribution through the latent:
+    on SmolLM2 the KL fit (96 steps, same lr, backpropagated through the frozen model at ~2x the
+    cost) was worse at every ratio (docs/benchmarks.md)."""
     comps = compressors(model)
     c0 = comps[0]
     schedule = TrainSchedule(c0.G, c0.D, ratios, full_every=0, cotrain_start=1.0, max_steps=steps,
@@ -138,25 +138,15 @@ def fit_compressors(model, batches: Iterable[torch.Tensor], ratios: list[float],
     model.train()
     try:
         for step, batch in zip(range(steps), batches):
-            rank, _ = schedule.at(step)
-            if end_to_end:
-                set_compressor_rank(model, None)
-                with torch.no_grad():
-                    teacher = model(batch).float().log_softmax(-1).flatten(0, 1)
-                set_compressor_rank(model, rank, through_latent=True)
-                student = model(batch).float().log_softmax(-1).flatten(0, 1)
-                report = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
-                loss = report + distill_weight * compressor_losses(model)
-            else:
-                set_compressor_rank(model, rank, through_latent=False)
-                run_layers(model, batch)
-                loss = compressor_losses(model)
-                report = loss / len(comps)
+            rank, through_latent = schedule.at(step)
+            set_compressor_rank(model, rank, through_latent)
+            run_layers(model, batch)
+            loss = compressor_losses(model)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            log.append((step, rank, float(report.detach())))
+            log.append((step, rank, float(loss.detach()) / len(comps)))
             if progress:
                 progress(step, rank, log[-1][2])
     finally:

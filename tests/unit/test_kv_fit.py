@@ -119,24 +119,3 @@ def test_hf_llama_port_with_compressors_keeps_the_logits():
     assert ours.layers[0].self_attn.kv_compressor is not None
     assert max_logit_difference(hf, ours, torch.randint(0, 100, (2, 24))) < 1e-4  # inactive: full K/V
 
-
-def test_end_to_end_fit_lowers_the_kl_to_the_full_cache():
-    m = model(bits=8, window=4)
-    tokens = torch.randint(0, 97, (64, 32))
-    pca_init_(m, tokens[:8])
-    frozen = {k: v.clone() for k, v in m.state_dict().items() if "kv_compressor" not in k}
-
-    def kl_at(rank):
-        with torch.no_grad():
-            full = m(tokens[-16:]).log_softmax(-1)
-            set_compressor_rank(m, rank)
-            latent = m(tokens[-16:]).log_softmax(-1)
-            set_compressor_rank(m, None)
-        return float((full.exp() * (full - latent)).sum(-1).mean())
-
-    before = kl_at(16)
-    log = fit_compressors(m, (tokens[i % 6 * 8:i % 6 * 8 + 8] for i in range(40)), [2.0, 4.0], steps=40,
-                          length=32, lr=1e-2, warmup=1, end_to_end=True)
-    assert kl_at(16) < 0.8 * before
-    assert log[-1][2] >= 0  # the logged loss is the KL of that step
-    assert all(torch.equal(v, m.state_dict()[k]) for k, v in frozen.items())
