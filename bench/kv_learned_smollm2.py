@@ -80,7 +80,7 @@ def main(argv):
     ap.add_argument("--steps", type=int, default=96, help="distillation steps (0 = PCA initialisation only)")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--length", type=int, default=512, help="tokens per fitting / evaluation / probe window")
-    ap.add_argument("--lr", type=float, default=3e-5, help="AdamW peak: larger ones first undo the PCA (docs/kv.md)")
+    ap.add_argument("--lr", type=float, default=3e-5, help="AdamW peak (pikv.kv.fit.fit_compressors)")
     ap.add_argument("--calibration", type=int, default=16, help="train windows for the PCA initialisation")
     ap.add_argument("--compressor", type=Path, help="load this fitted compressor instead of fitting one")
     ap.add_argument("--sequences", type=int, default=16, help="held-out windows for the decoding evaluation")
