@@ -19,12 +19,12 @@ What this reaches on SmolLM2, and where it falls short of co-training: docs/kv.m
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
 
+from pikv.config import TrainConfig
 from pikv.kv.learned import LatentKVCompressor, TrainSchedule, compressor_losses, set_compressor_rank
 
 
@@ -48,7 +48,7 @@ def kv_second_moments(model, tokens_XN: torch.Tensor, batch_size: int = 4) -> li
     model.eval()
     try:
         for b0 in range(0, len(tokens_XN), batch_size):
-            run_layers(model, tokens_XN[b0:b0 + batch_size])
+            model.hidden_states(tokens_XN[b0:b0 + batch_size])  # no logits needed
             for i in range(len(model.layers)):
                 x_XC = torch.cat([seen[(i, "k_proj")], seen[(i, "v_proj")]], -1).flatten(0, -2).double()
                 if len(moments) <= i:
@@ -103,50 +103,43 @@ def pca_init_(model, tokens_XN: torch.Tensor, batch_size: int = 4) -> list[torch
     return eigenvalues
 
 
-def run_layers(model, tokens_BT: torch.Tensor) -> torch.Tensor:
-    """The transformer blocks only: fitting and calibration need no logits (SmolLM2's 49k-token
-    head is a fifth of its forward)."""
-    x = model.embed_tokens(tokens_BT)
-    for block in model.layers:
-        x = block(x, model.rope, 0)
-    return x
-
-
 def fit_compressors(model, batches: Iterable[torch.Tensor], ratios: list[float], steps: int, length: int,
                     lr: float = 3e-5, warmup: int = 10,
                     progress: Optional[Callable[[int, int, float], None]] = None) -> list[tuple[int, int, float]]:
     """Train only the compressors by side distillation for `steps` batches (the model's own
     weights are frozen and untouched), cycling over the latent ranks of `ratios` at sequences of
-    `length` tokens. Warmup, then cosine decay to 10% of lr; after a PCA initialisation keep lr
-    small (AdamW's first, sign-like steps otherwise undo it: on SmolLM2 the 2x error rose 30x in 3
-    steps at 1e-3). Returns (step, rank, mean per-layer attention error) per step.
+    `length` tokens, on the training's schedule (pikv.training.schedule: warmup, then cosine decay
+    to 10% of lr). After a PCA initialisation keep lr small: AdamW's first, sign-like steps
+    otherwise undo it (on SmolLM2 the 2x error rose 30x in 3 steps at 1e-3). Returns (step, rank, mean per-layer attention error) per step.
 
     Per-layer side distillation rather than the KL of the output distribution through the latent:
     on SmolLM2 the KL fit (96 steps, same lr, backpropagated through the frozen model at ~2x the
     cost) was worse at every ratio (docs/benchmarks.md)."""
+    from pikv.training.schedule import lr_at  # here: pikv.training imports the models, which import pikv.kv
     comps = compressors(model)
     c0 = comps[0]
     schedule = TrainSchedule(c0.G, c0.D, ratios, full_every=0, cotrain_start=1.0, max_steps=steps,
                              bits=c0.bits, window=c0.window, length=length)
     params = [p for c in comps for p in c.parameters()]
-    frozen = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in params)]
+    own = {id(p) for p in params}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
     for p in frozen:
         p.requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
-        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps - 1))))))
+    lr_cfg = TrainConfig(lr=lr, warmup_steps=warmup, max_steps=steps, min_lr_ratio=0.1)
     log = []
     model.train()
     try:
         for step, batch in zip(range(steps), batches):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step + 1, lr_cfg)
             rank, through_latent = schedule.at(step)
             set_compressor_rank(model, rank, through_latent)
-            run_layers(model, batch)
+            model.hidden_states(batch)  # the losses are per layer: no LM head
             loss = compressor_losses(model)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
             log.append((step, rank, float(loss.detach()) / len(comps)))
             if progress:
                 progress(step, rank, log[-1][2])

@@ -215,6 +215,11 @@ class Transformer(MoEModel):
 
     def forward(self, tokens_BT: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         """tokens_BT int64 -> logits_BTV; with a cache, positions continue from cache.seq_len."""
+        return self.lm_head(self.norm(self.hidden_states(tokens_BT, cache)))
+
+    def hidden_states(self, tokens_BT: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """The last block's output, before the final norm and the LM head (what KV calibration and
+        compressor fitting need: pikv/kv/fit.py)."""
         start = cache.seq_len if cache is not None else 0
         if start + tokens_BT.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {start + tokens_BT.shape[1]} (cached {start} + new "
@@ -222,7 +227,7 @@ class Transformer(MoEModel):
         x_BTH = self.embed_tokens(tokens_BT)
         for block in self.layers:
             x_BTH = block(x_BTH, self.rope, start, cache)
-        return self.lm_head(self.norm(x_BTH))
+        return x_BTH
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token, for MFU: 6 * N + 12 * L * H * seq_len.

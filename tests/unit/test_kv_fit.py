@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pikv.config import KVConfig, ModelConfig, MoEConfig
-from pikv.kv.fit import calibrate_svd, fit_compressors, load_compressors, pca_init_, run_layers, save_compressors
+from pikv.kv.fit import calibrate_svd, fit_compressors, load_compressors, pca_init_, save_compressors
 from pikv.kv.learned import set_compressor_rank
 from pikv.kv.policies import make_cache
 from pikv.models import Transformer
@@ -75,7 +75,7 @@ def test_fit_trains_only_the_compressor_and_lowers_its_distillation_loss():
         m.train()
         set_compressor_rank(m, rank, through_latent=False)
         with torch.no_grad():
-            run_layers(m, tokens[-16:])
+            m.hidden_states(tokens[-16:])
         total = sum(float(b.self_attn.kv_compressor.distill_loss) for b in m.layers)
         set_compressor_rank(m, None)
         m.eval()
