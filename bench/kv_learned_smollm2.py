@@ -39,8 +39,7 @@ from kv_vs_kvpress import load_smollm2, sequences  # noqa: E402
 
 from pikv.config import KVConfig  # noqa: E402
 from pikv.data.probe import NATURAL, PasskeyProbe  # noqa: E402
-from pikv.eval import probe as probe_eval  # noqa: E402
-from pikv.eval.kv import evaluate_kv, parse_specs, write_results  # noqa: E402
+from pikv.eval.kv import add_probe, evaluate_kv, parse_specs, write_results  # noqa: E402
 from pikv.kv.fit import fit_compressors, load_compressors, pca_init_, save_compressors  # noqa: E402
 
 RATIOS = [2.0, 4.0, 8.0]
@@ -48,11 +47,10 @@ RATIOS = [2.0, 4.0, 8.0]
 
 def fit(model, tok, args) -> dict:
     t0 = time.time()
-    calib = sequences(tok, args.length, args.calibration, split="train")
+    windows = sequences(tok, args.length, args.calibration + args.steps * args.batch_size, split="train")
+    calib, train = windows[:args.calibration], windows[args.calibration:]  # the fit sees windows the PCA did not
     pca_init_(model, calib, batch_size=args.batch_size)
     pca_s = time.time() - t0
-    train = sequences(tok, args.length, args.steps * args.batch_size + args.calibration, split="train")
-    train = train[args.calibration:]  # windows the PCA did not see
     if len(train) < args.steps * args.batch_size:
         raise SystemExit(f"the train split holds {len(train)} windows of {args.length} tokens beyond the "
                          f"calibration ones; --steps x --batch-size needs {args.steps * args.batch_size}")
@@ -111,13 +109,8 @@ def main(argv):
         t2 = time.time()
         probe = PasskeyProbe(tok.backend_tokenizer, wording=NATURAL, bos_id=tok.get_vocab()["<|endoftext|>"])
         fillers = sequences(tok, args.length, args.probe_windows)
-        results = probe_eval.evaluate_probe(model, probe, fillers, specs, batch_size=args.eval_batch)
-        for row in rows:
-            r = results.get((row.policy, row.ratio), {})
-            row.probe_accuracy, row.probe_by_depth = r.get("accuracy"), r.get("by_depth")
-        meta["probe"] = probe_eval.summary(results, probe, len(fillers) * len(probe_eval.DEPTHS), args.length)
+        meta["probe"], probe_md = add_probe(rows, model, probe, fillers, specs, args.eval_batch)
         meta["probe_seconds"] = round(time.time() - t2)
-        probe_md = probe_eval.markdown(results)
     meta["load_average"] = os.getloadavg()
     write_results(rows, args.out, meta, probe_md)
     print((args.out / "results.md").read_text())

@@ -283,16 +283,23 @@ def run_kv_evaluation(model, tokenizer, docs, calib_docs, specs, out: Path, leng
                         "enforced after every step; reference = the same model with a full fp16 cache"}
     probe_md = ""
     if probe is not None:
-        from pikv.eval import probe as probe_eval
         fillers = heldout_sequences(tokenizer, docs, length, probe_fillers)
-        results = probe_eval.evaluate_probe(model, probe, fillers, specs, batch_size, svd_bases=bases)
-        for row in rows:
-            r = results.get((row.policy, row.ratio), {})
-            row.probe_accuracy, row.probe_by_depth = r.get("accuracy"), r.get("by_depth")
-        meta["probe"] = probe_eval.summary(results, probe, len(fillers) * len(probe_eval.DEPTHS), length)
-        probe_md = probe_eval.markdown(results)
+        meta["probe"], probe_md = add_probe(rows, model, probe, fillers, specs, batch_size, bases)
     write_results(rows, out, meta, probe_md)
     return rows
+
+
+def add_probe(rows: list[KVEvalRow], model, probe, fillers_XN: torch.Tensor, specs, batch_size: int,
+              svd_bases=None) -> tuple[dict, str]:
+    """The retrieval probe for the full cache and every spec on `fillers_XN`: each row gets its
+    accuracy (overall and by depth); returns (the probe's summary, its markdown table)."""
+    from pikv.eval import probe as probe_eval
+    results = probe_eval.evaluate_probe(model, probe, fillers_XN, specs, batch_size, svd_bases=svd_bases)
+    for row in rows:
+        r = results.get((row.policy, row.ratio), {})
+        row.probe_accuracy, row.probe_by_depth = r.get("accuracy"), r.get("by_depth")
+    X, N = fillers_XN.shape
+    return probe_eval.summary(results, probe, X * len(probe_eval.DEPTHS), N), probe_eval.markdown(results)
 
 
 TABLE_SKIP = ("nll_per_sequence", "delta_nll_ci95", "probe_by_depth")  # lists/dicts: not table cells
