@@ -4,8 +4,8 @@ only torch; the other modules import the parts of pikv they measure and are impo
 anchor model and its corpus windows), `pikv.benchmark.kvpress` (PiKV policies vs kvpress presses),
 `pikv.benchmark.seeds` (KV results pooled over training seeds)."""
 
-from pikv.benchmark.harness import (Timings, machine_info, machine_line, median_interval, round_orders,
+from pikv.benchmark.harness import (Timings, Transcript, machine_info, machine_line, median_interval, round_orders,
                                     run_rounds, write_report)
 
-__all__ = ["Timings", "machine_info", "machine_line", "median_interval", "round_orders", "run_rounds",
+__all__ = ["Timings", "Transcript", "machine_info", "machine_line", "median_interval", "round_orders", "run_rounds",
            "write_report"]

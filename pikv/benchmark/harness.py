@@ -187,6 +187,22 @@ def run_rounds(cases: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1
     return Timings(baseline, seconds, orders[warmup:], returned)
 
 
+class Transcript:
+    """Print lines as a bench produces them and keep them for its markdown report: `emit = Transcript();
+    emit("| a | b |"); write_report(..., emit.text)`."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
 def write_report(out: Path, stem: str, machine: dict[str, Any], data: dict[str, Any], markdown: str,
                  title: Optional[str] = None) -> tuple[Path, Path]:
     """Write <out>/<stem>.json ({"machine": ..., **data}) and <out>/<stem>.md (title, markdown, then
