@@ -68,6 +68,7 @@ def machine_info(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             if torch.cuda.is_available() else None, "python": platform.python_version(),
             "load_before": list(os.getloadavg()), "git_commit": git_commit(),
             "command": " ".join([Path(sys.executable).name, *(sys.argv if argv is None else argv)]),
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),  # > 1 under torchrun
             "utc_start": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
