@@ -160,22 +160,6 @@ def build(variant: str, hidden: int, num_experts: int, top_k: int, ffn: int,
     return m, (m if variant == "naive" else (lambda x: m(x)[0]))
 
 
-def time_fwd_bwd(fn, module: nn.Module, x: torch.Tensor, grad: torch.Tensor, warmup: int,
-                 iters: int) -> list[float]:
-    """Seconds per forward + backward (input gradient included, as inside a network)."""
-    params = list(module.parameters())
-    out = []
-    for i in range(warmup + iters):
-        for p in params:
-            p.grad = None
-        x.grad = None
-        t0 = time.perf_counter()
-        fn(x).backward(grad)
-        if i >= warmup:
-            out.append(time.perf_counter() - t0)
-    return out
-
-
 def check_same_function(modules: dict, hidden: int) -> dict[str, float]:
     """Max |y - y_pikv| of each MoE variant on 512 tokens (shared weights)."""
     x = torch.randn(512, hidden, generator=torch.Generator().manual_seed(1))
@@ -224,7 +208,7 @@ def profile_pikv(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, iters: 
         t.append(time.perf_counter())
         for name, a, b in zip(stages, t, t[1:]):
             stages[name].append(b - a)
-    step = statistics.median(time_fwd_bwd(module, module, x, grad, 1, iters))
+    step = time_shape({"pikv": (module, module)}, x, grad, 1, iters, baseline="pikv").median("pikv")
     fwd = {k: statistics.median(v) for k, v in stages.items()}
     lines = ["| part (timers, no profiler) | median ms | share of fwd+bwd |", "|---|---|---|"]
     lines += [f"| forward: {k} | {v * 1e3:.1f} | {v / step:.0%} |" for k, v in fwd.items()]
@@ -253,7 +237,7 @@ def profile_pikv(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, iters: 
     return "\n".join(lines)
 
 
-def time_shape(mods: dict, x: torch.Tensor, grad: torch.Tensor, warmup: int, iters: int):
+def time_shape(mods: dict, x: torch.Tensor, grad: torch.Tensor, warmup: int, iters: int, baseline: str = "dense"):
     """pikv.benchmark.Timings of forward + backward (input gradient included) of every variant."""
     params = [p for module, _ in mods.values() for p in module.parameters()]
 
@@ -263,7 +247,7 @@ def time_shape(mods: dict, x: torch.Tensor, grad: torch.Tensor, warmup: int, ite
         x.grad = None
 
     cases = {v: (lambda fn=fn: fn(x).backward(grad)) for v, (_, fn) in mods.items()}
-    return run_rounds(cases, rounds=iters, warmup=warmup, baseline="dense", before_each=clear_grads)
+    return run_rounds(cases, rounds=iters, warmup=warmup, baseline=baseline, before_each=clear_grads)
 
 
 def results_table(built: dict, timings: dict, rounds: int, flops_per_f: int) -> str:

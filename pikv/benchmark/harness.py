@@ -134,10 +134,10 @@ class Timings:
         return [b / t if speedup else t / b for t, b in pairs]
 
     def ratio(self, name: str, speedup: bool = False, confidence: float = 0.95) -> dict[str, float]:
-        """The median of the per-round ratios and its interval (see `median_interval`)."""
+        """The median of the per-round ratios, its interval (see `median_interval`) and their range."""
         rs = self.ratios(name, speedup)
         lo, hi, cov = median_interval(rs, confidence)
-        return {"median": statistics.median(rs), "low": lo, "high": hi, "coverage": cov}
+        return {"median": statistics.median(rs), "low": lo, "high": hi, "coverage": cov, "min": min(rs), "max": max(rs)}
 
     def summary(self, speedup: bool = False) -> dict[str, dict[str, Any]]:
         return {n: {"median_s": self.median(n), "min_s": min(ts), "max_s": max(ts), "seconds": ts,
