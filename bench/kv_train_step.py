@@ -24,14 +24,15 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pikv.config import load_config  # noqa: E402
-from pikv.kv.learned import compressor_losses, latent_rank, set_compressor_rank  # noqa: E402
+from pikv.kv.learned import KVTrainState, latent_rank  # noqa: E402
 from pikv.models import Transformer  # noqa: E402
 
 
 def step_seconds(model, tokens, rank, through_latent) -> float:
-    set_compressor_rank(model, rank, through_latent)
+    kv = KVTrainState.attach(model)
+    kv.set(rank, through_latent)
     t0 = time.perf_counter()
-    loss = model(tokens).float().logsumexp(-1).mean() + compressor_losses(model)
+    loss = model(tokens).float().logsumexp(-1).mean() + kv.pop_loss()
     loss.backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - t0

@@ -11,7 +11,9 @@ from pikv.config import DistillConfig, KVConfig, ModelConfig, MoEConfig, TrainCo
 from pikv.models import Transformer
 from pikv.models.parallelize import shard_experts
 from pikv.moe import ROUTERS, GroupedExperts, LoRAMoELayer, create_moe, merge_adapters
-from pikv.training.distill import Distiller, check_same_tokenizer, kd_loss, load_teacher, parameter_report
+from pikv.moe.distill import kd_loss
+from pikv.training.distill import Distiller, check_same_tokenizer, load_teacher, parameter_report
+from pikv.training.hooks import DistillHook, MicroBatch, combine
 from pikv.training.optim import build_optimizer
 from pikv.training.upcycle import upcycle
 
@@ -199,6 +201,7 @@ def test_distillation_trains_student_and_never_touches_teacher():
     upcycle(student, teacher)
     distiller = Distiller(DistillConfig(weight=0.7, temperature=2.0, hidden_layers=[0]), student, teacher,
                           torch.device("cpu"))
+    hook = DistillHook(distiller)
     teacher_before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2)
     tokens = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(4))
@@ -206,13 +209,13 @@ def test_distillation_trains_student_and_never_touches_teacher():
     for _ in range(6):
         logits = student(tokens[:, :-1])
         lm = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        parts = distiller.losses(tokens[:, :-1], logits, lm)
+        loss, parts = combine(lm, [hook.loss_terms(MicroBatch(0, tokens[:, :-1], logits, lm))])
         expected = 0.3 * lm + 0.7 * parts["kd_loss"] + parts["hidden_mse"]
-        torch.testing.assert_close(parts["loss"], expected)
-        parts["loss"].backward()
+        torch.testing.assert_close(loss, expected)
+        loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(parts["loss"].item())
+        losses.append(loss.item())
     assert not teacher.training and all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert all(torch.equal(p, teacher_before[n]) for n, p in teacher.named_parameters())
     assert losses[-1] < losses[0]
