@@ -262,3 +262,23 @@ def test_config_rejects_bad_distillation_settings(overrides, match):
 def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=f"{tmp_path}: no complete checkpoint there"):
         load_teacher(tmp_path)
+
+
+def test_layer_api_and_train_mode_distill_compute_the_same_loss():
+    # One implementation (pikv/moe/distill.py) behind both paths. On an upcycled student, block 0's
+    # MoE input equals the teacher's FFN input, so the layer's own distill_mse (LoRAMoELayer with the
+    # teacher's FFN attached) and train.mode=distill's hidden_mse after block 0 (Distiller) compare
+    # the same two outputs, the second with the shared residual h added to both.
+    teacher, student = _models()
+    upcycle(student, teacher)
+    _randomize_adapters(student.layers[0].mlp)  # else both are 0
+    layer = student.layers[0].mlp
+    layer.use_distillation = True  # the trainer's config builds its layers without the layer API's teacher
+    layer.set_teacher(teacher.layers[0].mlp)
+    distiller = Distiller(DistillConfig(weight=0.5, hidden_layers=[0]), student, teacher, torch.device("cpu"))
+    tokens = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(2))
+    logits = student.train()(tokens)
+    trainer_mse = distiller.losses(tokens, logits)["hidden_mse"]
+    assert layer.distill_mse > 1e-4
+    # fp32 rounding of (h + a) - (h + b) against a - b, |h| ~ 1: ~1e-7 relative per element
+    torch.testing.assert_close(trainer_mse, layer.distill_mse, rtol=1e-5, atol=0)
