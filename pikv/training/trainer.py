@@ -68,7 +68,7 @@ class Trainer:
         self.log = get_logger(ctx.rank)
         self.run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.preemption = PreemptionHook(self.run_dir, ctx.is_main, self.log)  # early: setup can be signalled too
+        preemption = PreemptionHook(self.run_dir, ctx.is_main, self.log)  # first: setup can be signalled too
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(cfg, self.run_dir / "config.yaml")
@@ -88,7 +88,7 @@ class Trainer:
         # DeepSpeed bf16/fp16 converts the module itself; autocast only for the torch engine.
         self.amp_dtype = autocast_dtype(cfg, ctx.device) if cfg.train.engine == "torch" else None
         # Router losses and bias, KV compressor, distillation, test NaNs, stop requests: pikv/training/hooks.py
-        self.hooks = build_hooks(cfg, self.model, ctx, self.task.tokenizer_path, self.amp_dtype) + [self.preemption]
+        self.hooks = build_hooks(cfg, self.model, ctx, self.task.tokenizer_path, self.amp_dtype) + [preemption]
         moe_layers = list(zip(moe_layer_indices(cfg.model, cfg.moe), self.model.moe_layers()))
         self.moe_metrics = MoEMetrics(moe_layers, cfg.model.num_experts, ctx.device)
         self.step = 0
