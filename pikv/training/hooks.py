@@ -148,10 +148,9 @@ class KVCompressorHook(StepHook):
 
     def loss_terms(self, mb: MicroBatch) -> LossTerms:
         distill = self.state.pop_loss()
-        as_tensor = lambda v: torch.tensor(float(v), device=distill.device)  # noqa: E731
-        return LossTerms([(self.weight, distill)],
-                         {"kv_distill_loss": distill, "kv_rank": as_tensor(self.state.rank or 0),
-                          "kv_cotrain": as_tensor(self.state.through_latent)})
+        rank = torch.tensor(float(self.state.rank or 0), device=distill.device)
+        cotrain = torch.tensor(float(self.state.through_latent), device=distill.device)
+        return LossTerms([(self.weight, distill)], {"kv_distill_loss": distill, "kv_rank": rank, "kv_cotrain": cotrain})
 
     def after_step(self, step: int, updated: bool) -> None:
         self.state.set(None)
