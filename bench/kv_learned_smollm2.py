@@ -33,10 +33,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 from pikv.benchmark import machine_info  # noqa: E402
 from pikv.benchmark.smollm2 import load_smollm2, sequences  # noqa: E402
-from pikv.config import KVConfig  # noqa: E402
+from pikv.config import KVConfig, TrainConfig  # noqa: E402
 from pikv.data.probe import NATURAL, PasskeyProbe  # noqa: E402
 from pikv.eval.kv import add_probe, evaluate_kv, parse_specs, write_results  # noqa: E402
 from pikv.kv.fit import fit_compressors, load_compressors, pca_init_, save_compressors  # noqa: E402
+from pikv.training.schedule import lr_at  # noqa: E402
 
 RATIOS = [2.0, 4.0, 8.0]
 
@@ -57,7 +58,8 @@ def fit(model, tok, args) -> dict:
             print(f"fit step {step}: rank {rank}, attention error per layer {loss:.4f} ({time.time() - t0:.0f}s)",
                   flush=True)
 
-    log = fit_compressors(model, batches, RATIOS, args.steps, args.length, lr=args.lr, progress=progress)
+    lr_cfg = TrainConfig(lr=args.lr, warmup_steps=10, max_steps=args.steps, min_lr_ratio=0.1)
+    log = fit_compressors(model, batches, RATIOS, args.steps, args.length, lambda s: lr_at(s, lr_cfg), progress)
     by_rank: dict[int, list[float]] = {}
     for _, rank, loss in log:
         by_rank.setdefault(rank, []).append(loss)

@@ -26,15 +26,16 @@ import torch  # noqa: E402
 
 from pikv.benchmark import machine_info, run_rounds, write_report  # noqa: E402
 from pikv.config import load_config  # noqa: E402
-from pikv.kv.learned import compressor_losses, latent_rank, set_compressor_rank  # noqa: E402
+from pikv.kv.learned import KVTrainState, latent_rank  # noqa: E402
 from pikv.models import Transformer  # noqa: E402
 
 
 def train_step(model, tokens, rank, through_latent):
     """One forward + backward in the given compressor mode (gradients dropped afterwards)."""
     def step() -> None:
-        set_compressor_rank(model, rank, through_latent)
-        loss = model(tokens).float().logsumexp(-1).mean() + compressor_losses(model)
+        kv = KVTrainState.attach(model)  # per call: several modes share one model
+        kv.set(rank, through_latent)
+        loss = model(tokens).float().logsumexp(-1).mean() + kv.pop_loss()
         loss.backward()
         model.zero_grad(set_to_none=True)
     return step

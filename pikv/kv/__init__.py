@@ -3,8 +3,8 @@
 
 from pikv.kv.cache import KVCache
 from pikv.kv.fit import calibrate_svd
-from pikv.kv.learned import LatentKVCompressor, set_compressor_rank
+from pikv.kv.learned import KVTrainState, LatentKVCompressor
 from pikv.kv.policies import ALIASES, POLICIES, PolicyCache, make_cache, resolve_policy
 
-__all__ = ["KVCache", "LatentKVCompressor", "set_compressor_rank", "ALIASES", "POLICIES", "PolicyCache",
+__all__ = ["KVCache", "KVTrainState", "LatentKVCompressor", "ALIASES", "POLICIES", "PolicyCache",
            "calibrate_svd", "make_cache", "resolve_policy"]

@@ -24,15 +24,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from pikv.config import TrainConfig
-from pikv.kv.learned import LatentKVCompressor, TrainSchedule, compressor_losses, set_compressor_rank
-
-
-def compressors(model) -> list[LatentKVCompressor]:
-    comps = [m for m in model.modules() if isinstance(m, LatentKVCompressor)]
-    if not comps:
-        raise ValueError("the model has no learned KV compressor: build it with kv_cfg.compressor='learned'")
-    return comps
+from pikv.kv.learned import KVTrainState, TrainSchedule, compressors
 
 
 @torch.no_grad()
@@ -104,18 +96,20 @@ def pca_init_(model, tokens_XN: torch.Tensor, batch_size: int = 4) -> list[torch
 
 
 def fit_compressors(model, batches: Iterable[torch.Tensor], ratios: list[float], steps: int, length: int,
-                    lr: float = 3e-5, warmup: int = 10,
+                    lr_schedule: Callable[[int], float],
                     progress: Optional[Callable[[int, int, float], None]] = None) -> list[tuple[int, int, float]]:
     """Train only the compressors by side distillation for `steps` batches (the model's own
     weights are frozen and untouched), cycling over the latent ranks of `ratios` at sequences of
-    `length` tokens, on the training's schedule (pikv.training.schedule: warmup, then cosine decay
-    to 10% of lr). After a PCA initialisation keep lr small: AdamW's first, sign-like steps
-    otherwise undo it (on SmolLM2 the 2x error rose 30x in 3 steps at 1e-3). Returns (step, rank, mean per-layer attention error) per step.
+    `length` tokens. `lr_schedule(step)`: AdamW's learning rate of optimizer step `step`
+    (1-based), e.g. the training's schedule `functools.partial(pikv.training.schedule.lr_at,
+    cfg=TrainConfig(lr=3e-5, warmup_steps=10, max_steps=steps, min_lr_ratio=0.1))` (the
+    measured settings). After a PCA initialisation keep lr small: AdamW's first, sign-like steps
+    otherwise undo it (on SmolLM2 the 2x error rose 30x in 3 steps at 1e-3). Returns (step, rank,
+    mean per-layer attention error) per step.
 
     Per-layer side distillation rather than the KL of the output distribution through the latent:
     on SmolLM2 the KL fit (96 steps, same lr, backpropagated through the frozen model at ~2x the
     cost) was worse at every ratio (docs/benchmarks.md)."""
-    from pikv.training.schedule import lr_at  # here: pikv.training imports the models, which import pikv.kv
     comps = compressors(model)
     c0 = comps[0]
     schedule = TrainSchedule(c0.G, c0.D, ratios, full_every=0, cotrain_start=1.0, max_steps=steps,
@@ -125,18 +119,18 @@ def fit_compressors(model, batches: Iterable[torch.Tensor], ratios: list[float],
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
     for p in frozen:
         p.requires_grad_(False)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    lr_cfg = TrainConfig(lr=lr, warmup_steps=warmup, max_steps=steps, min_lr_ratio=0.1)
+    opt = torch.optim.AdamW(params, lr=lr_schedule(1), weight_decay=0.0)
+    state = KVTrainState.attach(model)
     log = []
     model.train()
     try:
         for step, batch in zip(range(steps), batches):
             for group in opt.param_groups:
-                group["lr"] = lr_at(step + 1, lr_cfg)
+                group["lr"] = lr_schedule(step + 1)
             rank, through_latent = schedule.at(step)
-            set_compressor_rank(model, rank, through_latent)
+            state.set(rank, through_latent)
             model.hidden_states(batch)  # the losses are per layer: no LM head
-            loss = compressor_losses(model)
+            loss = state.pop_loss()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -144,7 +138,7 @@ def fit_compressors(model, batches: Iterable[torch.Tensor], ratios: list[float],
             if progress:
                 progress(step, rank, log[-1][2])
     finally:
-        set_compressor_rank(model, None)
+        model.set_kv_train_state(None)
         for p in frozen:
             p.requires_grad_(True)
         model.eval()

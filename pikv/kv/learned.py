@@ -40,7 +40,8 @@ from torch import nn
 
 
 class LatentKVCompressor(nn.Module):
-    """down: C -> R_max, up: R_max -> C, used at a prefix rank `rank` (None = inactive: full K/V)."""
+    """down: C -> R_max, up: R_max -> C, used at a prefix rank (the rank of a training step is in
+    KVTrainState, the rank of a cache in the cache: the module itself holds no mode)."""
 
     def __init__(self, num_kv_heads: int, head_dim: int, max_rank: int, bits: int = 16, window: int = 0):
         super().__init__()
@@ -59,11 +60,6 @@ class LatentKVCompressor(nn.Module):
             q, _ = torch.linalg.qr(torch.randn(C, max_rank))
             self.down.weight.copy_(q.T)
             self.up.weight.copy_(q)
-        self.rank: Optional[int] = None  # set by the trainer per step / by the cache for eval
-        # True: attention runs through the latent (co-training, masked evaluation); False: it uses
-        # the full K/V and the latent only feeds the side distillation loss (see side_distill).
-        self.through_latent = True
-        self.distill_loss: Optional[torch.Tensor] = None  # set by Attention in training
 
     def check_rank(self, rank: int) -> int:
         if not 0 < rank <= self.max_rank:
@@ -96,9 +92,9 @@ class LatentKVCompressor(nn.Module):
             return dequantize_latent(stored["c"], stored["c_scale"], dtype)
         return stored["c"].to(dtype)
 
-    def forward(self, k_BGTD: torch.Tensor, v_BGTD: torch.Tensor):
-        """Round trip at the active rank through the stored format (training / masked evaluation)."""
-        c_BTR = self.encode(k_BGTD, v_BGTD, self.rank)
+    def forward(self, k_BGTD: torch.Tensor, v_BGTD: torch.Tensor, rank: int):
+        """Round trip at `rank` through the stored format (training / masked evaluation)."""
+        c_BTR = self.encode(k_BGTD, v_BGTD, rank)
         if self.bits == 8:  # straight-through: the forward sees the int8 round trip, the gradient is the identity
             c_BTR = c_BTR + (dequantize_latent(*quantize_latent(c_BTR.detach()), c_BTR.dtype) - c_BTR).detach()
         return self.decode(c_BTR)
@@ -120,11 +116,11 @@ class LatentKVCompressor(nn.Module):
                                               torch.cat([v_lat_BGSD, v_BGED], 2), attn_mask=mask, enable_gqa=True)
 
     def side_distill(self, q_BNTD: torch.Tensor, k_pre_BGTD: torch.Tensor, k_BGTD: torch.Tensor,
-                     v_BGTD: torch.Tensor, o_BNTD: torch.Tensor, rope, start: int) -> torch.Tensor:
+                     v_BGTD: torch.Tensor, o_BNTD: torch.Tensor, rope, start: int, rank: int) -> torch.Tensor:
         """Distillation-only training: the model's attention used the full K/V (o_BNTD); attend
-        again through the latent at the active rank and return the error to o_BNTD. Every model
+        again through the latent at `rank` and return the error to o_BNTD. Every model
         input is detached, so this trains the compressor only and the model is untouched."""
-        k_lat_BGTD, v_lat_BGTD = self(k_pre_BGTD.detach(), v_BGTD.detach())
+        k_lat_BGTD, v_lat_BGTD = self(k_pre_BGTD.detach(), v_BGTD.detach(), rank)
         o_hat = self.attention(q_BNTD.detach(), rope(k_lat_BGTD, start), v_lat_BGTD, k_BGTD.detach(),
                                v_BGTD.detach())
         return attention_error(o_hat, o_BNTD.detach())
@@ -225,25 +221,57 @@ class TrainSchedule:
         return self.distill[step % len(self.distill)], False
 
 
-def set_compressor_rank(model: nn.Module, rank: Optional[int], through_latent: bool = True) -> None:
-    """Activate every layer's compressor at `rank` (None: full K/V); `through_latent` as in
-    LatentKVCompressor."""
-    for m in model.modules():
-        if isinstance(m, LatentKVCompressor):
-            m.rank = None if rank is None else m.check_rank(rank)
-            m.through_latent = through_latent
-
-
-def compressor_losses(model: nn.Module) -> Optional[torch.Tensor]:
-    """Sum over layers of the last forward's attention-output distillation loss; None without a
-    compressor. On a full-cache step it is an exact zero that still touches every compressor
-    weight, so they get zero gradients rather than none: the optimizer then treats them the same
-    on every step and in every process layout (AdamW skips a parameter whose grad is None, while
-    the multi-process gradient reducer fills in zeros)."""
+def compressors(model: nn.Module) -> list[LatentKVCompressor]:
+    """Every layer's compressor, in layer order; ValueError when the model has none."""
     comps = [m for m in model.modules() if isinstance(m, LatentKVCompressor)]
     if not comps:
-        return None
-    losses = [m.distill_loss for m in comps if m.distill_loss is not None]
-    if losses:
-        return torch.stack(losses).sum()
-    return sum(0.0 * p.sum() for m in comps for p in m.parameters())
+        raise ValueError("the model has no learned KV compressor: build it with kv_cfg.compressor='learned'")
+    return comps
+
+
+class KVTrainState:
+    """The compressors' mode for the coming forwards, held by whoever trains them (the trainer's
+    KV hook, pikv/training/hooks.py; fit_compressors) and handed once to the model's attention
+    layers (`attach`); the compressor modules themselves stay free of per-step state.
+
+    rank: the latent rank (None: full K/V, the compressors bypassed). through_latent: True runs
+    attention through the latent (co-training, masked evaluation); False runs it on the full K/V
+    and trains the latent on the side (LatentKVCompressor.side_distill). Each training forward
+    with a rank records every layer's attention-output distillation loss here (`record`), keyed
+    by layer, so a recomputed forward (activation checkpointing) replaces rather than adds."""
+
+    def __init__(self, comps: list[LatentKVCompressor]):
+        self.compressors = comps
+        self.rank: Optional[int] = None
+        self.through_latent = True
+        self._losses: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def attach(cls, model: nn.Module) -> "KVTrainState":
+        """A state (full K/V) for `model`'s compressors, handed to its attention layers."""
+        state = cls(compressors(model))
+        model.set_kv_train_state(state)
+        return state
+
+    def set(self, rank: Optional[int], through_latent: bool = True) -> None:
+        """Mode of the coming forwards; drops losses recorded under the previous mode."""
+        if rank is not None:
+            for c in self.compressors:
+                c.check_rank(rank)
+        self.rank = rank
+        self.through_latent = through_latent
+        self._losses = {}
+
+    def record(self, layer_idx: int, loss: torch.Tensor) -> None:
+        self._losses[layer_idx] = loss
+
+    def pop_loss(self) -> torch.Tensor:
+        """Sum over layers of the recorded distillation losses (then forgotten). Without any (a
+        full-cache step) an exact zero that still touches every compressor weight, so they get
+        zero gradients rather than none: the optimizer then treats them the same on every step
+        and in every process layout (AdamW skips a parameter whose grad is None, while the
+        multi-process gradient reducer fills in zeros)."""
+        losses, self._losses = list(self._losses.values()), {}
+        if losses:
+            return torch.stack(losses).sum()
+        return sum(0.0 * p.sum() for m in self.compressors for p in m.parameters())

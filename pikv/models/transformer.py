@@ -80,6 +80,7 @@ class Attention(nn.Module):
             with torch.random.fork_rng(devices=[]):
                 self.kv_compressor = LatentKVCompressor(self.num_kv_heads, self.head_dim, kv_latent_rank,
                                                         kv_latent_bits, kv_latent_window)
+        self.kv_train_state = None  # its training mode (pikv/kv/learned.py KVTrainState), set by the trainer
 
     def forward(self, x_BTH: torch.Tensor, rope: RotaryEmbedding, start: int,
                 cache: Optional[KVCache] = None) -> torch.Tensor:
@@ -87,28 +88,28 @@ class Attention(nn.Module):
         q_BNTD = self.q_proj(x_BTH).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k_BGTD = self.k_proj(x_BTH).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v_BGTD = self.v_proj(x_BTH).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        comp = self.kv_compressor
-        if comp is not None:
-            comp.distill_loss = None  # only a training forward with an active rank sets it
+        comp, kv = self.kv_compressor, self.kv_train_state
+        rank = kv.rank if kv is not None else None  # None: full K/V
         k_pre_BGTD = k_BGTD
         q_BNTD, k_BGTD = rope(q_BNTD, start), rope(k_BGTD, start)
         if cache is None:
-            if comp is not None and comp.rank is not None and comp.through_latent:
-                # Train / score through the latent: pre-RoPE keys and values round-trip at comp.rank.
-                k_lat_BGTD, v_lat_BGTD = comp(k_pre_BGTD, v_BGTD)
+            if rank is not None and kv.through_latent:
+                # Train / score through the latent: pre-RoPE keys and values round-trip at `rank`.
+                k_lat_BGTD, v_lat_BGTD = comp(k_pre_BGTD, v_BGTD, rank)
                 o_BNTD = comp.attention(q_BNTD, rope(k_lat_BGTD, start), v_lat_BGTD, k_BGTD, v_BGTD)
                 if self.training:
                     with torch.no_grad():  # distillation target: the same attention over the full K/V
                         o_ref = F.scaled_dot_product_attention(q_BNTD, k_BGTD, v_BGTD, is_causal=True,
                                                                enable_gqa=True)
                     # Its gradient reaches the model too: that keeps the full and compressed modes consistent.
-                    comp.distill_loss = attention_error(o_BNTD, o_ref)
+                    kv.record(self.layer_idx, attention_error(o_BNTD, o_ref))
             else:
                 o_BNTD = F.scaled_dot_product_attention(q_BNTD, k_BGTD, v_BGTD, is_causal=True,
                                                         enable_gqa=True)
-                if comp is not None and comp.rank is not None and self.training:
+                if rank is not None and self.training:
                     # distillation-only step: the model used the full K/V, the latent learns on the side
-                    comp.distill_loss = comp.side_distill(q_BNTD, k_pre_BGTD, k_BGTD, v_BGTD, o_BNTD, rope, start)
+                    kv.record(self.layer_idx,
+                              comp.side_distill(q_BNTD, k_pre_BGTD, k_BGTD, v_BGTD, o_BNTD, rope, start, rank))
         elif hasattr(cache, "attend"):  # policy caches (pikv/kv/policies.py) own the attention
             o_BNTD = cache.attend(self.layer_idx, q_BNTD, k_BGTD, v_BGTD, k_pre_BGTD=k_pre_BGTD,
                                   rope=rope, start=start, module=self)
@@ -212,6 +213,11 @@ class Transformer(MoEModel):
                 nn.init.ones_(module.weight)
             elif hasattr(module, "w2_EFH"):
                 module.reset_parameters(std=std, out_std=out_std)
+
+    def set_kv_train_state(self, state) -> None:
+        """Hand every attention layer the compressors' training mode (KVTrainState; None: full K/V)."""
+        for block in self.layers:
+            block.self_attn.kv_train_state = state
 
     def forward(self, tokens_BT: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         """tokens_BT int64 -> logits_BTV; with a cache, positions continue from cache.seq_len."""

@@ -24,9 +24,9 @@ import math
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pikv.moe.distill import FrozenTeacher, hidden_mse
 from pikv.moe.experts import FeedForward, GroupedExperts, run_swiglu
 from pikv.moe.layer import _BASE_OPTIONS, MOE_BUILDERS, MOE_OPTIONS, MoELayer, _build_base
 
@@ -103,7 +103,8 @@ class LoRAMoELayer(MoELayer):
     """MoELayer with LoRA experts (see module doc). `use_distillation`: when a teacher module
     ([..., H] -> [..., H], e.g. the dense FFN the layer was upcycled from) is attached with
     `set_teacher`, each training forward sets `distill_mse` = MSE(output, teacher(input)), the
-    teacher run frozen and without gradient; add it to the loss."""
+    teacher run frozen and without gradient; add it to the loss. The teacher and the loss are
+    those of train.mode=distill (pikv/moe/distill.py)."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, ffn_hidden_size: int, *,
                  rank: int, alpha: float, freeze_base: bool, share_base: bool, use_distillation: bool,
@@ -114,7 +115,7 @@ class LoRAMoELayer(MoELayer):
         self.base_ffn = base  # registered here, outside `experts`: replicated, not expert-parallel
         self.use_distillation = use_distillation
         self.distill_mse: Optional[torch.Tensor] = None
-        self._teacher: tuple = ()
+        self.teacher: Optional[FrozenTeacher] = None
         if freeze_base:
             self.freeze_base()
 
@@ -132,19 +133,15 @@ class LoRAMoELayer(MoELayer):
     def set_teacher(self, teacher: Optional[nn.Module]) -> None:
         """Attach (or, with None, detach) the frozen teacher of `distill_mse`; not a submodule, so
         it is in no optimizer, state dict or `parameters()`."""
-        if teacher is not None:
-            if not self.use_distillation:
-                raise ValueError("set_teacher needs a layer built with use_distillation=True")
-            teacher.eval().requires_grad_(False)
-        self._teacher = (teacher,) if teacher is not None else ()
+        if teacher is not None and not self.use_distillation:
+            raise ValueError("set_teacher needs a layer built with use_distillation=True")
+        self.teacher = FrozenTeacher(teacher) if teacher is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
         self.distill_mse = None
-        if self._teacher and self.training:
-            with torch.no_grad():
-                target = self._teacher[0](x)
-            self.distill_mse = F.mse_loss(y.float(), target.float())
+        if self.teacher is not None and self.training:
+            self.distill_mse = hidden_mse(y, self.teacher(x))
         return y
 
 

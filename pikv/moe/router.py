@@ -65,6 +65,9 @@ class TokenChoiceTopKRouter(nn.Module):
     (Mixtral / GShard), times `route_scale` (torchtitan; 1.0 = Mixtral)."""
 
     expert_choice = False
+    # True: `update_bias(global tokens per expert, rate)` must run after every optimizer step
+    # (the trainer's RouterHook, pikv/training/hooks.py).
+    updates_bias_after_step = False
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, *,
                  renormalize: bool = True, deterministic: bool = False, route_scale: float = 1.0):
@@ -128,6 +131,8 @@ class SigmoidTopKRouter(TokenChoiceTopKRouter):
 
     probs_TE = scores / sum(scores) (Megatron's scores for the aux loss with sigmoid routing).
     """
+
+    updates_bias_after_step = True
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, **kwargs):
         super().__init__(hidden_size, num_experts, top_k, **kwargs)

@@ -1,4 +1,4 @@
-"""Training: the loop, optimizer and schedule, checkpoints, throughput accounting."""
+"""Training: the loop and its step hooks, optimizer and schedule, checkpoints, throughput accounting."""
 
 from pikv.training.trainer import Trainer, TrainResult
 

@@ -2,10 +2,10 @@
 
 Shapes: B batch, T tokens, V vocab, H hidden.
 loss = (1 - w) * LM + w * T^2 * KL(teacher_T || student_T) + hidden_weight * sum of hidden-state
-MSEs after the chosen blocks (+ the router losses, added by the trainer). KL on temperature-T
-softened distributions, scaled by T^2 so its gradients stay on the scale of the hard loss
-(Hinton, Vinyals & Dean 2015); averaged over tokens like the LM loss, so data-parallel ranks
-averaging their losses give the global-batch value.
+MSEs after the chosen blocks (+ the router losses); the trainer's DistillHook
+(pikv/training/hooks.py) applies the weights. The teacher and the losses are those of the MoE
+layer's own distillation (pikv/moe/distill.py); averaged over tokens like the LM loss, so
+data-parallel ranks averaging their losses give the global-batch value.
 
 The teacher is an ordinary PiKV checkpoint (dense or MoE), rebuilt from its stored config,
 loaded whole on every rank and run on that rank's own micro-batch: eval mode, torch.no_grad,
@@ -15,16 +15,15 @@ no optimizer, never passed to an engine (DeepSpeed wraps only the student).
 from __future__ import annotations
 
 import dataclasses
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pikv.config import DistillConfig, KVConfig, ModelConfig, MoEConfig
 from pikv.models import Transformer
+from pikv.moe.distill import FrozenTeacher, hidden_mse, kd_loss
 from pikv.training.checkpoint import load_model_weights, read_trainer_state, resolve_checkpoint
 
 
@@ -58,14 +57,6 @@ def check_same_tokenizer(teacher_ckpt: Path, student_tokenizer: Optional[Path]) 
                          "tokenizer: use the teacher's data.* settings (source, tokenizer, model.vocab_size)")
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), summed over V, mean over tokens (fp32)."""
-    s_logp = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, dim=-1)
-    t_logp = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, dim=-1)
-    kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")
-    return temperature ** 2 * kl
-
-
 class _Capture:
     """Forward hooks keeping the outputs of chosen blocks of a model (the last forward's)."""
 
@@ -84,9 +75,9 @@ class Distiller:
 
     def __init__(self, cfg: DistillConfig, student: Transformer, teacher: Transformer,
                  device: torch.device, amp_dtype: Optional[torch.dtype] = None):
-        self.cfg, self.device, self.amp_dtype = cfg, device, amp_dtype
-        self.teacher = teacher.to(device).eval().requires_grad_(False)
-        t, s = self.teacher.cfg, student.cfg
+        self.cfg = cfg
+        self.teacher = FrozenTeacher(teacher.to(device), amp_dtype)
+        t, s = teacher.cfg, student.cfg
         if t.vocab_size != s.vocab_size:
             raise ValueError(f"distill.teacher = {cfg.teacher!r} has model.vocab_size={t.vocab_size}, the student "
                              f"{s.vocab_size}; logit distillation needs the same vocabulary")
@@ -97,7 +88,7 @@ class Distiller:
                              f"index < the teacher's num_layers ({t.num_layers})")
         self.layers = layers
         self.student_capture = _Capture(student, layers)
-        self.teacher_capture = _Capture(self.teacher, layers)
+        self.teacher_capture = _Capture(teacher, layers)
 
     @classmethod
     def from_checkpoint(cls, cfg: DistillConfig, student: Transformer, student_tokenizer: Optional[Path],
@@ -107,26 +98,15 @@ class Distiller:
         check_same_tokenizer(ckpt, student_tokenizer)
         return cls(cfg, student, teacher, device, amp_dtype)
 
-    @torch.no_grad()
-    def teacher_logits(self, inputs_BT: torch.Tensor) -> torch.Tensor:
-        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
-               else nullcontext())
-        with amp:
-            return self.teacher(inputs_BT)
-
-    def losses(self, inputs_BT: torch.Tensor, student_logits_BTV: torch.Tensor,
-               lm_loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    def losses(self, inputs_BT: torch.Tensor, student_logits_BTV: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the teacher on the same batch (after the student's forward, whose hidden states the
-        hooks hold). Returns {"loss": distillation total without router losses, "kd_loss", "hidden_mse"}."""
-        teacher_BTV = self.teacher_logits(inputs_BT)
+        hooks hold): {"kd_loss": KD of the logits, "hidden_mse": sum of the chosen blocks' MSEs}."""
+        teacher_BTV = self.teacher(inputs_BT)
         kd = kd_loss(student_logits_BTV, teacher_BTV, self.cfg.temperature)
-        hidden = torch.zeros((), device=lm_loss.device)
+        hidden = torch.zeros((), device=student_logits_BTV.device)
         for i in self.layers:
-            s_h, t_h = self.student_capture.outputs[i], self.teacher_capture.outputs[i]
-            hidden = hidden + F.mse_loss(s_h.float(), t_h.float())
-        w = self.cfg.weight
-        total = (1 - w) * lm_loss + w * kd + self.cfg.hidden_weight * hidden
-        return {"loss": total, "kd_loss": kd, "hidden_mse": hidden}
+            hidden = hidden + hidden_mse(self.student_capture.outputs[i], self.teacher_capture.outputs[i])
+        return {"kd_loss": kd, "hidden_mse": hidden}
 
 
 def parameter_report(model: nn.Module) -> dict[str, int]:

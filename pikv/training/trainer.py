@@ -1,16 +1,15 @@
 """The training loop: one code path for 1..N processes (torchrun, srun, or plain python).
 
-Per step: grad_accum_steps micro-batches of forward/backward (loss = LM + weighted router
-losses), gradient averaging over data/expert-data-parallel groups, clipping, AdamW, then
-periodic logging, validation and atomic checkpoints. Resuming restores model, optimizer, RNG
-and the global data position, so k steps + resume + (N-k) steps equals N steps exactly.
+Per step: grad_accum_steps micro-batches of forward/backward (loss = the task's loss + the step
+hooks' weighted terms: router losses, KV compressor, distillation; pikv/training/hooks.py), the
+engine's gradient reduction, clipping and AdamW, then periodic logging, validation and atomic
+checkpoints. Resuming restores model, optimizer, RNG and the global data position, so k steps +
+resume + (N-k) steps equals N steps exactly.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +21,13 @@ from tqdm import tqdm
 
 from pikv.config import JobConfig, moe_layer_indices, save_yaml, to_dict
 from pikv.distributed import DistContext
-from pikv.kv.learned import TrainSchedule, compressor_losses, set_compressor_rank
 from pikv.logging import WANDB_ID_FILE, MetricsLogger, get_logger
 from pikv.models.parallelize import apply_parallelism
 from pikv.training.checkpoint import (TrainerState, check_compatible, complete_checkpoints,
                                       load_checkpoint, read_trainer_state, save_checkpoint)
-from pikv.training.distill import Distiller, load_teacher, parameter_report
+from pikv.training.distill import load_teacher, parameter_report
 from pikv.training.engines import build_engine
+from pikv.training.hooks import MicroBatch, PreemptionHook, build_hooks, combine
 from pikv.training.moe_metrics import MoEMetrics
 from pikv.training.schedule import lr_at
 from pikv.tasks import build_task
@@ -42,12 +41,7 @@ class TrainResult:
     last_checkpoint: Optional[Path]
     losses: dict[int, float]  # global mean loss at every logged step
     final_validation: Optional[dict]
-    preempted: bool = False  # stopped early by SIGUSR1/SIGTERM, with a checkpoint
-
-
-PREEMPTED_FILE = "preempted.json"  # written when a signal stopped the run; launch/slurm requeues on it
-# Tests only: steps whose loss is made NaN (comma-separated), to exercise the non-finite-loss path.
-NAN_STEPS_ENV = "PIKV_TEST_NAN_STEPS"
+    preempted: bool = False  # stopped early by a stop request (PreemptionHook), with a checkpoint
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,14 +66,9 @@ class Trainer:
     def __init__(self, cfg: JobConfig, ctx: DistContext):
         self.cfg, self.ctx = cfg, ctx
         self.log = get_logger(ctx.rank)
-        self._stop_signal: Optional[int] = None
-        self.stop_requested = False
-        self._previous_handlers = self._install_signal_handlers()  # early: a signal during setup counts too
-        # launch/slurm/train.sbatch asks for a stop by creating this file (signals would also reach the
-        # W&B service process of the job step and kill it).
-        self._stop_file = Path(os.environ["PIKV_STOP_FILE"]) if os.environ.get("PIKV_STOP_FILE") else None
         self.run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
         self.ckpt_root = self.run_dir / "checkpoints"
+        preemption = PreemptionHook(self.run_dir, ctx.is_main, self.log)  # first: setup can be signalled too
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(cfg, self.run_dir / "config.yaml")
@@ -98,27 +87,14 @@ class Trainer:
         self.loader = self.task.loader
         # DeepSpeed bf16/fp16 converts the module itself; autocast only for the torch engine.
         self.amp_dtype = autocast_dtype(cfg, ctx.device) if cfg.train.engine == "torch" else None
-        # train.mode=distill: a frozen teacher on this rank's micro-batches, outside the engine.
-        self.distiller = (Distiller.from_checkpoint(cfg.distill, self.model, self.task.tokenizer_path, ctx.device,
-                                                    self.amp_dtype) if cfg.train.mode == "distill" else None)
+        # Router losses and bias, KV compressor, distillation, test NaNs, stop requests: pikv/training/hooks.py
+        self.hooks = build_hooks(cfg, self.model, ctx, self.task.tokenizer_path, self.amp_dtype) + [preemption]
         moe_layers = list(zip(moe_layer_indices(cfg.model, cfg.moe), self.model.moe_layers()))
         self.moe_metrics = MoEMetrics(moe_layers, cfg.model.num_experts, ctx.device)
-        # Routers balanced without an aux loss (DeepSeek-V3) adjust a selection bias after every
-        # optimizer step from the step's global token counts.
-        self.bias_layers = [layer for layer in self.model.moe_layers() if hasattr(layer.router, "update_bias")]
-        # The jointly trained KV compressor: latent rank and mode (distillation only / co-training)
-        # of each step, a pure function of the step (pikv/kv/learned.py TrainSchedule).
-        self.kv_schedule = (TrainSchedule(cfg.model.num_kv_heads, cfg.model.hidden_size // cfg.model.num_heads,
-                                          cfg.kv.train_ratios, cfg.kv.full_every, cfg.kv.cotrain_start,
-                                          cfg.train.max_steps, cfg.kv.latent_bits, cfg.kv.latent_window,
-                                          cfg.data.seq_len)
-                            if cfg.kv.compressor == "learned" else None)
         self.step = 0
         self.nonfinite_steps = 0
-        self._nan_steps = {int(s) for s in os.environ.get(NAN_STEPS_ENV, "").split(",") if s.strip()}
+        self.stop_requested = False
         self._maybe_resume()
-        if ctx.is_main:
-            (self.run_dir / PREEMPTED_FILE).unlink(missing_ok=True)
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.train.run_name, to_dict(cfg),
                                      enabled=ctx.is_main, resume_step=self.step)
 
@@ -159,73 +135,55 @@ class Trainer:
     # ---- one step -------------------------------------------------------------------------
     def _micro_batch_loss(self, inputs, targets) -> dict[str, torch.Tensor]:
         """inputs: a tensor or a tuple of tensors (the model's positional arguments); the task
-        turns the output into its loss terms (LM: cross-entropy of the logits)."""
+        turns the output into its loss terms (LM: cross-entropy of the logits), the hooks add theirs."""
         amp = (torch.autocast(self.ctx.device.type, dtype=self.amp_dtype)
                if self.amp_dtype is not None else nullcontext())
         with amp:
             output = self.engine.forward(*inputs) if isinstance(inputs, tuple) else self.engine.forward(inputs)
         task_parts = self.task.loss_parts(output, targets)
-        task_loss = task_parts[self.task.loss_key]
-        if self.distiller is not None:  # (1 - w) * LM + w * KD (+ hidden MSE), pikv/training/distill.py
-            kd_parts = self.distiller.losses(inputs, output, task_loss)
-            task_loss = kd_parts.pop("loss")
-            task_parts = {**task_parts, **kd_parts}
-        router = self.model.router_losses()
-        moe = self.cfg.moe
-        loss = (task_loss + moe.aux_loss_weight * router["aux_loss"]
-                + moe.z_loss_weight * router["z_loss"])
-        if self.step + 1 in self._nan_steps:
-            loss = loss * float("nan")
-        parts = {"loss": loss, **task_parts, "aux_loss": router["aux_loss"], "z_loss": router["z_loss"]}
-        if self.cfg.kv.compressor == "learned":
-            distill = compressor_losses(self.model)
-            parts["loss"] = loss + self.cfg.kv.distill_weight * distill
-            parts["kv_distill_loss"] = distill  # 0 on full-cache steps
-            # latent rank of this step (0 = full cache): lm_loss by kv_rank shows the cost of each
-            # budget; kv_cotrain = 1 when the LM ran through the latent (0: distillation only)
-            comp = next(m for m in self.model.modules() if hasattr(m, "distill_loss"))
-            parts["kv_rank"] = torch.tensor(float(comp.rank or 0), device=loss.device)
-            parts["kv_cotrain"] = torch.tensor(float(comp.through_latent), device=loss.device)
-        return parts
+        micro = MicroBatch(self.step, inputs, output, task_parts[self.task.loss_key])
+        loss, hook_metrics = combine(micro.task_loss, [h.loss_terms(micro) for h in self.hooks])
+        return {"loss": loss, **task_parts, **hook_metrics}
 
     def train_step(self) -> dict[str, torch.Tensor]:
         cfg = self.cfg.train
         lr = lr_at(self.step + 1, cfg)
         self.engine.set_lr(lr)
+        for hook in self.hooks:
+            hook.before_step(self.step)
         sums: dict[str, torch.Tensor] = {}
-        step_counts = [0] * len(self.bias_layers)
-        if self.kv_schedule is not None:
-            set_compressor_rank(self.model, *self.kv_schedule.at(self.step))
-        for m in self.model.modules():  # no stale distillation loss from a previous step
-            if hasattr(m, "distill_loss"):
-                m.distill_loss = None
         for micro in range(cfg.grad_accum_steps):
             inputs, targets = (_to_device(t, self.ctx.device) for t in self.loader.next_batch())
             parts = self._micro_batch_loss(inputs, targets)
             self.engine.backward(parts["loss"] / cfg.grad_accum_steps, last=micro == cfg.grad_accum_steps - 1)
             self.moe_metrics.accumulate()
-            step_counts = [c + layer.metrics["tokens_per_expert"] for c, layer in zip(step_counts, self.bias_layers)]
+            for hook in self.hooks:
+                hook.after_micro_batch()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.detach() / cfg.grad_accum_steps
-        set_compressor_rank(self.model, None)  # validation / checkpoints see the full-cache model
-        # One small all-reduce per step, for two decisions every rank must take together: skip a
-        # step whose loss is NaN/inf on any rank, and stop after this step on a signal.
-        stop = self._stop_signal is not None or (self._stop_file is not None and self._stop_file.exists())
-        flags = torch.tensor([float(not torch.isfinite(sums["loss"]).item()), float(stop)], device=self.ctx.device)
-        if self.ctx.world_size > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        nonfinite, self.stop_requested = bool(flags[0]), bool(flags[1])
+        nonfinite = self._agree_on_skip_and_stop(sums["loss"])
         if nonfinite:
             self.engine.skip_step()
-            self.step += 1
-            self._count_nonfinite()
-            return {**sums, "grad_norm": torch.tensor(float("nan")), "lr": torch.tensor(lr),
-                    "skipped_nonfinite": torch.tensor(1.0)}
-        grad_norm = self.engine.step()
-        if self.bias_layers:
-            self._update_router_biases(step_counts)
+            out = {"grad_norm": torch.tensor(float("nan")), "skipped_nonfinite": torch.tensor(1.0)}
+        else:
+            out = {"grad_norm": self.engine.step()}
+        for hook in self.hooks:
+            hook.after_step(self.step, updated=not nonfinite)
         self.step += 1
-        return {**sums, "grad_norm": grad_norm, "lr": torch.tensor(lr)}
+        if nonfinite:
+            self._count_nonfinite()
+        return {**sums, "lr": torch.tensor(lr), **out}
+
+    def _agree_on_skip_and_stop(self, loss: torch.Tensor) -> bool:
+        """One small all-reduce per step, for two decisions every rank must take together: skip a
+        step whose loss is NaN/inf on any rank (returned), and stop after this step when any rank's
+        hook asks (self.stop_requested)."""
+        stop = any(hook.requests_stop() for hook in self.hooks)
+        flags = torch.tensor([float(not torch.isfinite(loss).item()), float(stop)], device=self.ctx.device)
+        if self.ctx.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.stop_requested = bool(flags[1])
+        return bool(flags[0])
 
     def _count_nonfinite(self) -> None:
         self.nonfinite_steps += 1
@@ -238,13 +196,6 @@ class Trainer:
                 f"step {self.step}: the loss was NaN/inf for the {self.nonfinite_steps}th time, more than "
                 f"train.max_nonfinite_steps={limit}; stopping. Last good checkpoint: "
                 f"{found[-1] if found else 'none (no checkpoint written yet)'} (lower train.lr or resume from it)")
-
-    def _update_router_biases(self, step_counts: list[torch.Tensor]) -> None:
-        counts_LE = torch.stack(step_counts).float()
-        if self.ctx.world_size > 1:
-            dist.all_reduce(counts_LE)  # every rank applies the same update to its bias copy
-        for layer, counts_E in zip(self.bias_layers, counts_LE):
-            layer.router.update_bias(counts_E, self.cfg.moe.bias_update_rate)
 
     def _global_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         keys = sorted(values)
@@ -268,48 +219,26 @@ class Trainer:
         self.log.info(f"saved checkpoint {path}")
         return path
 
-    # ---- preemption -----------------------------------------------------------------------
-    def _install_signal_handlers(self) -> dict:
-        """SIGUSR1 (SLURM's --signal warning) and SIGTERM (scancel, torchrun shutdown, preemption):
-        note the signal; the loop finishes the current step, checkpoints and returns."""
-        def handler(signum, frame):
-            self._stop_signal = signum
-
-        previous = {}
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, handler)
-        return previous
-
-    def _mark_preempted(self, checkpoint: Path) -> None:
-        name = (signal.Signals(self._stop_signal).name if self._stop_signal
-                else "the stop file" if self._stop_file is not None and self._stop_file.exists()
-                else "a signal on another rank")
-        self.log.warning(f"stopped by {name} after step {self.step}; checkpoint {checkpoint}; "
-                         "a restart with train.resume=auto continues from it")
-        if self.ctx.is_main:
-            marker = json.dumps({"step": self.step, "checkpoint": str(checkpoint), "signal": name})
-            (self.run_dir / PREEMPTED_FILE).write_text(marker)
-            if os.environ.get("PIKV_PREEMPT_FILE"):  # set by launch/slurm/train.sbatch: requeue on it
-                Path(os.environ["PIKV_PREEMPT_FILE"]).write_text(marker)
-
     # ---- the loop -------------------------------------------------------------------------
-    def fit(self) -> TrainResult:
-        cfg, ctx = self.cfg, self.ctx
-        tokens_per_step = self.task.tokens_per_micro_batch * cfg.train.grad_accum_steps * ctx.dp_size
-        peak = measure_matmul_peak(ctx.device, self.amp_dtype or torch.float32)
-        meter = ThroughputMeter(self.task.flops_per_token(self.model), peak, ctx.world_size)
-        self.log.info(f"model: {self.param_counts['num_params']:,} parameters, "
-                      f"{self.param_counts['num_active_params']:,} active "
+    def _report_model(self, tokens_per_step: int, peak: float) -> None:
+        ctx, pc = self.ctx, self.param_counts
+        self.log.info(f"model: {pc['num_params']:,} parameters, {pc['num_active_params']:,} active "
                       f"per token; {ctx.world_size} process(es), EP={ctx.ep_size}, device {ctx.device}; "
                       f"measured matmul peak {peak / 1e9:.1f} GFLOP/s per process")
-        pc = self.param_counts
         self.log.info(f"trainable: {pc['num_trainable_params']:,} of {pc['num_params']:,} parameters "
                       f"({pc['num_frozen_params']:,} frozen: {pc['optimizer_state_bytes_saved'] / 2**20:.1f} MiB of "
                       f"AdamW state saved, {pc['optimizer_state_bytes'] / 2**20:.1f} MiB kept)")
         if ctx.is_main:
             (self.run_dir / "model_summary.json").write_text(json.dumps(
-                {**self.param_counts, "world_size": ctx.world_size, "ep_size": ctx.ep_size,
-                 "tokens_per_step": tokens_per_step}, indent=1))
+                {**pc, "world_size": ctx.world_size, "ep_size": ctx.ep_size, "tokens_per_step": tokens_per_step},
+                indent=1))
+
+    def fit(self) -> TrainResult:
+        cfg, ctx = self.cfg, self.ctx
+        tokens_per_step = self.task.tokens_per_micro_batch * cfg.train.grad_accum_steps * ctx.dp_size
+        peak = measure_matmul_peak(ctx.device, self.amp_dtype or torch.float32)
+        meter = ThroughputMeter(self.task.flops_per_token(self.model), peak, ctx.world_size)
+        self._report_model(tokens_per_step, peak)
         losses: dict[int, float] = {}
         last_ckpt, validation = None, None
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (ctx.is_main and cfg.logging.progress),
@@ -321,8 +250,7 @@ class Trainer:
             out = self.train_step()
             meter.add(tokens_per_step)
             bar.update(1)
-            log_now = self.step % cfg.logging.log_every == 0 or self.step == stop_at
-            if log_now:
+            if self.step % cfg.logging.log_every == 0 or self.step == stop_at:
                 row = self._global_mean(out) | meter.read() | self.moe_metrics.read()
                 losses[self.step] = row["loss"]
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -335,13 +263,17 @@ class Trainer:
                 last_ckpt = self.save()
             if self.stop_requested and self.step < stop_at:
                 preempted = True
-                self._mark_preempted(last_ckpt)
+                for hook in self.hooks:
+                    hook.on_stop(self.step, last_ckpt)
                 break
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
+        self._finish(bar)
+        return TrainResult(self.run_dir, last_ckpt or self._resume_path(), losses, validation, preempted)
+
+    def _finish(self, bar) -> None:
+        for hook in self.hooks:
+            hook.close()
         bar.close()
-        if ctx.is_main and self.moe_metrics.history:
+        if self.ctx.is_main and self.moe_metrics.history:
             heatmap = self.moe_metrics.save_heatmap(self.run_dir / "expert_load.png")
             self.metrics.log_image("moe/expert_load", heatmap, self.step)
         self.metrics.close()
-        return TrainResult(self.run_dir, last_ckpt or self._resume_path(), losses, validation, preempted)

@@ -6,9 +6,11 @@ import torch
 
 from pikv.config import KVConfig, ModelConfig, MoEConfig
 from pikv.kv.fit import calibrate_svd, fit_compressors, load_compressors, pca_init_, save_compressors
-from pikv.kv.learned import set_compressor_rank
+from pikv.config import TrainConfig
+from pikv.kv.learned import KVTrainState
 from pikv.kv.policies import make_cache
 from pikv.models import Transformer
+from pikv.training.schedule import lr_at
 
 CFG = ModelConfig(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=96,
                   max_seq_len=64)
@@ -73,18 +75,20 @@ def test_fit_trains_only_the_compressor_and_lowers_its_distillation_loss():
 
     def loss_at(rank):
         m.train()
-        set_compressor_rank(m, rank, through_latent=False)
+        kv = KVTrainState.attach(m)
+        kv.set(rank, through_latent=False)
         with torch.no_grad():
             m.hidden_states(tokens[-16:])
-        total = sum(float(b.self_attn.kv_compressor.distill_loss) for b in m.layers)
-        set_compressor_rank(m, None)
+        total = float(kv.pop_loss())
+        m.set_kv_train_state(None)
         m.eval()
         return total
 
     rank4x = 16  # latent_rank(2, 16, 4, bits=8, window=4, length=32)
     before = loss_at(rank4x)
+    lr_cfg = TrainConfig(lr=1e-2, warmup_steps=1, max_steps=40, min_lr_ratio=0.1)
     log = fit_compressors(m, (tokens[i % 6 * 8:i % 6 * 8 + 8] for i in range(40)), [2.0, 4.0], steps=40,
-                          length=32, lr=1e-2, warmup=1)
+                          length=32, lr_schedule=lambda s: lr_at(s, lr_cfg))
     assert [r for _, r, _ in log[:4]] == [52, 16, 52, 16]  # cycles the ranks of 2x and 4x
     assert loss_at(rank4x) < 0.9 * before
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in frozen.items())

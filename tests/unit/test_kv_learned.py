@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pikv.config import KVConfig, ModelConfig, MoEConfig, load_config
-from pikv.kv.learned import (LatentKVCompressor, TrainSchedule, compressor_losses, dequantize_latent, latent_rank,
-                              quantize_latent, set_compressor_rank, train_rank_schedule)
+from pikv.kv.learned import (KVTrainState, LatentKVCompressor, TrainSchedule, dequantize_latent, latent_rank,
+                              quantize_latent, train_rank_schedule)
 from pikv.models import Transformer
 
 
@@ -67,18 +67,16 @@ def test_int8_latent_round_trip_error_and_straight_through_gradient():
     err = (dequantize_latent(codes, scale, torch.float32) - c).abs()
     assert (err <= scale.float() / 2 + 1e-6).all() and codes.abs().max() == 127
     comp = LatentKVCompressor(2, 8, 16, bits=8)
-    comp.rank = 16
     k, v = torch.randn(1, 2, 5, 8, requires_grad=True), torch.randn(1, 2, 5, 8)
-    k_hat, v_hat = comp(k, v)
+    k_hat, v_hat = comp(k, v, 16)
     ref_codes, ref_scale = quantize_latent(comp.encode(k, v, 16))
     ref_k, ref_v = comp.decode(dequantize_latent(ref_codes, ref_scale, torch.float32))
     assert torch.equal(k_hat, ref_k) and torch.equal(v_hat, ref_v)  # the forward is the int8 round trip
     k_hat.sum().backward()
     fp = LatentKVCompressor(2, 8, 16, bits=16)
     fp.load_state_dict(comp.state_dict())
-    fp.rank = 16
     k2 = k.detach().clone().requires_grad_()
-    fp(k2, v)[0].sum().backward()
+    fp(k2, v, 16)[0].sum().backward()
     torch.testing.assert_close(k.grad, k2.grad)  # straight-through: the gradient of the fp16 path
     with pytest.raises(ValueError, match="kv latent bits 4 is not supported"):
         LatentKVCompressor(2, 8, 16, bits=4)
@@ -117,14 +115,14 @@ def test_distillation_only_step_leaves_the_model_exactly_a_plain_model():
     model = _tiny_dense_model_with_compressor()
     x = torch.randint(0, 64, (2, 16))
     params = [(n, p) for n, p in model.named_parameters() if "kv_compressor" not in n]
-    set_compressor_rank(model, None)
+    kv = KVTrainState.attach(model)
     ref_logits = model(x)
     ref_logits.logsumexp(-1).mean().backward()
     ref_grads = {n: p.grad.clone() for n, p in params}
     model.zero_grad()
-    set_compressor_rank(model, 8, through_latent=False)
+    kv.set(8, through_latent=False)
     logits = model(x)
-    distill = compressor_losses(model)
+    distill = kv.pop_loss()
     assert torch.equal(logits, ref_logits) and distill.item() > 0
     (logits.logsumexp(-1).mean() + distill).backward()
     for n, p in params:  # the distillation term reaches no model weight
@@ -136,8 +134,7 @@ def test_distillation_only_step_leaves_the_model_exactly_a_plain_model():
 def test_nested_rank_uses_prefix_and_full_rank_orthogonal_init_is_lossless():
     comp = LatentKVCompressor(2, 8, 32)
     k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
-    comp.rank = 32  # C = 2*2*8 = 32: an orthogonal square projection is the identity
-    k2, v2 = comp(k, v)
+    k2, v2 = comp(k, v, 32)  # C = 2*2*8 = 32: an orthogonal square projection is the identity
     torch.testing.assert_close(k2, k, atol=1e-5, rtol=1e-5)
     c8 = comp.encode(k, v, 8)
     torch.testing.assert_close(c8, comp.encode(k, v, 32)[..., :8])
@@ -146,19 +143,20 @@ def test_nested_rank_uses_prefix_and_full_rank_orthogonal_init_is_lossless():
 def test_compressor_trains_through_lm_loss_and_distillation():
     model = _tiny_dense_model_with_compressor()
     x = torch.randint(0, 64, (2, 16))
-    set_compressor_rank(model, 8)
+    kv = KVTrainState.attach(model)
+    kv.set(8)
     logits = model(x)
-    distill = compressor_losses(model)
+    distill = kv.pop_loss()
     assert distill is not None and distill.item() > 0
     (logits.logsumexp(-1).mean() + distill).backward()
     down = model.layers[0].self_attn.kv_compressor.down.weight
     assert down.grad is not None and down.grad[:8].abs().sum() > 0 and down.grad[8:].abs().sum() == 0
-    set_compressor_rank(model, None)
+    kv.set(None)
     model.zero_grad()
     model(x).sum().backward()  # full cache: the compressor is bypassed
     assert down.grad is None or down.grad.abs().sum() == 0
     with pytest.raises(ValueError, match="learned kv rank 999 is impossible"):
-        set_compressor_rank(model, 999)
+        kv.set(999)
 
 
 def test_kv_config_errors():

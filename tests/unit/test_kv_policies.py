@@ -7,7 +7,7 @@ import torch
 
 from pikv.config import KVConfig, ModelConfig, MoEConfig
 from pikv.kv import KVCache, PolicyCache, calibrate_svd, make_cache, resolve_policy
-from pikv.kv.learned import set_compressor_rank
+from pikv.kv.learned import KVTrainState
 from pikv.kv.budgets import pyramid_budgets, quant_nbytes_per_head, quant_plan
 from pikv.kv.policies import EVICTING, PolicyOptions, attention
 from pikv.kv.quant import dequantize, pack, quantize, unpack
@@ -260,14 +260,15 @@ def test_learned_decode_equals_single_pass_and_bytes_fill_the_budget(tokens, bit
     cache = make_cache("learned", model, ratio=4, total_tokens=N_TOK, store_dtype=torch.float32)
     widths = []
     seq = decode(model, tokens, cache, check=lambda c: widths.append(c.length(0)))
-    set_compressor_rank(model, cache.rank)
+    kv = KVTrainState.attach(model)
+    kv.set(cache.rank)
     try:
         with torch.no_grad():
             one_pass = model(tokens[:, :-1])[:, PREFILL - 1:]
-            set_compressor_rank(model, None)
+            kv.set(None)
             full = model(tokens[:, :-1])[:, PREFILL - 1:]
     finally:
-        set_compressor_rank(model, None)
+        model.set_kv_train_state(None)
     nll = lambda lg: torch.nn.functional.cross_entropy(lg.flatten(0, 1), tokens[:, PREFILL:].flatten())  # noqa: E731
     assert abs(float((nll(seq) - nll(one_pass)).detach())) < 1e-4
     assert float((seq - full).abs().max().detach()) > 1e-3  # the latent is really read

@@ -11,7 +11,9 @@ from pikv.config import DistillConfig, KVConfig, ModelConfig, MoEConfig, TrainCo
 from pikv.models import Transformer
 from pikv.models.parallelize import shard_experts
 from pikv.moe import ROUTERS, GroupedExperts, LoRAMoELayer, create_moe, merge_adapters
-from pikv.training.distill import Distiller, check_same_tokenizer, kd_loss, load_teacher, parameter_report
+from pikv.moe.distill import kd_loss
+from pikv.training.distill import Distiller, check_same_tokenizer, load_teacher, parameter_report
+from pikv.training.hooks import DistillHook, MicroBatch, combine
 from pikv.training.optim import build_optimizer
 from pikv.training.upcycle import upcycle
 
@@ -199,6 +201,7 @@ def test_distillation_trains_student_and_never_touches_teacher():
     upcycle(student, teacher)
     distiller = Distiller(DistillConfig(weight=0.7, temperature=2.0, hidden_layers=[0]), student, teacher,
                           torch.device("cpu"))
+    hook = DistillHook(distiller)
     teacher_before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2)
     tokens = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(4))
@@ -206,13 +209,13 @@ def test_distillation_trains_student_and_never_touches_teacher():
     for _ in range(6):
         logits = student(tokens[:, :-1])
         lm = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        parts = distiller.losses(tokens[:, :-1], logits, lm)
+        loss, parts = combine(lm, [hook.loss_terms(MicroBatch(0, tokens[:, :-1], logits, lm))])
         expected = 0.3 * lm + 0.7 * parts["kd_loss"] + parts["hidden_mse"]
-        torch.testing.assert_close(parts["loss"], expected)
-        parts["loss"].backward()
+        torch.testing.assert_close(loss, expected)
+        loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(parts["loss"].item())
+        losses.append(loss.item())
     assert not teacher.training and all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert all(torch.equal(p, teacher_before[n]) for n, p in teacher.named_parameters())
     assert losses[-1] < losses[0]
@@ -259,3 +262,23 @@ def test_config_rejects_bad_distillation_settings(overrides, match):
 def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=f"{tmp_path}: no complete checkpoint there"):
         load_teacher(tmp_path)
+
+
+def test_layer_api_and_train_mode_distill_compute_the_same_loss():
+    # One implementation (pikv/moe/distill.py) behind both paths. On an upcycled student, block 0's
+    # MoE input equals the teacher's FFN input, so the layer's own distill_mse (LoRAMoELayer with the
+    # teacher's FFN attached) and train.mode=distill's hidden_mse after block 0 (Distiller) compare
+    # the same two outputs, the second with the shared residual h added to both.
+    teacher, student = _models()
+    upcycle(student, teacher)
+    _randomize_adapters(student.layers[0].mlp)  # else both are 0
+    layer = student.layers[0].mlp
+    layer.use_distillation = True  # the trainer's config builds its layers without the layer API's teacher
+    layer.set_teacher(teacher.layers[0].mlp)
+    distiller = Distiller(DistillConfig(weight=0.5, hidden_layers=[0]), student, teacher, torch.device("cpu"))
+    tokens = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(2))
+    logits = student.train()(tokens)
+    trainer_mse = distiller.losses(tokens, logits)["hidden_mse"]
+    assert layer.distill_mse > 1e-4
+    # fp32 rounding of (h + a) - (h + b) against a - b, |h| ~ 1: ~1e-7 relative per element
+    torch.testing.assert_close(trainer_mse, layer.distill_mse, rtol=1e-5, atol=0)

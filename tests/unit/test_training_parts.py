@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pikv.config import load_config
-from pikv.training.optim import build_optimizer
+from pikv.training.optim import build_optimizer, set_lr
 from pikv.training.schedule import lr_at
 from pikv.training.throughput import ThroughputMeter, measure_matmul_peak
 
@@ -27,6 +27,22 @@ def test_weight_decay_only_on_matrices():
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.3 for p in g["params"]}
     assert decayed == {id(model[0].weight)}
     assert sum(len(g["params"]) for g in opt.param_groups) == 4
+
+
+def test_deepspeed_split_sees_the_torch_engines_groups_and_empty_groups_are_dropped():
+    # the DeepSpeed engine passes its expert-group split (by group name) to the same build_optimizer
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    seen = []
+
+    def split(groups):
+        seen.extend((g["name"], g["weight_decay"], len(g["params"])) for g in groups)
+        return groups + [{"name": "decay_ep_size_2", "params": [], "weight_decay": 0.3}]
+
+    opt = build_optimizer(model, load_config(None, ["train.weight_decay=0.3"]).train, split)
+    assert seen == [("decay", 0.3, 1), ("no_decay", 0.0, 3)]
+    assert [g["name"] for g in opt.param_groups] == ["decay", "no_decay"]
+    set_lr(opt, 0.125)
+    assert {g["lr"] for g in opt.param_groups} == {0.125}
 
 
 def test_matmul_peak_is_plausible_and_meter_computes_mfu():

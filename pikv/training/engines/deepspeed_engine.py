@@ -43,6 +43,7 @@ from pikv.config import JobConfig
 from pikv.data.corpus import resolve_cache_dir
 from pikv.distributed import DistContext, GradientReducer
 from pikv.distributed.grad_sync import is_expert_param
+from pikv.training.optim import build_optimizer, set_lr
 
 ZERO_STATE_FILE = "zero_rank_{rank}.pt"
 
@@ -192,14 +193,9 @@ class DeepSpeedEngine:
                 params[n].group_name = group_name
             model.add_module("ds_expert_marker", _moe_marker_class()(cfg.model.num_experts, ctx.ep_size, group_name))
 
-        t = cfg.train
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"name": "decay", "params": [p for p in trainable if p.dim() >= 2], "weight_decay": t.weight_decay},
-                  {"name": "no_decay", "params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
-        if ctx.ep_size > 1:
-            groups = split_params_into_different_moe_groups_for_optimizer(groups)
-        groups = [g for g in groups if g["params"]]
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+        # The torch engine's groups; under EP DeepSpeed's expert groups split them.
+        optimizer = build_optimizer(model, cfg.train,
+                                    split_params_into_different_moe_groups_for_optimizer if ctx.ep_size > 1 else None)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.model, self.forward = model, self.ds
         self.client_optimizer = optimizer
@@ -207,8 +203,7 @@ class DeepSpeedEngine:
         self.reducer = GradientReducer(model, ctx.world_size, ctx.expert_dp_group, ctx.ep_group)
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         # PiKV divides by grad_accum_steps itself; the boundary is explicit so DeepSpeed reduces

@@ -11,7 +11,7 @@ from torch import nn
 
 from pikv.config import JobConfig
 from pikv.distributed import DistContext, GradientReducer
-from pikv.training.optim import build_optimizer
+from pikv.training.optim import build_optimizer, set_lr
 
 
 class TorchEngine:
@@ -24,8 +24,7 @@ class TorchEngine:
         self.grad_clip = cfg.train.grad_clip
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         loss.backward()
