@@ -165,14 +165,19 @@ _BASE_OPTIONS = ("router", "renormalize", "capacity_factor", "deterministic", "n
 MOE_OPTIONS: dict[str, tuple[str, ...]] = {"base": _BASE_OPTIONS}
 
 
+def _ffn_width(hidden_size: int, ffn_hidden_size: Optional[int]) -> int:
+    return 4 * hidden_size if ffn_hidden_size is None else ffn_hidden_size
+
+
 def check_moe(kind: str, hidden_size: int, num_experts: int, top_k: int,
               ffn_hidden_size: Optional[int] = None, **options: Any) -> None:
     """Every rule `create_moe` applies to these arguments, without building anything: ValueError
     for an unknown kind or option, OptionError (a ValueError naming the argument) for a bad value."""
     if kind not in MOE_BUILDERS:
         raise ValueError(f"unknown MoE kind {kind!r}; allowed kinds: {', '.join(MOE_BUILDERS)}")
+    ffn_hidden_size = _ffn_width(hidden_size, ffn_hidden_size)
     for name, value in (("hidden_size", hidden_size), ("num_experts", num_experts),
-                        ("top_k", top_k), ("ffn_hidden_size", ffn_hidden_size or 4 * hidden_size)):
+                        ("top_k", top_k), ("ffn_hidden_size", ffn_hidden_size)):
         positive_int(name, value)
     if top_k > num_experts:
         raise OptionError("top_k", top_k, "must be <= {num_experts}", num_experts=num_experts)
@@ -180,7 +185,7 @@ def check_moe(kind: str, hidden_size: int, num_experts: int, top_k: int,
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for MoE kind {kind!r}; "
                          f"allowed options: {', '.join(MOE_OPTIONS[kind])}")
-    MOE_CHECKS[kind](hidden_size, num_experts, top_k, ffn_hidden_size or 4 * hidden_size, **options)
+    MOE_CHECKS[kind](hidden_size, num_experts, top_k, ffn_hidden_size, **options)
 
 
 def create_moe(kind: str, hidden_size: int, num_experts: int, top_k: int,
@@ -206,4 +211,4 @@ def create_moe(kind: str, hidden_size: int, num_experts: int, top_k: int,
     Errors are ValueError (see `check_moe`, which applies the same rules without building).
     """
     check_moe(kind, hidden_size, num_experts, top_k, ffn_hidden_size, **options)
-    return MOE_BUILDERS[kind](hidden_size, num_experts, top_k, ffn_hidden_size or 4 * hidden_size, **options)
+    return MOE_BUILDERS[kind](hidden_size, num_experts, top_k, _ffn_width(hidden_size, ffn_hidden_size), **options)

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pikv.moe.experts import FeedForward, GroupedExperts, run_swiglu
 from pikv.config import OptionError
+from pikv.moe.experts import FeedForward, GroupedExperts, run_swiglu
 from pikv.moe.layer import (_BASE_OPTIONS, MOE_BUILDERS, MOE_CHECKS, MOE_OPTIONS, MoELayer, _build_base,
                              _check_base, positive_int)
 
