@@ -104,7 +104,7 @@ def check_latent_budgets(num_kv_heads: int, head_dim: int, ratios: list[float], 
     ratio of `ratios` leaves a latent rank >= 1, alone and beside the `window` exact tokens of a
     `length`-token sequence. OptionError (a ValueError naming the argument) otherwise."""
     if bits not in LATENT_BITS:
-        raise OptionError("bits", bits, "allowed values are 8 (int8 codes + fp16 scale) and 16 (fp16)")
+        raise OptionError("bits", bits, "must be 8 (int8 codes + fp16 scale) or 16 (fp16 codes)")
     if not ratios:
         raise OptionError("ratios", list(ratios), "must be a non-empty list of compression ratios")
     for r in ratios:

@@ -65,6 +65,15 @@ def test_a_builder_names_its_argument_and_a_job_its_key():
             create_moe("base", 16, 8, 9, 32)
 
 
+def test_kv_budget_check_names_its_arguments_directly():
+    from pikv.kv.budgets import check_latent_budgets
+    with pytest.raises(OptionError, match=r"^bits=4 must be 8 .* or 16"):
+        check_latent_budgets(2, 32, [2.0], 4, 0, 64)
+    with pytest.raises(OptionError, match=r"^window=64 must leave every ratios=\[2\.0, 8\.0\] budget a latent"):
+        check_latent_budgets(2, 32, [2.0, 8.0], 8, 64, 128)
+    check_latent_budgets(2, 32, [2.0, 8.0], 8, 4, 128)  # the default model's shape of budget fits
+
+
 def test_checking_never_changes_the_config():
     cfg = load_config(None, ["task=time", "kv.compressor=auto"])
     assert cfg.kv.compressor == "none"  # resolved by load_config (pikv.config.resolve), not by a check

@@ -167,7 +167,7 @@ def test_kv_config_errors():
         load_config(None, ["kv.compressor=mla"])
     with pytest.raises(ValueError, match=r"kv.train_ratios"):
         load_job(None, ["kv.train_ratios=[0.5]"])
-    with pytest.raises(ValueError, match=r"'kv.latent_bits' = 4 is invalid: allowed values are 8"):
+    with pytest.raises(ValueError, match=r"'kv.latent_bits' = 4 is invalid: must be 8 .* or 16"):
         load_job(None, ["kv.latent_bits=4"])
     with pytest.raises(ValueError, match=r"'kv.latent_window' = 64 is invalid: must leave every kv.train_ratios"):
         load_job(None, ["kv.latent_window=64"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pikv.config import DistillConfig, KVConfig, ModelConfig, MoEConfig, TrainConfig, load_config
+from pikv.config import DistillConfig, KVConfig, ModelConfig, MoEConfig, TrainConfig
 from pikv.tasks import load_job
 from pikv.models import Transformer
 from pikv.models.parallelize import shard_experts
