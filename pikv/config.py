@@ -1,15 +1,18 @@
-"""Typed, validated job configuration.
+"""Typed job configuration: the schema, its defaults and the checks that need no builder.
 
 Defaults live here (the tiny CPU model); `configs/*.yaml` holds only what differs; CLI dotlist
 overrides (`train.max_steps=10`) come last. This is lingua's/OLMo-core's layering, built on
 OmegaConf structured configs so an unknown key or a wrong type is rejected by the schema itself.
-Cross-field rules (`num_heads` divides `hidden_size`, ...) are checked in `validate` before any
-work starts, and every error names the key, the bad value and what is allowed.
+`validate` checks each key's range and choices and the rules between sections; every builder
+(create_moe, the routers, the model, the KV compressor, the data pipeline) checks its own options,
+and `pikv.tasks.check_job` runs them all before any work. Every error names the key, the bad value
+and what is allowed. This module imports nothing from pikv: it is the bottom of the layering.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -155,9 +158,12 @@ class KVConfig:
     full_every: int = 3  # co-training: one full-cache step per this many compressed steps (0 = never)
     # Fraction of train.max_steps after which the LM runs through the latent (co-training, the
     # train_ratios cycle with full_every); before it the LM uses the full cache and the compressor
-    # learns by distillation alone. 1.0 = distillation only (pikv/kv/learned.py TrainSchedule).
+    # trains on the side alone (its attention error, no gradient to the model). 1.0 = side training
+    # only (pikv/kv/learned.py TrainSchedule).
     cotrain_start: float = 0.8
-    distill_weight: float = 0.1  # attention-output distillation to the full cache, per layer
+    # Weight of the compressor's loss: per layer, the relative error of the attention output through
+    # the latent vs through the full cache (pikv/kv/learned.py attention_error; metric kv_attn_error).
+    attn_error_weight: float = 0.1
     # Storage of the latent codes: 8 = int8 with one fp16 scale per token and layer (Palu-style
     # quantized latent: at equal bytes about twice the rank of fp16), trained with the same
     # quantization in the loop; 16 = fp16 codes. The rank of a ratio fills its byte budget.
@@ -166,7 +172,7 @@ class KVConfig:
     # keys/values exactly and older ones through the latent, whose rank gets the bytes the window
     # leaves for a data.seq_len-token sequence (pikv/kv/learned.py latent_rank). 0 = latent only;
     # null (default) = 8, or fewer where 8 would take more than half of the smallest budget
-    # (short sequences), resolved in `validate` so config.yaml and checkpoints record the number.
+    # (short sequences), filled in by `resolve` so config.yaml and checkpoints record the number.
     latent_window: Optional[int] = None
     # The KV table of the default held-out evaluation (train/eval.py without --kv).
     eval_policies: list[str] = field(default_factory=lambda: [
@@ -216,10 +222,7 @@ class JobConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "moe.kind": ("base", "pikv"),
     "train.mode": ("lm", "distill"),
-    "moe.router": ("softmax_topk", "sigmoid_topk", "noisy_topk", "expert_choice", "sinkhorn"),
-    "train.resume_mode": ("auto", "never"),
     "train.engine": ("torch", "deepspeed"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "fp32", "bf16", "fp16"),
@@ -229,15 +232,55 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "task": ("lm", "flex", "time"),
     "flex.missing": ("random", "structured", "none"),
 }
+RESUME_MODES = ("auto", "never")  # train.resume: one of these, or a checkpoint path
+
+# Keys renamed so that one word means one thing (docs/architecture.md, "Names"). A YAML file or an
+# override that uses the old key is an error naming the new one; a config stored in a checkpoint
+# written before the rename is migrated (it must stay loadable for eval and export).
+RENAMED = {"kv.distill_weight": "kv.attn_error_weight"}
 
 
-def _fail(key: str, value: Any, allowed: str) -> None:
+class OptionError(ValueError):
+    """A builder's bad argument: `arg`=`value` and what is allowed. `allowed` may name other
+    arguments as {name} placeholders, filled from `refs` as `name=value`, or as `key=value` when
+    the error is re-raised with config keys (`config_keys`)."""
+
+    def __init__(self, arg: str, value: Any, allowed: str, **refs: Any):
+        self.arg, self.value, self.allowed, self.refs = arg, value, allowed, refs
+        super().__init__(f"{arg}={value!r} {self._allowed({})}")
+
+    def _allowed(self, keys: dict[str, str]) -> str:
+        if not self.refs:
+            return self.allowed
+        return self.allowed.format(**{n: f"{keys.get(n, n)}={v}" for n, v in self.refs.items()})
+
+    def keyed(self, keys: dict[str, str]) -> ValueError:
+        """The same error in config terms: `config key 'k' = value is invalid: ...`."""
+        allowed = self._allowed(keys)
+        verb = "" if allowed.startswith("is ") else "is invalid: "
+        return ValueError(f"config key '{keys[self.arg]}' = {self.value!r} {verb}{allowed}")
+
+
+@contextmanager
+def config_keys(keys: dict[str, str]):
+    """Re-raise a builder's OptionError about an argument in `keys` (argument -> config key)
+    with the config key: the builder names its arguments, a job names its keys."""
+    try:
+        yield
+    except OptionError as err:
+        if err.arg not in keys:
+            raise
+        raise err.keyed(keys) from None
+
+
+def invalid_key(key: str, value: Any, allowed: str) -> None:
+    """Raise the ValueError of a bad config value: the key, the value and what is allowed."""
     raise ValueError(f"config key '{key}' = {value!r} is invalid: {allowed}")
 
 
 def _check_choice(key: str, value: str) -> None:
     if value not in CHOICES[key]:
-        _fail(key, value, f"allowed values are {', '.join(CHOICES[key])}")
+        invalid_key(key, value, f"allowed values are {', '.join(CHOICES[key])}")
 
 
 def _check_positive(cfg: JobConfig, *keys: str) -> None:
@@ -245,197 +288,173 @@ def _check_positive(cfg: JobConfig, *keys: str) -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value <= 0:
-            _fail(key, value, "must be > 0")
+            invalid_key(key, value, "must be > 0")
 
 
 def moe_layer_indices(model: ModelConfig, moe: MoEConfig) -> list[int]:
-    """Indices of the transformer layers whose FFN is a MoE layer."""
+    """Indices of the transformer layers whose FFN is a MoE layer; ValueError naming the key when
+    moe.layers / moe.every_n_layers cannot be placed in model.num_layers layers."""
     if moe.layers is not None:
+        if any(not 0 <= i < model.num_layers for i in moe.layers):
+            invalid_key("moe.layers", list(moe.layers), f"indices must be in [0, {model.num_layers})")
         return sorted(set(moe.layers))
+    if moe.every_n_layers < 0:
+        invalid_key("moe.every_n_layers", moe.every_n_layers, "must be >= 0 (0 = no MoE layer)")
     if moe.every_n_layers == 0:
         return []
     n = moe.every_n_layers
     return [i for i in range(model.num_layers) if (i + 1) % n == 0]
 
 
+def default_latent_window(seq_len: int, ratios: list[float]) -> int:
+    """kv.latent_window when unset: 8 tokens (measured on the default model: docs/benchmarks.md,
+    "KV cache"), or fewer for short sequences, so that the window never takes more than half of
+    the smallest budget (seq_len / max ratio tokens)."""
+    return min(8, int(seq_len // (2 * max(ratios)))) if ratios else 0
+
+
+def resolve(cfg: JobConfig) -> JobConfig:
+    """A copy with the defaults that depend on other keys filled in (kv.compressor 'auto',
+    kv.latent_window null), so config.yaml and checkpoints record the numbers. Checks nothing."""
+    kv = cfg.kv
+    compressor = kv.compressor
+    if compressor == "auto":
+        compressor = "learned" if cfg.task == "lm" else "none"
+    window = kv.latent_window
+    if window is None and compressor == "learned":
+        window = default_latent_window(cfg.data.seq_len, kv.train_ratios)
+    return dataclasses.replace(cfg, kv=dataclasses.replace(kv, compressor=compressor, latent_window=window))
+
+
 def validate(cfg: JobConfig) -> JobConfig:
-    """Cross-field checks the schema cannot express. Raises ValueError naming key and value."""
-    m = cfg.model
+    """The checks that need no builder: each key's type, range and choices, and cross-key rules
+    between sections. Builders check their own options (pikv.tasks.check_job runs them all).
+    Reads `cfg` only; raises ValueError naming the key, the value and what is allowed."""
     _check_positive(
-        cfg, "model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_heads",
-        "model.num_kv_heads", "model.ffn_hidden_size", "model.max_seq_len", "model.num_experts",
-        "model.top_k", "model.expert_ffn_hidden_size", "data.seq_len", "train.max_steps",
-        "train.batch_size", "train.grad_accum_steps", "train.lr", "train.eval_every",
-        "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
+        cfg, "model.vocab_size", "model.num_layers", "model.ffn_hidden_size", "model.max_seq_len",
+        "data.seq_len", "train.max_steps", "train.batch_size", "train.grad_accum_steps", "train.lr",
+        "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
         "parallel.expert_parallel_size", "logging.log_every",
     )
-    if m.hidden_size % m.num_heads:
-        _fail("model.num_heads", m.num_heads, f"must divide model.hidden_size={m.hidden_size}")
-    if (m.hidden_size // m.num_heads) % 2:
-        _fail("model.num_heads", m.num_heads,
-              f"head dim hidden_size/num_heads={m.hidden_size // m.num_heads} must be even (RoPE)")
-    if m.num_heads % m.num_kv_heads:
-        _fail("model.num_kv_heads", m.num_kv_heads, f"must divide model.num_heads={m.num_heads}")
-    if m.top_k > m.num_experts:
-        _fail("model.top_k", m.top_k, f"must be <= model.num_experts={m.num_experts}")
-    if cfg.moe.every_n_layers < 0:
-        _fail("moe.every_n_layers", cfg.moe.every_n_layers, "must be >= 0 (0 = no MoE layer)")
-    for i in cfg.moe.layers or []:
-        if not 0 <= i < m.num_layers:
-            _fail("moe.layers", list(cfg.moe.layers), f"indices must be in [0, {m.num_layers})")
-    _check_choice("moe.router", cfg.moe.router)
-    if cfg.moe.capacity_factor is not None and cfg.moe.capacity_factor <= 0:
-        _fail("moe.capacity_factor", cfg.moe.capacity_factor, "must be > 0, or null for dropless")
-    if cfg.moe.num_shared_experts < 0:
-        _fail("moe.num_shared_experts", cfg.moe.num_shared_experts, "must be >= 0 (0 = no shared experts)")
-    if cfg.moe.shared_ffn_hidden_size is not None and cfg.moe.shared_ffn_hidden_size <= 0:
-        _fail("moe.shared_ffn_hidden_size", cfg.moe.shared_ffn_hidden_size,
-              "must be > 0, or null for model.expert_ffn_hidden_size")
+    for key in ("train.engine", "train.device", "train.dtype", "parallel.backend", "logging.wandb_mode",
+                "train.mode", "task", "kv.compressor", "flex.missing"):
+        section, _, name = key.rpartition(".")
+        _check_choice(key, getattr(getattr(cfg, section), name) if section else getattr(cfg, name))
+    moe_layer_indices(cfg.model, cfg.moe)
     if not cfg.moe.bias_update_rate >= 0:
-        _fail("moe.bias_update_rate", cfg.moe.bias_update_rate, "must be >= 0 (0 = bias never moves)")
-    if not (0 < cfg.moe.route_scale < float("inf")):
-        _fail("moe.route_scale", cfg.moe.route_scale, "must be a finite number > 0")
-    if cfg.moe.sinkhorn_iterations < 1:
-        _fail("moe.sinkhorn_iterations", cfg.moe.sinkhorn_iterations, "must be >= 1")
-    if cfg.data.seq_len > m.max_seq_len:
-        _fail("data.seq_len", cfg.data.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
-    if cfg.data.validation_docs < 1 or cfg.data.heldout_docs < 1:
-        _fail("data.validation_docs/heldout_docs",
-              (cfg.data.validation_docs, cfg.data.heldout_docs), "each must be >= 1")
-    t = cfg.train
-    if t.resume not in CHOICES["train.resume_mode"] and not Path(t.resume).exists():
-        _fail("train.resume", t.resume, "allowed values are auto, never, or an existing checkpoint path")
-    for key in ("train.engine", "train.device", "train.dtype", "parallel.backend", "logging.wandb_mode"):
-        section, name = key.split(".")
-        _check_choice(key, getattr(getattr(cfg, section), name))
-    if t.exit_at_step is not None and not 0 < t.exit_at_step <= t.max_steps:
-        _fail("train.exit_at_step", t.exit_at_step, f"must be in [1, train.max_steps={t.max_steps}] or null")
-    if not 0.0 <= t.min_lr_ratio <= 1.0:
-        _fail("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
-    if t.warmup_steps < 0:
-        _fail("train.warmup_steps", t.warmup_steps, "must be >= 0")
-    if not t.run_name or "/" in t.run_name:
-        _fail("train.run_name", t.run_name, "must be a non-empty name without '/'")
-    _check_choice("kv.compressor", cfg.kv.compressor)
-    if cfg.kv.compressor == "auto":  # resolved here, so config.yaml and checkpoints record the choice
-        cfg.kv.compressor = "learned" if cfg.task == "lm" else "none"
-    if not cfg.kv.train_ratios or any(not 1 <= r <= 2 * (m.hidden_size // m.num_heads) for r in cfg.kv.train_ratios):
-        _fail("kv.train_ratios", list(cfg.kv.train_ratios), "must be a non-empty list of ratios in "
-              f"[1, 2 * head dim = {2 * (m.hidden_size // m.num_heads)}]")
-    if not 0.0 <= cfg.data.probe_rate <= 1.0:
-        _fail("data.probe_rate", cfg.data.probe_rate, "must be in [0, 1] (0 = no retrieval probe)")
-    if not 0.0 <= cfg.kv.cotrain_start <= 1.0:
-        _fail("kv.cotrain_start", cfg.kv.cotrain_start, "must be in [0, 1] (1 = distillation only)")
-    if cfg.kv.latent_bits not in (8, 16):
-        _fail("kv.latent_bits", cfg.kv.latent_bits, "allowed values are 8 (int8 codes + fp16 scale) and 16 (fp16)")
-    if cfg.kv.full_every < 0 or cfg.kv.distill_weight < 0:
-        _fail("kv.full_every/distill_weight", (cfg.kv.full_every, cfg.kv.distill_weight), "each must be >= 0")
-    _validate_lora_distill(cfg)
+        invalid_key("moe.bias_update_rate", cfg.moe.bias_update_rate, "must be >= 0 (0 = bias never moves)")
     ep = cfg.parallel.expert_parallel_size
-    if m.num_experts % ep:
-        _fail("parallel.expert_parallel_size", ep, f"must divide model.num_experts={m.num_experts}")
-    _validate_engine(t, ep)
-    _validate_task(cfg)
-    _validate_latent_window(cfg)
+    if cfg.model.num_experts % ep:
+        invalid_key("parallel.expert_parallel_size", ep, f"must divide model.num_experts={cfg.model.num_experts}")
+    _validate_data(cfg)
+    _validate_train(cfg.train)
+    _validate_engine(cfg.train, ep)
+    _validate_kv(cfg)
+    _validate_distill(cfg)
+    _validate_flex(cfg.flex)
+    _validate_time(cfg)
     return cfg
 
 
-def _validate_latent_window(cfg: JobConfig) -> None:
-    if cfg.kv.compressor != "learned":
-        return
-    from pikv.kv.learned import default_latent_window, latent_rank
-    if cfg.kv.latent_window is None:
-        cfg.kv.latent_window = default_latent_window(cfg.data.seq_len, cfg.kv.train_ratios)
-    if cfg.kv.latent_window < 0:
-        _fail("kv.latent_window", cfg.kv.latent_window, "must be >= 0 (0 = latent only)")
-    m = cfg.model
-    try:
-        for r in cfg.kv.train_ratios:
-            latent_rank(m.num_kv_heads, m.hidden_size // m.num_heads, r, cfg.kv.latent_bits,
-                        cfg.kv.latent_window, cfg.data.seq_len)
-    except ValueError as err:
-        _fail("kv.latent_window", cfg.kv.latent_window, f"must leave every kv.train_ratios budget a latent ({err})")
+def _validate_data(cfg: JobConfig) -> None:
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        invalid_key("data.seq_len", cfg.data.seq_len, f"must be <= model.max_seq_len={cfg.model.max_seq_len}")
+    if cfg.data.validation_docs < 1 or cfg.data.heldout_docs < 1:
+        invalid_key("data.validation_docs/heldout_docs",
+              (cfg.data.validation_docs, cfg.data.heldout_docs), "each must be >= 1")
 
 
-def _validate_task(cfg: JobConfig) -> None:
-    _check_choice("task", cfg.task)
-    if cfg.task != "lm" and cfg.kv.compressor != "none":
-        _fail("kv.compressor", cfg.kv.compressor, f"the KV compressor is for task=lm; task={cfg.task} needs 'none'")
-    f = cfg.flex
-    _check_choice("flex.missing", f.missing)
-    if not 0.0 <= f.missing_rate < 1.0:
-        _fail("flex.missing_rate", f.missing_rate, "must be in [0, 1)")
-    if not (0 < f.heldout_fraction < 1 and 0 < f.validation_fraction < 1
-            and f.heldout_fraction + f.validation_fraction < 1):
-        _fail("flex.heldout_fraction/validation_fraction", (f.heldout_fraction, f.validation_fraction),
-              "each must be in (0, 1) and their sum < 1")
-    if cfg.task == "flex" and f.specialized_routing and cfg.moe.every_n_layers != 0:
-        from pikv.data.multimodal import MODALITIES
-        combos = 2 ** len(MODALITIES) - 1
-        if cfg.model.num_experts < combos:
-            _fail("model.num_experts", cfg.model.num_experts, f"flex.specialized_routing gives each of the "
-                  f"{combos} modality combinations its own expert: need >= {combos}")
-    tc = cfg.time
-    if tc.context_len < 1 or (cfg.task == "time" and tc.context_len > cfg.model.max_seq_len):
-        _fail("time.context_len", tc.context_len, f"must be in [1, model.max_seq_len={cfg.model.max_seq_len}]")
-    if not tc.heads or any(h < 1 for h in tc.heads) or len(set(tc.heads)) != len(tc.heads):
-        _fail("time.heads", list(tc.heads), "must be a non-empty list of distinct horizons >= 1")
-    if not tc.eval_horizons or any(h < 1 for h in tc.eval_horizons):
-        _fail("time.eval_horizons", list(tc.eval_horizons), "must be a non-empty list of horizons >= 1")
-    if not tc.huber_delta > 0:
-        _fail("time.huber_delta", tc.huber_delta, "must be > 0")
-    if not 0 < tc.train_fraction < 1:
-        _fail("time.train_fraction", tc.train_fraction, "must be in (0, 1)")
+def _validate_train(t: TrainConfig) -> None:
+    if t.resume not in RESUME_MODES and not Path(t.resume).exists():
+        invalid_key("train.resume", t.resume, f"allowed values are {', '.join(RESUME_MODES)}, or an existing checkpoint path")
+    if t.exit_at_step is not None and not 0 < t.exit_at_step <= t.max_steps:
+        invalid_key("train.exit_at_step", t.exit_at_step, f"must be in [1, train.max_steps={t.max_steps}] or null")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        invalid_key("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+    if t.warmup_steps < 0:
+        invalid_key("train.warmup_steps", t.warmup_steps, "must be >= 0")
+    if not t.run_name or "/" in t.run_name:
+        invalid_key("train.run_name", t.run_name, "must be a non-empty name without '/'")
+    if t.max_nonfinite_steps < 0:
+        invalid_key("train.max_nonfinite_steps", t.max_nonfinite_steps, "must be >= 0 (0 = stop at the first NaN/inf loss)")
 
 
-def _validate_lora_distill(cfg: JobConfig) -> None:
-    moe, t, d, m = cfg.moe, cfg.train, cfg.distill, cfg.model
-    _check_choice("moe.kind", moe.kind)
-    if moe.kind == "pikv" and not 0 < moe.lora_rank <= min(m.hidden_size, m.expert_ffn_hidden_size):
-        _fail("moe.lora_rank", moe.lora_rank, f"must be in [1, min(model.hidden_size, "
-              f"model.expert_ffn_hidden_size) = {min(m.hidden_size, m.expert_ffn_hidden_size)}]")
-    if not 0 < moe.lora_alpha < float("inf"):
-        _fail("moe.lora_alpha", moe.lora_alpha, "must be a finite number > 0")
-    _check_choice("train.mode", t.mode)
+def _validate_kv(cfg: JobConfig) -> None:
+    """The compressor's budgets (kv.train_ratios, latent_bits, latent_window) are checked by the
+    KV layer (pikv.kv.budgets.check_latent_budgets); these are the schedule's plain ranges."""
+    kv = cfg.kv
+    if cfg.task != "lm" and kv.compressor not in ("auto", "none"):
+        invalid_key("kv.compressor", kv.compressor, f"the KV compressor is for task=lm; task={cfg.task} needs 'none'")
+    if not 0.0 <= kv.cotrain_start <= 1.0:
+        invalid_key("kv.cotrain_start", kv.cotrain_start, "must be in [0, 1] (1 = the compressor trains on the side only)")
+    if kv.full_every < 0:
+        invalid_key("kv.full_every", kv.full_every, "must be >= 0 (0 = never a full-cache step)")
+    if kv.attn_error_weight < 0:
+        invalid_key("kv.attn_error_weight", kv.attn_error_weight, "must be >= 0")
+
+
+def _validate_distill(cfg: JobConfig) -> None:
+    t, d, m = cfg.train, cfg.distill, cfg.model
     if (t.mode == "distill" or t.init_from) and cfg.task != "lm":
-        _fail("train.mode/init_from", (t.mode, t.init_from), f"distillation and upcycling are for task=lm, not {cfg.task}")
+        invalid_key("train.mode/init_from", (t.mode, t.init_from), f"distillation and upcycling are for task=lm, not {cfg.task}")
     # Paths are checked when loaded (resolve_checkpoint), not here: a stored config must stay
     # loadable (eval, export) after its teacher directory is gone.
     if t.mode == "distill" and not d.teacher:
-        _fail("distill.teacher", d.teacher, "train.mode=distill needs the teacher's checkpoint path")
+        invalid_key("distill.teacher", d.teacher, "train.mode=distill needs the teacher's checkpoint path")
     if t.mode != "distill" and d.teacher:
-        _fail("distill.teacher", d.teacher, "is only used with train.mode=distill")
+        invalid_key("distill.teacher", d.teacher, "is only used with train.mode=distill")
     if not 0.0 <= d.weight <= 1.0:
-        _fail("distill.weight", d.weight, "must be in [0, 1] (0 = LM loss only, 1 = KD only)")
+        invalid_key("distill.weight", d.weight, "must be in [0, 1] (0 = LM loss only, 1 = KD only)")
     if not 0 < d.temperature < float("inf"):
-        _fail("distill.temperature", d.temperature, "must be a finite number > 0")
+        invalid_key("distill.temperature", d.temperature, "must be a finite number > 0")
     if d.hidden_weight < 0:
-        _fail("distill.hidden_weight", d.hidden_weight, "must be >= 0")
+        invalid_key("distill.hidden_weight", d.hidden_weight, "must be >= 0")
     if any(not 0 <= i < m.num_layers for i in d.hidden_layers):
-        _fail("distill.hidden_layers", list(d.hidden_layers), f"indices must be in [0, {m.num_layers})")
+        invalid_key("distill.hidden_layers", list(d.hidden_layers), f"indices must be in [0, {m.num_layers})")
 
 
 def _validate_engine(t: TrainConfig, ep: int) -> None:
-    if t.max_nonfinite_steps < 0:
-        _fail("train.max_nonfinite_steps", t.max_nonfinite_steps, "must be >= 0 (0 = stop at the first NaN/inf loss)")
     if t.engine != "deepspeed":
         if t.zero_stage != 0:
-            _fail("train.zero_stage", t.zero_stage, "needs train.engine=deepspeed (the torch engine has no ZeRO)")
+            invalid_key("train.zero_stage", t.zero_stage, "needs train.engine=deepspeed (the torch engine has no ZeRO)")
         if t.deepspeed_config is not None:
-            _fail("train.deepspeed_config", t.deepspeed_config, "needs train.engine=deepspeed")
+            invalid_key("train.deepspeed_config", t.deepspeed_config, "needs train.engine=deepspeed")
         if t.dtype == "fp16":
-            _fail("train.dtype", t.dtype, "fp16 (with loss scaling) needs train.engine=deepspeed; "
+            invalid_key("train.dtype", t.dtype, "fp16 (with loss scaling) needs train.engine=deepspeed; "
                   "the torch engine allows auto, fp32, bf16")
         return
     if t.zero_stage not in (0, 1, 2, 3):
-        _fail("train.zero_stage", t.zero_stage, "allowed values are 0, 1, 2, 3")
+        invalid_key("train.zero_stage", t.zero_stage, "allowed values are 0, 1, 2, 3")
     if t.zero_stage == 3 and ep > 1:
-        _fail("train.zero_stage", t.zero_stage,
+        invalid_key("train.zero_stage", t.zero_stage,
               f"ZeRO-3 cannot be combined with parallel.expert_parallel_size={ep}: DeepSpeed's MoE support "
               "partitions expert parameters over the expert-data-parallel group, which stage 3's parameter "
               "partitioning does not support; use zero_stage 0, 1 or 2 with expert parallelism")
     if t.deepspeed_config is not None and not Path(t.deepspeed_config).is_file():
-        _fail("train.deepspeed_config", t.deepspeed_config, "must be an existing DeepSpeed JSON file")
+        invalid_key("train.deepspeed_config", t.deepspeed_config, "must be an existing DeepSpeed JSON file")
+
+
+def _validate_flex(f: FlexConfig) -> None:
+    if not 0.0 <= f.missing_rate < 1.0:
+        invalid_key("flex.missing_rate", f.missing_rate, "must be in [0, 1)")
+    if not (0 < f.heldout_fraction < 1 and 0 < f.validation_fraction < 1
+            and f.heldout_fraction + f.validation_fraction < 1):
+        invalid_key("flex.heldout_fraction/validation_fraction", (f.heldout_fraction, f.validation_fraction),
+              "each must be in (0, 1) and their sum < 1")
+
+
+def _validate_time(cfg: JobConfig) -> None:
+    tc = cfg.time
+    if tc.context_len < 1 or (cfg.task == "time" and tc.context_len > cfg.model.max_seq_len):
+        invalid_key("time.context_len", tc.context_len, f"must be in [1, model.max_seq_len={cfg.model.max_seq_len}]")
+    if not tc.heads or any(h < 1 for h in tc.heads) or len(set(tc.heads)) != len(tc.heads):
+        invalid_key("time.heads", list(tc.heads), "must be a non-empty list of distinct horizons >= 1")
+    if not tc.eval_horizons or any(h < 1 for h in tc.eval_horizons):
+        invalid_key("time.eval_horizons", list(tc.eval_horizons), "must be a non-empty list of horizons >= 1")
+    if not tc.huber_delta > 0:
+        invalid_key("time.huber_delta", tc.huber_delta, "must be > 0")
+    if not 0 < tc.train_fraction < 1:
+        invalid_key("time.train_fraction", tc.train_fraction, "must be in (0, 1)")
 
 
 def _schema_error(err: OmegaConfBaseException, where: str) -> ValueError:
@@ -444,24 +463,45 @@ def _schema_error(err: OmegaConfBaseException, where: str) -> ValueError:
     return ValueError(f"{where}: config key '{key}': {msg}")
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> JobConfig:
-    """Defaults <- YAML file <- dotlist overrides, then validated. Returns a JobConfig."""
+def _check_renamed(keys: list[str], where: str) -> None:
+    for key in keys:
+        if key in RENAMED:
+            raise ValueError(f"{where}: config key '{key}' was renamed to '{RENAMED[key]}'")
+
+
+def _dotted_keys(data: Any, prefix: str = "") -> list[str]:
+    if not isinstance(data, dict):
+        return []
+    return [k for name, v in data.items() for k in [prefix + str(name)] + _dotted_keys(v, f"{prefix}{name}.")]
+
+
+def merge_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> JobConfig:
+    """Defaults <- YAML file <- dotlist overrides, schema-checked (unknown keys, types) only."""
     merged = OmegaConf.structured(JobConfig)
     if path is not None:
         if not Path(path).is_file():
             raise ValueError(f"--config {path!r}: no such file")
+        loaded = OmegaConf.load(path)
+        _check_renamed(_dotted_keys(OmegaConf.to_container(loaded)), f"config file {path}")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as err:
             raise _schema_error(err, f"config file {path}") from None
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key.sub=value")
+        _check_renamed([item.split("=", 1)[0].strip()], f"override {item!r}")
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _schema_error(err, f"override {item!r}") from None
-    return validate(OmegaConf.to_object(merged))
+    return OmegaConf.to_object(merged)
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> JobConfig:
+    """Defaults <- YAML file <- dotlist overrides, resolved and validated (the checks that need no
+    builder; an entry point runs pikv.tasks.load_job, which adds the builders' checks)."""
+    return validate(resolve(merge_config(path, overrides)))
 
 
 def to_dict(cfg: JobConfig) -> dict:
@@ -469,12 +509,18 @@ def to_dict(cfg: JobConfig) -> dict:
 
 
 def from_dict(data: dict) -> JobConfig:
-    """Rebuild a config stored in a checkpoint or run directory (same validation as load)."""
+    """Rebuild a config stored in a checkpoint or run directory (same validation as load); keys
+    renamed since it was written (RENAMED) are migrated."""
+    data = {section: dict(v) if isinstance(v, dict) else v for section, v in data.items()}
+    for old, new in RENAMED.items():
+        (s_old, n_old), (s_new, n_new) = old.split("."), new.split(".")
+        if n_old in data.get(s_old, {}):
+            data[s_new][n_new] = data[s_old].pop(n_old)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.create(data))
     except OmegaConfBaseException as err:
         raise _schema_error(err, "stored config") from None
-    return validate(OmegaConf.to_object(merged))
+    return validate(resolve(OmegaConf.to_object(merged)))
 
 
 def save_yaml(cfg: JobConfig, path: Path) -> None:

@@ -20,6 +20,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
@@ -29,8 +30,12 @@ from pikv.config import DataConfig, from_dict  # noqa: E402
 from pikv.data import iter_eval_batches, load_documents, load_tokenizer, pack_documents  # noqa: E402
 from pikv.data import split_documents, token_byte_lengths  # noqa: E402
 from pikv.data.probe import PasskeyProbe  # noqa: E402
+from pikv.distributed import DistContext  # noqa: E402
 from pikv.eval import evaluate_lm  # noqa: E402
+from pikv.eval.kv import log_to_wandb, parse_specs, run_kv_evaluation  # noqa: E402
+from pikv.eval.kv import markdown_table as kv_markdown_table  # noqa: E402
 from pikv.models import Transformer  # noqa: E402
+from pikv.tasks import build_task, check_job  # noqa: E402
 from pikv.training.checkpoint import load_model_weights, read_trainer_state, resolve_checkpoint  # noqa: E402
 
 
@@ -42,7 +47,7 @@ def markdown_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str]) -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path)
     parser.add_argument("--data", default=None, help="local .txt/.jsonl file, directory or glob, or hub dataset")
@@ -58,45 +63,47 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--kv-batch-size", type=int, default=16)
     parser.add_argument("--no-wandb", action="store_true",
                         help="do not log the KV evaluation to the run's W&B run (default: the run's logging.wandb_mode)")
-    args = parser.parse_args(argv)
-    try:
-        ckpt = resolve_checkpoint(args.checkpoint)
-        cfg = from_dict(read_trainer_state(ckpt).config)
-        if cfg.task != "lm":  # Flex-MoE / Time-MoE: the task's own held-out evaluation
-            from pikv.tasks import evaluate_task_checkpoint
-            evaluate_task_checkpoint(ckpt, cfg, args.out)
-            return 0
-        tokenizer = load_tokenizer(str(ckpt / "tokenizer.json"))
-        if args.data is None:
-            docs = split_documents(load_documents(cfg.data), cfg.data)["heldout"]
-            data_name = f"heldout ({cfg.data.source}: {', '.join(d.name for d in docs)})"
-        else:
-            docs = load_documents(DataConfig(source=args.data, text_field=args.text_field,
-                                             cache_dir=cfg.data.cache_dir))
-            data_name = args.data
-        state = read_trainer_state(ckpt)
-        if "kv" not in state.config:  # trained before the KV compressor existed
-            cfg.kv.compressor = "none"
-        else:  # trained before int8 latents (fp16 codes) / before the exact window (none)
-            cfg.kv.latent_bits = state.config["kv"].get("latent_bits", 16)
-            cfg.kv.latent_window = state.config["kv"].get("latent_window", 0)
-        # the retrieval probe is evaluated only on a model trained on it (older checkpoints: no key)
-        probe = (PasskeyProbe(tokenizer) if state.config["data"].get("probe_rate", 0) > 0 else None)
-        model = Transformer(cfg.model, cfg.moe, kv_cfg=cfg.kv)
-        load_model_weights(ckpt, model)
-        kv_specs = []
-        if (args.kv or "").lower() != "none":
-            from pikv.eval.kv import parse_specs
-            policies = args.kv or ",".join(p for p in cfg.kv.eval_policies
-                                           if p != "learned" or cfg.kv.compressor == "learned")
-            kv_specs = parse_specs(policies, args.ratio or str(cfg.kv.eval_ratio))
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    tokens = pack_documents(tokenizer, docs)
-    batches = iter_eval_batches(tokens, cfg.data.seq_len, args.batch_size)
+    return parser.parse_args(argv)
+
+
+def evaluate_task_checkpoint(ckpt: Path, cfg, out: Optional[Path] = None) -> dict:
+    """task=flex|time: one CPU process rebuilds the model, loads the checkpoint's weights and
+    scores the held-out split; writes <out>/heldout_eval.json."""
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), ep_size=1)
+    task = build_task(cfg, ckpt.parent.parent, ctx)
+    model = task.build_model()
+    load_model_weights(ckpt, model)
+    result = task.evaluate(model, "heldout", None, ctx.device, None)
+    out = out or ckpt.parent.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "heldout_eval.json").write_text(json.dumps({"checkpoint": str(ckpt), "task": cfg.task, **result}, indent=1))
+    print(f"held-out ({cfg.task}): {task.describe(result)}\nresults: {out / 'heldout_eval.json'}")
+    return result
+
+
+def stored_config(ckpt: Path, state):
+    """The run's config, checked as a new job would be; checkpoints from before a KV feature get
+    the setting they were trained with."""
+    cfg = from_dict(state.config)
+    if "kv" not in state.config:  # trained before the KV compressor existed
+        cfg.kv.compressor = "none"
+    else:  # trained before int8 latents (fp16 codes) / before the exact window (none)
+        cfg.kv.latent_bits = state.config["kv"].get("latent_bits", 16)
+        cfg.kv.latent_window = state.config["kv"].get("latent_window", 0)
+    return check_job(cfg)
+
+
+def heldout_docs(args: argparse.Namespace, cfg) -> tuple[list, str]:
+    if args.data is None:
+        docs = split_documents(load_documents(cfg.data), cfg.data)["heldout"]
+        return docs, f"heldout ({cfg.data.source}: {', '.join(d.name for d in docs)})"
+    docs = load_documents(DataConfig(source=args.data, text_field=args.text_field, cache_dir=cfg.data.cache_dir))
+    return docs, args.data
+
+
+def evaluate_perplexity(model, tokenizer, docs, data_name: str, ckpt: Path, cfg, args, out: Path) -> None:
+    batches = iter_eval_batches(pack_documents(tokenizer, docs), cfg.data.seq_len, args.batch_size)
     result = evaluate_lm(model, batches, token_byte_lengths(tokenizer), torch.device("cpu")).to_dict()
-    out = args.out or ckpt.parent.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(ckpt), "data": data_name, "documents": [d.name for d in docs],
               "seq_len": cfg.data.seq_len, **result}
@@ -104,18 +111,48 @@ def main(argv: list[str]) -> int:
     (out / "heldout_eval.md").write_text(f"# Held-out evaluation of `{ckpt}`\n\n" + markdown_table({data_name: result}))
     print(markdown_table({data_name: result}))
     print(f"results: {out / 'heldout_eval.json'} and {out / 'heldout_eval.md'}")
+
+
+def evaluate_kv_table(model, tokenizer, docs, data_name: str, ckpt: Path, state, cfg, args, out: Path,
+                      kv_specs, probe) -> None:
+    length = cfg.data.seq_len
+    train_docs = split_documents(load_documents(cfg.data), cfg.data)["train"][:2]
+    rows = run_kv_evaluation(model, tokenizer, docs, train_docs, kv_specs, out / "kv", length,
+                             args.prefill or length // 2, args.max_sequences or (48 if args.kv else 32),
+                             args.kv_batch_size, {"checkpoint": str(ckpt), "data": data_name}, probe=probe)
+    print(kv_markdown_table(rows))
+    print(f"kv results: {out / 'kv' / 'results.json'}, results.md, results.png")
+    if not args.no_wandb and log_to_wandb(ckpt.parent.parent, cfg, rows, out / "kv", state.step):
+        print(f"kv results logged to W&B ({cfg.logging.wandb_mode}) in {ckpt.parent.parent / 'wandb'}")
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        ckpt = resolve_checkpoint(args.checkpoint)
+        state = read_trainer_state(ckpt)
+        cfg = stored_config(ckpt, state)
+        if cfg.task != "lm":  # Flex-MoE / Time-MoE: the task's own held-out evaluation
+            evaluate_task_checkpoint(ckpt, cfg, args.out)
+            return 0
+        tokenizer = load_tokenizer(str(ckpt / "tokenizer.json"))
+        docs, data_name = heldout_docs(args, cfg)
+        # the retrieval probe is evaluated only on a model trained on it (older checkpoints: no key)
+        probe = PasskeyProbe(tokenizer) if state.config["data"].get("probe_rate", 0) > 0 else None
+        model = Transformer(cfg.model, cfg.moe, kv_cfg=cfg.kv)
+        load_model_weights(ckpt, model)
+        kv_specs = []
+        if (args.kv or "").lower() != "none":
+            policies = args.kv or ",".join(p for p in cfg.kv.eval_policies
+                                           if p != "learned" or cfg.kv.compressor == "learned")
+            kv_specs = parse_specs(policies, args.ratio or str(cfg.kv.eval_ratio))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = args.out or ckpt.parent.parent / "eval"
+    evaluate_perplexity(model, tokenizer, docs, data_name, ckpt, cfg, args, out)
     if kv_specs:
-        from pikv.eval.kv import log_to_wandb, markdown_table as kv_table, run_kv_evaluation
-        length = cfg.data.seq_len
-        train_docs = split_documents(load_documents(cfg.data), cfg.data)["train"][:2]
-        rows = run_kv_evaluation(model, tokenizer, docs, train_docs, kv_specs, out / "kv", length,
-                                 args.prefill or length // 2, args.max_sequences or (48 if args.kv else 32),
-                                 args.kv_batch_size,
-                                 {"checkpoint": str(ckpt), "data": data_name}, probe=probe)
-        print(kv_table(rows))
-        print(f"kv results: {out / 'kv' / 'results.json'}, results.md, results.png")
-        if not args.no_wandb and log_to_wandb(ckpt.parent.parent, cfg, rows, out / "kv", state.step):
-            print(f"kv results logged to W&B ({cfg.logging.wandb_mode}) in {ckpt.parent.parent / 'wandb'}")
+        evaluate_kv_table(model, tokenizer, docs, data_name, ckpt, state, cfg, args, out, kv_specs, probe)
     return 0
 
 

@@ -12,8 +12,8 @@ import sys
 # not oversubscribe, and forking after a multithreaded matmul can hang. Set before torch loads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from pikv.config import load_config  # noqa: E402
 from pikv.distributed import destroy_distributed, init_distributed  # noqa: E402
+from pikv.tasks import load_job  # noqa: E402
 from pikv.training import Trainer  # noqa: E402
 from pikv.training.trainer import NonFiniteLossError  # noqa: E402
 
@@ -28,7 +28,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)  # fails before any work on a bad config
+        cfg = load_job(args.config, args.overrides)  # every check, before any work
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

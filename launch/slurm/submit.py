@@ -4,10 +4,11 @@
   python launch/slurm/submit.py --config configs/X.yaml --nodes 4 --gpus-per-node 8 \
       [--tasks] [--time 24:00:00] [--partition P] [--signal-seconds 300] [--dry-run] [key.sub=value ...]
 
-The config is resolved (defaults <- YAML <- overrides, validated) now, and the code (pikv/, train/,
-launch/, configs/) is copied into <run dir>/submit/<timestamp>/ together with that resolved config,
-so edits made while the job waits in the queue (or between requeues) do not change it. The job runs
-launch/slurm/train.sbatch from the snapshot with --requeue and --signal=B:USR1@<seconds>.
+The config is resolved (defaults <- YAML <- overrides) and checked by every builder now, and the
+code (pikv/, train/, launch/, configs/) is copied into <run dir>/submit/<timestamp>/ together with
+that resolved config, so edits made while the job waits in the queue (or between requeues) do not
+change it. The job runs launch/slurm/train.sbatch from the snapshot with --requeue and
+--signal=B:USR1@<seconds>.
 Prints the sbatch command and the job id.
 """
 
@@ -24,7 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from pikv.config import load_config, save_yaml  # noqa: E402
+from pikv.config import save_yaml  # noqa: E402
+from pikv.tasks import load_job  # noqa: E402
 
 SNAPSHOT = ("pikv", "train", "launch", "configs", "pyproject.toml", "setup.cfg")
 
@@ -58,7 +60,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_job(args.config, args.overrides)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -29,6 +29,8 @@ from typing import Optional
 import numpy as np
 from tokenizers import Tokenizer
 
+from pikv.config import OptionError
+
 STREAM = 0x50524F42  # "PROB": keeps the probe's random stream apart from the loader's
 OPEN, CLOSE = "#", "|"
 # (needle text before the key, needle text after it, query text before the key)
@@ -40,13 +42,18 @@ def _ids(tokenizer: Tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False).ids
 
 
+def check_probe_rate(rate: float) -> None:
+    """The fraction of training samples turned into probes (data.probe_rate)."""
+    if not 0.0 <= rate <= 1.0:
+        raise OptionError("rate", rate, "must be in [0, 1] (0 = no retrieval probe)")
+
+
 class PasskeyProbe:
     """Builds passkey sequences for `tokenizer`; `insert` applies it to training blocks at `rate`."""
 
     def __init__(self, tokenizer: Tokenizer, rate: float = 0.0, seed: int = 0, key_len: int = 4,
                  wording: tuple[str, str, str] = TRAINED, bos_id: Optional[int] = None):
-        if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"data.probe_rate={rate}: must be in [0, 1]")
+        check_probe_rate(rate)
         if not 1 <= key_len <= 10:
             raise ValueError(f"probe key_len={key_len}: must be in [1, 10] (distinct decimal digits)")
         digits = [_ids(tokenizer, str(d)) for d in range(10)]

@@ -29,6 +29,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from pikv.eval import probe as probe_eval
+from pikv.eval.decode import decode_logprobs
 from pikv.kv.fit import calibrate_svd
 from pikv.kv.policies import make_cache, resolve_policy
 
@@ -78,21 +80,63 @@ def heldout_sequences(tokenizer, docs, length: int, max_sequences: int) -> torch
     return torch.from_numpy(np.stack([tokens[starts[i]:starts[i] + length] for i in pick]).astype(np.int64))
 
 
-@torch.no_grad()
-def decode_logprobs(model, seq_BN: torch.Tensor, prefill: int, cache) -> tuple[torch.Tensor, float]:
-    """Teacher-forced decoding: log-probs [B, C, V] of tokens prefill..N-1, and decode seconds."""
-    B, N = seq_BN.shape
-    logits = [model(seq_BN[:, :prefill], cache)[:, -1].float()]
-    t0 = time.perf_counter()
-    for t in range(prefill, N - 1):
-        logits.append(model(seq_BN[:, t:t + 1], cache)[:, -1].float())
-    return torch.log_softmax(torch.stack(logits, 1), -1), time.perf_counter() - t0
-
-
 def bootstrap_ci(x: np.ndarray, iters: int = 2000, seed: int = 0) -> list[float]:
     rng = np.random.default_rng(seed)
     means = x[rng.integers(0, len(x), size=(iters, len(x)))].mean(1)
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def _full_read_bytes(cfg, B: int, prefill: int, C: int) -> int:
+    """Bytes a full fp16 cache reads over the C - 1 decode steps (all stored K/V of every layer)."""
+    G, D, L = cfg.num_kv_heads, cfg.hidden_size // cfg.num_heads, cfg.num_layers
+    return sum(L * B * G * (prefill + i + 1) * 2 * D * 2 for i in range(C - 1))
+
+
+def _score_batch(model, seq_BN: torch.Tensor, prefill: int, rows: dict, acc: dict, svd_bases) -> tuple[int, int]:
+    """Decode one batch with the full cache and with every spec's cache; add each spec's NLL, KL,
+    top-1 agreement, time, peak and read bytes to `acc`. Returns the full cache's (peak, read) bytes."""
+    B, N = seq_BN.shape
+    full_cache = make_cache("full", model)
+    ref, ref_secs = decode_logprobs(model, seq_BN, prefill, full_cache)
+    tgt, ref_top1 = seq_BN[:, prefill:], ref.argmax(-1)
+    for spec, row in rows.items():
+        if row.skipped:
+            continue
+        lp, cache, secs = ref, full_cache, ref_secs
+        if spec != ("full", 1.0):
+            try:
+                cache = make_cache(spec[0], model, ratio=spec[1], total_tokens=N, svd_bases=svd_bases)
+            except ValueError as err:
+                row.skipped = str(err)
+                continue
+            lp, secs = decode_logprobs(model, seq_BN, prefill, cache)
+        a = acc[spec]
+        a["nll"].append((-lp.gather(-1, tgt[..., None])[..., 0]).sum(1).double().numpy())
+        a["kl"] += float((ref.exp() * (ref - lp)).sum(-1).sum())
+        a["agree"] += float((lp.argmax(-1) == ref_top1).float().sum())
+        a["time"] += secs
+        a["peak"] += cache.peak_nbytes
+        a["read"] += cache.bytes_read
+    return full_cache.peak_nbytes, _full_read_bytes(model.cfg, B, prefill, N - prefill)
+
+
+def _finish_row(row: KVEvalRow, a: dict, full_nll_X: np.ndarray, full_peak: int, full_read: int,
+                X: int, C: int, batches: int) -> None:
+    nll_X = np.concatenate(a["nll"]) / C
+    row.nll = float(nll_X.mean())
+    row.perplexity = math.exp(row.nll)
+    row.delta_nll = float((nll_X - full_nll_X).mean())
+    row.delta_nll_ci95 = bootstrap_ci(nll_X - full_nll_X)
+    row.ppl_change_pct = 100.0 * (math.exp(row.delta_nll) - 1)
+    row.kl = a["kl"] / (X * C)
+    row.top1_agreement = a["agree"] / (X * C)
+    row.tokens_per_s = X * (C - 1) / a["time"] if a["time"] > 0 else None
+    row.kv_peak_bytes = int(a["peak"] / batches)
+    row.compression_ratio = full_peak / a["peak"]
+    if row.policy == "quest" and a["read"]:
+        row.read_ratio = full_read / a["read"]
+    row.sequences, row.scored_tokens = X, X * C
+    row.nll_per_sequence = [float(x) for x in nll_X]
 
 
 @torch.no_grad()
@@ -103,70 +147,22 @@ def evaluate_kv(model, seq_XN: torch.Tensor, prefill: int, specs: list[tuple[str
     X, N = seq_XN.shape
     if not 0 < prefill < N - 1:
         raise ValueError(f"prefill={prefill} must be in [1, {N - 2}] for sequences of {N} tokens")
-    C = N - prefill
     specs = [(resolve_policy(p), r) for p, r in specs]
     specs = [s for s in specs if s[0] != "full"]  # the full cache is always the reference row
-    cfg = model.cfg
-    G, D, L = cfg.num_kv_heads, cfg.hidden_size // cfg.num_heads, cfg.num_layers
     rows = {spec: KVEvalRow(spec[0], spec[1]) for spec in [("full", 1.0)] + specs}
     acc = {spec: {"nll": [], "kl": 0.0, "agree": 0.0, "time": 0.0, "peak": 0, "read": 0} for spec in rows}
     full_peak, full_read = 0, 0
-    for b0 in range(0, X, batch_size):
-        seq = seq_XN[b0:b0 + batch_size]
-        B = seq.shape[0]
-        full_cache = make_cache("full", model)
-        ref, secs = decode_logprobs(model, seq, prefill, full_cache)
-        tgt = seq[:, prefill:]
-        full_peak += full_cache.peak_nbytes
-        # bytes a full cache reads per decode step (all stored K/V of every layer), summed over steps
-        full_read += sum(L * B * G * (prefill + i + 1) * 2 * D * 2 for i in range(C - 1))
-        ref_top1 = ref.argmax(-1)
-        for spec in rows:
-            policy, ratio = spec
-            if rows[spec].skipped:
-                continue
-            if spec == ("full", 1.0):
-                lp, cache = ref, full_cache
-            else:
-                try:
-                    cache = make_cache(policy, model, ratio=ratio, total_tokens=N, svd_bases=svd_bases)
-                except ValueError as err:
-                    rows[spec].skipped = str(err)
-                    continue
-                lp, secs = decode_logprobs(model, seq, prefill, cache)
-            a = acc[spec]
-            a["nll"].append((-lp.gather(-1, tgt[..., None])[..., 0]).sum(1).double().numpy())
-            a["kl"] += float((ref.exp() * (ref - lp)).sum(-1).sum())
-            a["agree"] += float((lp.argmax(-1) == ref_top1).float().sum())
-            a["time"] += secs
-            a["peak"] += cache.peak_nbytes
-            a["read"] += cache.bytes_read
-            if progress:
-                progress(f"{policy}@{ratio}: batch {b0 // batch_size + 1}/{-(-X // batch_size)}")
-    full_nll = np.concatenate(acc[("full", 1.0)]["nll"]) / C
-    out = []
+    batches = -(-X // batch_size)
+    for b in range(batches):
+        peak, read = _score_batch(model, seq_XN[b * batch_size:(b + 1) * batch_size], prefill, rows, acc, svd_bases)
+        full_peak, full_read = full_peak + peak, full_read + read
+        if progress:
+            progress(f"batch {b + 1}/{batches}")
+    full_nll_X = np.concatenate(acc[("full", 1.0)]["nll"]) / (N - prefill)
     for spec, row in rows.items():
-        if row.skipped:
-            out.append(row)
-            continue
-        a = acc[spec]
-        nll_X = np.concatenate(a["nll"]) / C
-        row.nll = float(nll_X.mean())
-        row.perplexity = math.exp(row.nll)
-        row.delta_nll = float((nll_X - full_nll).mean())
-        row.delta_nll_ci95 = bootstrap_ci(nll_X - full_nll)
-        row.ppl_change_pct = 100.0 * (math.exp(row.delta_nll) - 1)
-        row.kl = a["kl"] / (X * C)
-        row.top1_agreement = a["agree"] / (X * C)
-        row.tokens_per_s = X * (C - 1) / a["time"] if a["time"] > 0 else None
-        row.kv_peak_bytes = int(a["peak"] / -(-X // batch_size))
-        row.compression_ratio = full_peak / a["peak"]
-        if row.policy == "quest" and a["read"]:
-            row.read_ratio = full_read / a["read"]
-        row.sequences, row.scored_tokens = X, X * C
-        row.nll_per_sequence = [float(x) for x in nll_X]
-        out.append(row)
-    return out
+        if not row.skipped:
+            _finish_row(row, acc[spec], full_nll_X, full_peak, full_read, X, N - prefill, batches)
+    return list(rows.values())
 
 
 def paired_comparisons(rows: list[KVEvalRow], method: str = "learned") -> list[dict]:
@@ -254,7 +250,7 @@ def write_results(rows: list[KVEvalRow], out: Path, meta: dict, probe_md: str = 
 
 
 def parse_specs(policies: str, ratios: str) -> list[tuple[str, float]]:
-    """'h2o,lora' x '2,4,8' -> [(canonical policy, ratio)]; ValueError on a bad name or ratio."""
+    """'h2o,learned' x '2,4,8' -> [(canonical policy, ratio)]; ValueError on a bad name or ratio."""
     names = [resolve_policy(p) for p in policies.split(",") if p.strip()]
     try:
         rs = [float(r) for r in ratios.split(",") if r.strip()]
@@ -293,7 +289,6 @@ def add_probe(rows: list[KVEvalRow], model, probe, fillers_XN: torch.Tensor, spe
               svd_bases=None) -> tuple[dict, str]:
     """The retrieval probe for the full cache and every spec on `fillers_XN`: each row gets its
     accuracy (overall and by depth); returns (the probe's summary, its markdown table)."""
-    from pikv.eval import probe as probe_eval
     results = probe_eval.evaluate_probe(model, probe, fillers_XN, specs, batch_size, svd_bases=svd_bases)
     for row in rows:
         r = results.get((row.policy, row.ratio), {})

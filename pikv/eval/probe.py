@@ -16,11 +16,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 
 from pikv.data.probe import PasskeyProbe
-from pikv.eval.kv import decode_logprobs
+from pikv.eval.decode import decode_logprobs
 from pikv.kv.policies import make_cache
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)

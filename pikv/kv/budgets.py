@@ -1,11 +1,15 @@
 """Budgets of the KV policies: tokens per layer for a ratio, SnapKV's window, PyramidKV's per-layer
 budgets (kvpress's formula) and KIVI's bit width / fp16 residual plan with its exact bytes. Pure
-functions of sizes, shared by `make_cache` and the tests."""
+functions of sizes, shared by `make_cache` and the tests; and the check of the learned compressor's
+budgets (`check_latent_budgets`)."""
 
 from __future__ import annotations
 
 import math
 from typing import Optional
+
+from pikv.config import OptionError
+from pikv.kv.learned import LATENT_BITS, latent_rank
 
 
 def token_budget(ratio: Optional[float], tokens: Optional[int], total_tokens: Optional[int]) -> int:
@@ -92,3 +96,27 @@ def quant_plan(ratio: float, head_dim: int, total_tokens: Optional[int] = None, 
     if residual is None:
         residual = max([R for R in range(0, 129, group) if meets(bits, R)], default=0)
     return bits, residual
+
+
+def check_latent_budgets(num_kv_heads: int, head_dim: int, ratios: list[float], bits: int, window: int,
+                         length: int) -> None:
+    """The learned compressor's budgets (pikv/kv/learned.py): `bits` a supported code width, every
+    ratio of `ratios` leaves a latent rank >= 1, alone and beside the `window` exact tokens of a
+    `length`-token sequence. OptionError (a ValueError naming the argument) otherwise."""
+    if bits not in LATENT_BITS:
+        raise OptionError("bits", bits, "must be 8 (int8 codes + fp16 scale) or 16 (fp16 codes)")
+    if not ratios:
+        raise OptionError("ratios", list(ratios), "must be a non-empty list of compression ratios")
+    for r in ratios:
+        try:
+            latent_rank(num_kv_heads, head_dim, r, bits)
+        except ValueError as err:
+            raise OptionError("ratios", list(ratios), f"must each leave the latent a rank >= 1: {err}") from None
+    if window < 0:
+        raise OptionError("window", window, "must be >= 0 (0 = latent only)")
+    try:
+        for r in ratios:
+            latent_rank(num_kv_heads, head_dim, r, bits, window, length)
+    except ValueError as err:
+        raise OptionError("window", window, "must leave every {ratios} budget a latent (" + str(err).replace("{", "(")
+                          .replace("}", ")") + ")", ratios=list(ratios)) from None

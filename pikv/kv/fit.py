@@ -11,7 +11,7 @@ fine-tunes the model):
    pre-RoPE keys and values on calibration text. That is the best linear autoencoder in squared
    error at every rank at once, so it suits the nested (Matryoshka) ranks as they are.
 2. `fit_compressors`: the same side distillation as the joint training's first phase
-   (LatentKVCompressor.side_distill: each layer's attention output through the latent vs through
+   (LatentKVCompressor.side_attn_error: each layer's attention output through the latent vs through
    the full K/V, teacher-forced on the full-cache model), cycling over the ranks of the budgets.
 What this reaches on SmolLM2, and where it falls short of co-training: docs/kv.md.
 """

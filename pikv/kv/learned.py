@@ -115,7 +115,7 @@ class LatentKVCompressor(nn.Module):
         return F.scaled_dot_product_attention(q_BNTD, torch.cat([k_lat_BGSD, k_BGED], 2),
                                               torch.cat([v_lat_BGSD, v_BGED], 2), attn_mask=mask, enable_gqa=True)
 
-    def side_distill(self, q_BNTD: torch.Tensor, k_pre_BGTD: torch.Tensor, k_BGTD: torch.Tensor,
+    def side_attn_error(self, q_BNTD: torch.Tensor, k_pre_BGTD: torch.Tensor, k_BGTD: torch.Tensor,
                      v_BGTD: torch.Tensor, o_BNTD: torch.Tensor, rope, start: int, rank: int) -> torch.Tensor:
         """Distillation-only training: the model's attention used the full K/V (o_BNTD); attend
         again through the latent at `rank` and return the error to o_BNTD. Every model
@@ -173,15 +173,6 @@ def latent_rank(num_kv_heads: int, head_dim: int, ratio: float, bits: int = 16, 
     return rank
 
 
-DEFAULT_LATENT_WINDOW = 8  # measured on the default model: docs/benchmarks.md, "KV cache"
-
-
-def default_latent_window(length: int, ratios: list[float]) -> int:
-    """`kv.latent_window` when unset: 8 tokens, or fewer for short sequences, so that the window
-    never takes more than half of the smallest budget (length / max ratio tokens)."""
-    return min(DEFAULT_LATENT_WINDOW, int(length // (2 * max(ratios))))
-
-
 def train_rank_schedule(num_kv_heads: int, head_dim: int, ratios: list[float], full_every: int,
                         bits: int = 16, window: int = 0, length: Optional[int] = None) -> list[Optional[int]]:
     """The ranks cycled over training steps: each trained ratio once, and the full cache (None)
@@ -201,7 +192,7 @@ class TrainSchedule:
     """What the compressor does at each training step: (latent rank or None, through_latent).
 
     Steps before `cotrain_start * max_steps` run the language model on the full cache and train
-    the compressor by distillation alone (side_distill), cycling over the trained ranks: no
+    the compressor on the side alone (side_attn_error), cycling over the trained ranks: no
     gradient of it reaches the model (the global clipping norm still includes it, docs/kv.md).
     From there on, co-training: the rank cycles over
     train_rank_schedule and attention runs through the latent, so the model adapts to each budget
@@ -211,14 +202,14 @@ class TrainSchedule:
                  cotrain_start: float, max_steps: int, bits: int = 16, window: int = 0,
                  length: Optional[int] = None):
         self.cotrain = train_rank_schedule(num_kv_heads, head_dim, ratios, full_every, bits, window, length)
-        self.distill = [r for r in self.cotrain if r is not None]
+        self.side = [r for r in self.cotrain if r is not None]
         self.start = int(round(cotrain_start * max_steps))
 
     def at(self, step: int) -> tuple[Optional[int], bool]:
         """Mode of the step that follows `step` completed steps."""
         if step >= self.start:
             return self.cotrain[(step - self.start) % len(self.cotrain)], True
-        return self.distill[step % len(self.distill)], False
+        return self.side[step % len(self.side)], False
 
 
 def compressors(model: nn.Module) -> list[LatentKVCompressor]:
@@ -236,7 +227,7 @@ class KVTrainState:
 
     rank: the latent rank (None: full K/V, the compressors bypassed). through_latent: True runs
     attention through the latent (co-training, masked evaluation); False runs it on the full K/V
-    and trains the latent on the side (LatentKVCompressor.side_distill). Each training forward
+    and trains the latent on the side (LatentKVCompressor.side_attn_error). Each training forward
     with a rank records every layer's attention-output distillation loss here (`record`), keyed
     by layer, so a recomputed forward (activation checkpointing) replaces rather than adds."""
 

@@ -32,10 +32,13 @@ from pikv.kv.learned import latent_rank
 from pikv.kv.quant import dequantize, pack, quantize, unpack
 
 POLICIES = ("full", "window", "streaming", "h2o", "snapkv", "pyramid", "quest", "lru", "quant", "svd", "learned")
-# Names users of the original PiKV know (LoRA / Pyramid / SVD / Quantization compressors, LRU /
-# H2O / QUEST caches) and common spellings.
-ALIASES = {"lora": "learned", "quantized": "quant", "quantization": "quant", "kivi": "quant",
+# Names users of the original PiKV know (Pyramid / SVD / Quantization compressors, LRU / H2O / QUEST
+# caches) and common spellings.
+ALIASES = {"quantized": "quant", "quantization": "quant", "kivi": "quant",
            "sliding": "window", "streamingllm": "streaming", "sink": "streaming", "pyramidkv": "pyramid"}
+# Names that meant something else here: 'lora' was the learned latent, while LoRA in PiKV means the
+# LoRA experts of moe.kind=pikv (one word, one meaning).
+RETIRED = {"lora": "'learned' (the jointly trained KV latent; LoRA experts are moe.kind=pikv)"}
 EVICTING = ("window", "streaming", "h2o", "snapkv", "pyramid", "lru")
 # Policies whose eviction needs the attention weights (computed explicitly instead of by SDPA).
 NEEDS_PROBS = ("h2o", "snapkv", "pyramid", "lru")
@@ -44,6 +47,8 @@ NEEDS_PROBS = ("h2o", "snapkv", "pyramid", "lru")
 def resolve_policy(name: str) -> str:
     """Canonical policy name; ValueError naming the value and the allowed names."""
     key = str(name).strip().lower()
+    if key in RETIRED:
+        raise ValueError(f"kv policy {name!r} is retired: use {RETIRED[key]}")
     key = ALIASES.get(key, key)
     if key not in POLICIES:
         raise ValueError(f"unknown kv policy {name!r}: allowed are {', '.join(POLICIES)} "
@@ -449,7 +454,7 @@ def make_cache(policy: str, model, *, ratio: Optional[float] = None, tokens: Opt
             return PolicyCache(policy, L, G, D, rank=rank, svd_bases=svd_bases, **kw)
         comp = model.layers[0].self_attn.kv_compressor
         if comp is None:
-            raise ValueError("kv policy 'learned' (alias 'lora') needs a model trained with kv.compressor=learned")
+            raise ValueError("kv policy 'learned' needs a model trained with kv.compressor=learned")
         rank = latent_rank(G, D, ratio, comp.bits, comp.window, total_tokens)
         return PolicyCache(policy, L, G, D, rank=comp.check_rank(rank), **kw)
     M = token_budget(ratio, tokens, total_tokens)

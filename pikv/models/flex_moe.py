@@ -18,11 +18,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pikv.config import FlexConfig, MoEConfig, ModelConfig, moe_layer_indices
+from pikv.config import FlexConfig, MoEConfig, ModelConfig, config_keys, moe_layer_indices
 from pikv.data.multimodal import NUM_COMBOS, check_inputs, combo_index, modality_dims
 from pikv.models.moe_model import MoEModel
-from pikv.models.transformer import FeedForward, RMSNorm
-from pikv.moe import create_moe
+from pikv.models.transformer import MOE_ARG_KEYS, FeedForward, RMSNorm, moe_arguments
+from pikv.moe import check_moe, create_moe
+
+
+# Flex-MoE's layers take these create_moe arguments from the config (the router is its own G-/S-Router)
+_FLEX_ARGS = ("hidden_size", "num_experts", "top_k", "ffn_hidden_size", "renormalize", "num_shared_experts",
+              "shared_ffn_hidden_size", "route_scale")
+
+
+def flex_moe_arguments(cfg: ModelConfig, moe_cfg: MoEConfig, specialized: bool) -> dict:
+    return {**moe_arguments(cfg, moe_cfg, _FLEX_ARGS), "num_modalities": len(modality_dims()),
+            "specialized_routing": specialized}
+
+
+def check_flex_moe(cfg: ModelConfig, moe_cfg: MoEConfig, flex_cfg: FlexConfig) -> None:
+    """The rules of `FlexMoE(cfg, moe_cfg, flex_cfg)` without building it; ValueError naming the key."""
+    if moe_layer_indices(cfg, moe_cfg):
+        with config_keys({**MOE_ARG_KEYS, "specialized_routing": "flex.specialized_routing"}):
+            check_moe("flex", **flex_moe_arguments(cfg, moe_cfg, flex_cfg.specialized_routing))
 
 
 class EncoderBlock(nn.Module):
@@ -36,12 +53,7 @@ class EncoderBlock(nn.Module):
         self.self_attn = nn.MultiheadAttention(cfg.hidden_size, cfg.num_heads, bias=False, batch_first=True)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         if is_moe:
-            self.mlp = create_moe("flex", cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.expert_ffn_hidden_size,
-                                  num_modalities=len(modality_dims()), specialized_routing=specialized,
-                                  renormalize=moe_cfg.renormalize, deterministic=deterministic,
-                                  num_shared_experts=moe_cfg.num_shared_experts,
-                                  shared_ffn_hidden_size=moe_cfg.shared_ffn_hidden_size,
-                                  route_scale=moe_cfg.route_scale)
+            self.mlp = create_moe("flex", **flex_moe_arguments(cfg, moe_cfg, specialized), deterministic=deterministic)
         else:
             self.mlp = FeedForward(cfg.hidden_size, cfg.ffn_hidden_size)
 

@@ -17,9 +17,19 @@ import dataclasses
 import torch
 from torch import nn
 
-from pikv.config import MoEConfig, ModelConfig, moe_layer_indices
+from pikv.config import MoEConfig, ModelConfig
 from pikv.models.moe_model import MoEModel
-from pikv.models.transformer import Block, RMSNorm, RotaryEmbedding
+from pikv.models.transformer import Block, RMSNorm, RotaryEmbedding, check_transformer
+
+
+def _time_moe(moe_cfg: MoEConfig) -> MoEConfig:
+    return dataclasses.replace(moe_cfg, kind="time")  # the layers are create_moe kind 'time'
+
+
+def check_time_moe(cfg: ModelConfig, moe_cfg: MoEConfig) -> list[int]:
+    """The rules of `TimeMoE(cfg, moe_cfg, ...)` without building it; ValueError naming the key.
+    Returns the MoE layer indices."""
+    return check_transformer(cfg, _time_moe(moe_cfg), kinds=("time",))
 
 
 class TimeMoE(MoEModel):
@@ -30,8 +40,8 @@ class TimeMoE(MoEModel):
         self.embed_gate = nn.Linear(1, H, bias=False)
         self.embed_value = nn.Linear(1, H, bias=False)
         self.rope = RotaryEmbedding(H // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta)
-        moe_ids = moe_layer_indices(cfg, moe_cfg)
-        time_moe = dataclasses.replace(moe_cfg, kind="time")
+        time_moe = _time_moe(moe_cfg)
+        moe_ids = check_time_moe(cfg, moe_cfg)
         self.layers = nn.ModuleList(Block(cfg, time_moe, i, i in moe_ids, deterministic) for i in range(cfg.num_layers))
         self.norm = RMSNorm(H, cfg.norm_eps)
         self.out_heads = nn.ModuleList(nn.Linear(H, p, bias=False) for p in self.heads)

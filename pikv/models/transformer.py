@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pikv.config import ModelConfig, MoEConfig, moe_layer_indices
+from pikv.config import ModelConfig, MoEConfig, config_keys, default_latent_window, invalid_key, moe_layer_indices
 from pikv.kv.cache import KVCache
 from pikv.kv.learned import LatentKVCompressor, attention_error
 from pikv.models.moe_model import MoEModel
-from pikv.moe import FeedForward, create_moe
+from pikv.moe import FeedForward, check_moe, create_moe
 
 
 class RMSNorm(nn.Module):
@@ -109,7 +109,7 @@ class Attention(nn.Module):
                 if rank is not None and self.training:
                     # distillation-only step: the model used the full K/V, the latent learns on the side
                     kv.record(self.layer_idx,
-                              comp.side_distill(q_BNTD, k_pre_BGTD, k_BGTD, v_BGTD, o_BNTD, rope, start, rank))
+                              comp.side_attn_error(q_BNTD, k_pre_BGTD, k_BGTD, v_BGTD, o_BNTD, rope, start, rank))
         elif hasattr(cache, "attend"):  # policy caches (pikv/kv/policies.py) own the attention
             o_BNTD = cache.attend(self.layer_idx, q_BNTD, k_BGTD, v_BGTD, k_pre_BGTD=k_pre_BGTD,
                                   rope=rope, start=start, module=self)
@@ -127,6 +127,52 @@ class Attention(nn.Module):
         return self.o_proj(o_BNTD.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
+# create_moe argument -> the config key it comes from: one table builds the arguments and names
+# the key when a builder rejects one (kind 'pikv' adds the LoRA options).
+MOE_ARG_KEYS = {"hidden_size": "model.hidden_size", "num_experts": "model.num_experts", "top_k": "model.top_k",
+                "ffn_hidden_size": "model.expert_ffn_hidden_size", "router": "moe.router",
+                "renormalize": "moe.renormalize", "capacity_factor": "moe.capacity_factor",
+                "num_shared_experts": "moe.num_shared_experts", "shared_ffn_hidden_size": "moe.shared_ffn_hidden_size",
+                "route_scale": "moe.route_scale", "sinkhorn_iterations": "moe.sinkhorn_iterations"}
+LORA_ARG_KEYS = {"rank": "moe.lora_rank", "alpha": "moe.lora_alpha", "freeze_base": "moe.freeze_base",
+                 "share_base": "moe.share_base"}
+MODEL_MOE_KINDS = ("base", "pikv")  # moe.kind of the LM; 'flex' and 'time' are their tasks' models
+
+
+def moe_arg_keys(kind: str) -> dict[str, str]:
+    return {**MOE_ARG_KEYS, **(LORA_ARG_KEYS if kind == "pikv" else {})}
+
+
+def moe_arguments(cfg: ModelConfig, moe_cfg: MoEConfig, args: Optional[tuple[str, ...]] = None) -> dict:
+    """create_moe's arguments (all but kind) from the config; `args` picks a subset."""
+    sections = {"model": cfg, "moe": moe_cfg}
+    keys = moe_arg_keys(moe_cfg.kind)
+    return {a: getattr(sections[k.split(".")[0]], k.split(".")[1]) for a, k in keys.items()
+            if args is None or a in args}
+
+
+def check_transformer(cfg: ModelConfig, moe_cfg: MoEConfig, kinds: tuple[str, ...] = MODEL_MOE_KINDS) -> list[int]:
+    """The rules of `Transformer(cfg, moe_cfg)` (attention shapes, MoE layers and their options),
+    without building it; ValueError naming the config key. Returns the MoE layer indices."""
+    for key in ("hidden_size", "num_heads", "num_kv_heads"):
+        if getattr(cfg, key) <= 0:
+            invalid_key(f"model.{key}", getattr(cfg, key), "must be > 0")
+    if cfg.hidden_size % cfg.num_heads:
+        invalid_key("model.num_heads", cfg.num_heads, f"must divide model.hidden_size={cfg.hidden_size}")
+    if (cfg.hidden_size // cfg.num_heads) % 2:
+        invalid_key("model.num_heads", cfg.num_heads,
+                    f"head dim hidden_size/num_heads={cfg.hidden_size // cfg.num_heads} must be even (RoPE)")
+    if cfg.num_heads % cfg.num_kv_heads:
+        invalid_key("model.num_kv_heads", cfg.num_kv_heads, f"must divide model.num_heads={cfg.num_heads}")
+    moe_layers = moe_layer_indices(cfg, moe_cfg)
+    if moe_layers:
+        if moe_cfg.kind not in kinds:
+            invalid_key("moe.kind", moe_cfg.kind, f"allowed values are {', '.join(kinds)}")
+        with config_keys(moe_arg_keys(moe_cfg.kind)):
+            check_moe(moe_cfg.kind, **moe_arguments(cfg, moe_cfg))
+    return moe_layers
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, layer_idx: int, is_moe: bool,
                  moe_deterministic: bool = False, kv_latent_rank: Optional[int] = None, kv_latent_bits: int = 16,
@@ -137,18 +183,7 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg, layer_idx, kv_latent_rank, kv_latent_bits, kv_latent_window)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         if is_moe:
-            # kind 'pikv': LoRA experts (pikv/moe/lora.py) with the moe.lora_* options.
-            lora = (dict(rank=moe_cfg.lora_rank, alpha=moe_cfg.lora_alpha, freeze_base=moe_cfg.freeze_base,
-                         share_base=moe_cfg.share_base) if moe_cfg.kind == "pikv" else {})
-            self.mlp = create_moe(moe_cfg.kind, cfg.hidden_size, cfg.num_experts, cfg.top_k,
-                                  cfg.expert_ffn_hidden_size, **lora, router=moe_cfg.router,
-                                  renormalize=moe_cfg.renormalize,
-                                  capacity_factor=moe_cfg.capacity_factor,
-                                  deterministic=moe_deterministic,
-                                  num_shared_experts=moe_cfg.num_shared_experts,
-                                  shared_ffn_hidden_size=moe_cfg.shared_ffn_hidden_size,
-                                  route_scale=moe_cfg.route_scale,
-                                  sinkhorn_iterations=moe_cfg.sinkhorn_iterations)
+            self.mlp = create_moe(moe_cfg.kind, **moe_arguments(cfg, moe_cfg), deterministic=moe_deterministic)
         else:
             self.mlp = FeedForward(cfg.hidden_size, cfg.ffn_hidden_size)
 
@@ -168,23 +203,16 @@ class Transformer(MoEModel):
                  moe_deterministic: bool = False, kv_cfg=None):
         super().__init__()
         moe_cfg = moe_cfg if moe_cfg is not None else MoEConfig()
-        if cfg.hidden_size % cfg.num_heads or (cfg.hidden_size // cfg.num_heads) % 2:
-            raise ValueError(f"num_heads={cfg.num_heads} must divide hidden_size={cfg.hidden_size} "
-                             "into an even head dim (RoPE)")
-        if cfg.num_heads % cfg.num_kv_heads:
-            raise ValueError(f"num_kv_heads={cfg.num_kv_heads} must divide num_heads={cfg.num_heads}")
-        moe_layers = moe_layer_indices(cfg, moe_cfg)
-        if any(not 0 <= i < cfg.num_layers for i in moe_layers):
-            raise ValueError(f"moe layers {moe_layers} must be in [0, {cfg.num_layers})")
+        moe_layers = check_transformer(cfg, moe_cfg)
         self.cfg, self.moe_cfg = cfg, moe_cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rope = RotaryEmbedding(cfg.hidden_size // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta)
         # kv_cfg (pikv.config.KVConfig) with compressor='learned' adds the jointly trained KV latent.
         kv_rank, kv_bits, kv_window = None, 16, 0
         if kv_cfg is not None and kv_cfg.compressor == "learned":
-            from pikv.kv.learned import default_latent_window, latent_rank
+            from pikv.kv.learned import latent_rank
             kv_bits, kv_window = kv_cfg.latent_bits, kv_cfg.latent_window
-            if kv_window is None:  # a KVConfig that did not pass through pikv.config.validate
+            if kv_window is None:  # a KVConfig that did not pass through pikv.config.resolve
                 kv_window = default_latent_window(cfg.max_seq_len, kv_cfg.train_ratios)
             # sized without the exact window, the largest rank any sequence length can ask for
             kv_rank = latent_rank(cfg.num_kv_heads, cfg.hidden_size // cfg.num_heads, min(kv_cfg.train_ratios), kv_bits)

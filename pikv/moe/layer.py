@@ -12,10 +12,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pikv.config import OptionError
 from pikv.moe import losses
 from pikv.moe.dispatch import LocalDispatcher
 from pikv.moe.experts import FeedForward, GroupedExperts
-from pikv.moe.router import ROUTERS, build_router
+from pikv.moe.router import build_router, check_router
 
 
 class MoELayer(nn.Module):
@@ -116,25 +117,38 @@ class MoELayer(nn.Module):
         return y_TH.view(*x.shape[:-1], y_TH.shape[-1])
 
 
+def positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise OptionError(name, value, "must be a positive integer")
+
+
+def _check_base(hidden_size: int, num_experts: int, top_k: int, ffn_hidden_size: int,
+                router: str = "softmax_topk", renormalize: bool = True,
+                capacity_factor: Optional[float] = None, deterministic: bool = False,
+                num_shared_experts: int = 0, shared_ffn_hidden_size: Optional[int] = None,
+                route_scale: float = 1.0, sinkhorn_iterations: int = 30) -> None:
+    """The base options' rules (every kind builds on them)."""
+    check_router(router, route_scale=route_scale, sinkhorn_iterations=sinkhorn_iterations)
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise OptionError("capacity_factor", capacity_factor, "must be > 0, or None for dropless")
+    if (isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int)
+            or num_shared_experts < 0):
+        raise OptionError("num_shared_experts", num_shared_experts, "must be an integer >= 0")
+    if shared_ffn_hidden_size is not None:
+        if isinstance(shared_ffn_hidden_size, bool) or not isinstance(shared_ffn_hidden_size, int) \
+                or shared_ffn_hidden_size <= 0:
+            raise OptionError("shared_ffn_hidden_size", shared_ffn_hidden_size,
+                              "must be a positive integer, or None for ffn_hidden_size")
+
+
 def _build_base(hidden_size: int, num_experts: int, top_k: int, ffn_hidden_size: int,
                 router: str = "softmax_topk", renormalize: bool = True,
                 capacity_factor: Optional[float] = None, deterministic: bool = False,
                 num_shared_experts: int = 0, shared_ffn_hidden_size: Optional[int] = None,
                 route_scale: float = 1.0, sinkhorn_iterations: int = 30, *,
                 layer_cls: type = MoELayer, **layer_options: Any) -> nn.Module:
-    """Validate the base options and build `layer_cls` (variants such as pikv.moe.lora pass
-    their MoELayer subclass and its own options)."""
-    if router not in ROUTERS:
-        raise ValueError(f"router={router!r} is not supported; allowed routers: {', '.join(ROUTERS)}")
-    if capacity_factor is not None and not capacity_factor > 0:
-        raise ValueError(f"capacity_factor={capacity_factor!r} must be > 0, or None for dropless")
-    if (isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int)
-            or num_shared_experts < 0):
-        raise ValueError(f"num_shared_experts={num_shared_experts!r} must be an integer >= 0")
-    if shared_ffn_hidden_size is not None and (isinstance(shared_ffn_hidden_size, bool) or not isinstance(
-            shared_ffn_hidden_size, int) or shared_ffn_hidden_size <= 0):
-        raise ValueError(f"shared_ffn_hidden_size={shared_ffn_hidden_size!r} must be a positive integer, "
-                         "or None for ffn_hidden_size")
+    """Build `layer_cls` from checked options (variants such as pikv.moe.lora pass their MoELayer
+    subclass and its own options)."""
     return layer_cls(hidden_size, num_experts, top_k, ffn_hidden_size, router=router,
                      renormalize=bool(renormalize), capacity_factor=capacity_factor,
                      deterministic=bool(deterministic), num_shared_experts=num_shared_experts,
@@ -142,12 +156,36 @@ def _build_base(hidden_size: int, num_experts: int, top_k: int, ffn_hidden_size:
                      sinkhorn_iterations=sinkhorn_iterations, **layer_options)
 
 
-# kind -> builder; variants register themselves on import: 'pikv' (pikv/moe/lora.py), 'flex' and
-# 'time' (pikv/moe/variants/).
+# kind -> builder, the rules of its options (raise OptionError), its option names. Variants
+# register themselves on import: 'pikv' (pikv/moe/lora.py), 'flex' and 'time' (pikv/moe/variants/).
 MOE_BUILDERS: dict[str, Callable[..., nn.Module]] = {"base": _build_base}
+MOE_CHECKS: dict[str, Callable[..., None]] = {"base": _check_base}
 _BASE_OPTIONS = ("router", "renormalize", "capacity_factor", "deterministic", "num_shared_experts",
                  "shared_ffn_hidden_size", "route_scale", "sinkhorn_iterations")
 MOE_OPTIONS: dict[str, tuple[str, ...]] = {"base": _BASE_OPTIONS}
+
+
+def _ffn_width(hidden_size: int, ffn_hidden_size: Optional[int]) -> int:
+    return 4 * hidden_size if ffn_hidden_size is None else ffn_hidden_size
+
+
+def check_moe(kind: str, hidden_size: int, num_experts: int, top_k: int,
+              ffn_hidden_size: Optional[int] = None, **options: Any) -> None:
+    """Every rule `create_moe` applies to these arguments, without building anything: ValueError
+    for an unknown kind or option, OptionError (a ValueError naming the argument) for a bad value."""
+    if kind not in MOE_BUILDERS:
+        raise ValueError(f"unknown MoE kind {kind!r}; allowed kinds: {', '.join(MOE_BUILDERS)}")
+    ffn_hidden_size = _ffn_width(hidden_size, ffn_hidden_size)
+    for name, value in (("hidden_size", hidden_size), ("num_experts", num_experts),
+                        ("top_k", top_k), ("ffn_hidden_size", ffn_hidden_size)):
+        positive_int(name, value)
+    if top_k > num_experts:
+        raise OptionError("top_k", top_k, "must be <= {num_experts}", num_experts=num_experts)
+    unknown = sorted(set(options) - set(MOE_OPTIONS[kind]))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for MoE kind {kind!r}; "
+                         f"allowed options: {', '.join(MOE_OPTIONS[kind])}")
+    MOE_CHECKS[kind](hidden_size, num_experts, top_k, ffn_hidden_size, **options)
 
 
 def create_moe(kind: str, hidden_size: int, num_experts: int, top_k: int,
@@ -170,20 +208,7 @@ def create_moe(kind: str, hidden_size: int, num_experts: int, top_k: int,
     num_experts >= 2^num_modalities - 1) and the base options (softmax_topk router, dropless).
     kind 'time' (pikv.moe.variants.time, Time-MoE): the base options, with renormalize=False and
     num_shared_experts=1 (a sigmoid-gated shared expert) by default.
-    Errors are ValueError.
+    Errors are ValueError (see `check_moe`, which applies the same rules without building).
     """
-    if kind not in MOE_BUILDERS:
-        raise ValueError(f"unknown MoE kind {kind!r}; allowed kinds: {', '.join(MOE_BUILDERS)}")
-    if ffn_hidden_size is None:
-        ffn_hidden_size = 4 * hidden_size
-    for name, value in (("hidden_size", hidden_size), ("num_experts", num_experts),
-                        ("top_k", top_k), ("ffn_hidden_size", ffn_hidden_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name}={value!r} must be a positive integer")
-    if top_k > num_experts:
-        raise ValueError(f"top_k={top_k} must be <= num_experts={num_experts}")
-    unknown = sorted(set(options) - set(MOE_OPTIONS[kind]))
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for MoE kind {kind!r}; "
-                         f"allowed options: {', '.join(MOE_OPTIONS[kind])}")
-    return MOE_BUILDERS[kind](hidden_size, num_experts, top_k, ffn_hidden_size, **options)
+    check_moe(kind, hidden_size, num_experts, top_k, ffn_hidden_size, **options)
+    return MOE_BUILDERS[kind](hidden_size, num_experts, top_k, _ffn_width(hidden_size, ffn_hidden_size), **options)

@@ -26,9 +26,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from pikv.config import OptionError
 from pikv.moe.distill import FrozenTeacher, hidden_mse
 from pikv.moe.experts import FeedForward, GroupedExperts, run_swiglu
-from pikv.moe.layer import _BASE_OPTIONS, MOE_BUILDERS, MOE_OPTIONS, MoELayer, _build_base
+from pikv.moe.layer import (_BASE_OPTIONS, MOE_BUILDERS, MOE_CHECKS, MOE_OPTIONS, MoELayer, _build_base,
+                             _check_base, positive_int)
 
 # (base weight, adapter A, adapter B) names; A is [E, in, R], B is [E, R, out].
 _ADAPTED = (("w1_EHF", "lora_a1_EHR", "lora_b1_ERF"), ("w3_EHF", "lora_a3_EHR", "lora_b3_ERF"),
@@ -165,28 +167,30 @@ def merge_adapters(module: nn.Module) -> nn.Module:
     return module
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive integer")
+def _check_pikv(hidden_size: int, num_experts: int, top_k: int, ffn_hidden_size: int, rank: int = 16,
+                alpha: float = 16.0, use_distillation: bool = False, freeze_base: bool = True,
+                share_base: bool = False, **base_options: Any) -> None:
+    positive_int("rank", rank)
+    if rank > min(hidden_size, ffn_hidden_size):
+        raise OptionError("rank", rank, f"must be <= min(hidden_size, ffn_hidden_size)="
+                          f"{min(hidden_size, ffn_hidden_size)} (a larger rank is not low-rank)")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < float("inf"):
+        raise OptionError("alpha", alpha, "must be a finite number > 0 (adapter scale = alpha / rank)")
+    for name, value in (("use_distillation", use_distillation), ("freeze_base", freeze_base),
+                        ("share_base", share_base)):
+        if not isinstance(value, bool):
+            raise OptionError(name, value, "must be True or False")
+    _check_base(hidden_size, num_experts, top_k, ffn_hidden_size, **base_options)
 
 
 def _build_pikv(hidden_size: int, num_experts: int, top_k: int, ffn_hidden_size: int, rank: int = 16,
                 alpha: float = 16.0, use_distillation: bool = False, freeze_base: bool = True,
                 share_base: bool = False, **base_options: Any) -> nn.Module:
-    _positive_int("rank", rank)
-    if rank > min(hidden_size, ffn_hidden_size):
-        raise ValueError(f"rank={rank} must be <= min(hidden_size, ffn_hidden_size)="
-                         f"{min(hidden_size, ffn_hidden_size)} (a larger rank is not low-rank)")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < float("inf"):
-        raise ValueError(f"alpha={alpha!r} must be a finite number > 0 (adapter scale = alpha / rank)")
-    for name, value in (("use_distillation", use_distillation), ("freeze_base", freeze_base),
-                        ("share_base", share_base)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{name}={value!r} must be True or False")
     return _build_base(hidden_size, num_experts, top_k, ffn_hidden_size, **base_options, layer_cls=LoRAMoELayer,
                        rank=rank, alpha=float(alpha), freeze_base=freeze_base, share_base=share_base,
                        use_distillation=use_distillation)
 
 
 MOE_BUILDERS["pikv"] = _build_pikv
+MOE_CHECKS["pikv"] = _check_pikv
 MOE_OPTIONS["pikv"] = ("rank", "alpha", "use_distillation", "freeze_base", "share_base") + _BASE_OPTIONS

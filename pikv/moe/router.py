@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pikv.config import OptionError
+
 ROUTERS = ("softmax_topk", "sigmoid_topk", "noisy_topk", "expert_choice", "sinkhorn")
 # Routers whose output for a token depends on that token alone (given the weights and, for
 # sigmoid_topk, the bias); expert_choice and (in training) sinkhorn look at the whole batch.
@@ -220,20 +222,25 @@ _ROUTER_CLASSES = {"softmax_topk": TokenChoiceTopKRouter, "sigmoid_topk": Sigmoi
                    "sinkhorn": SinkhornRouter}
 
 
+def check_router(name: str, *, route_scale: float = 1.0, sinkhorn_iterations: int = 30) -> None:
+    """The rules of `build_router`'s arguments (OptionError, a ValueError naming the argument)."""
+    if name not in _ROUTER_CLASSES:
+        raise OptionError("router", name, f"is not supported; allowed routers: {', '.join(ROUTERS)}")
+    if isinstance(route_scale, bool) or not isinstance(route_scale, (int, float)) \
+            or not math.isfinite(route_scale) or route_scale <= 0:
+        raise OptionError("route_scale", route_scale, "must be a finite number > 0")
+    if isinstance(sinkhorn_iterations, bool) or not isinstance(sinkhorn_iterations, int) \
+            or sinkhorn_iterations < 1:
+        raise OptionError("sinkhorn_iterations", sinkhorn_iterations, "must be an integer >= 1")
+
+
 def build_router(name: str, hidden_size: int, num_experts: int, top_k: int, *,
                  renormalize: bool = True, deterministic: bool = False, route_scale: float = 1.0,
                  capacity_factor: Optional[float] = None, sinkhorn_iterations: int = 30) -> nn.Module:
     """Router `name` (one of ROUTERS). `renormalize` applies to softmax_topk, noisy_topk and
     sigmoid_topk; `capacity_factor` sets C for expert_choice (None -> 1.0);
-    `sinkhorn_iterations` is for sinkhorn. Bad values raise ValueError."""
-    if name not in _ROUTER_CLASSES:
-        raise ValueError(f"router={name!r} is not supported; allowed routers: {', '.join(ROUTERS)}")
-    if isinstance(route_scale, bool) or not isinstance(route_scale, (int, float)) \
-            or not math.isfinite(route_scale) or route_scale <= 0:
-        raise ValueError(f"route_scale={route_scale!r} must be a finite number > 0")
-    if isinstance(sinkhorn_iterations, bool) or not isinstance(sinkhorn_iterations, int) \
-            or sinkhorn_iterations < 1:
-        raise ValueError(f"sinkhorn_iterations={sinkhorn_iterations!r} must be an integer >= 1")
+    `sinkhorn_iterations` is for sinkhorn. Bad values raise ValueError (`check_router`)."""
+    check_router(name, route_scale=route_scale, sinkhorn_iterations=sinkhorn_iterations)
     kwargs = dict(renormalize=bool(renormalize), deterministic=bool(deterministic),
                   route_scale=float(route_scale))
     if name == "expert_choice":

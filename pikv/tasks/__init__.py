@@ -14,6 +14,8 @@ checkpoints, metrics, W&B, signals) is the trainer's and identical for every tas
   task.loss_parts(output, targets)     {loss_key: scalar with grad, ...logged extras}
   task.evaluate(model, split, max_batches, device, amp_dtype) -> dict of floats
   task.describe(result) -> str         one log line for an evaluation result
+  Task.check(cfg)                      (static) the rules of everything the task builds, without
+                                       building it; ValueError naming the config key
   task.tokens_per_micro_batch          tokens (LM tokens, modality tokens, time points) per rank
   task.flops_per_token(model)          training FLOPs per token, for MFU
   task.tokenizer_path                  copied into every checkpoint (None: no tokenizer)
@@ -21,42 +23,41 @@ checkpoints, metrics, W&B, signals) is the trainer's and identical for every tas
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-from pikv.config import JobConfig
+from pikv.config import JobConfig, load_config, validate
 from pikv.distributed import DistContext
 
 TASKS = ("lm", "flex", "time")
 
 
+def task_class(name: str) -> type:
+    """The task class of `task: name` (imported on demand: each pulls in its own data code)."""
+    if name == "flex":
+        from pikv.tasks.flex import FlexTask
+        return FlexTask
+    if name == "time":
+        from pikv.tasks.time import TimeTask
+        return TimeTask
+    from pikv.tasks.lm import LMTask
+    return LMTask
+
+
 def build_task(cfg: JobConfig, run_dir: Path, ctx: DistContext):
     """The task named by `cfg.task`; the main rank prepares its data, then every rank loads it."""
-    if cfg.task == "flex":
-        from pikv.tasks.flex import FlexTask
-        return FlexTask(cfg, ctx)
-    if cfg.task == "time":
-        from pikv.tasks.time import TimeTask
-        return TimeTask(cfg, ctx)
-    from pikv.tasks.lm import LMTask
-    return LMTask(cfg, run_dir, ctx)
+    return task_class(cfg.task)(cfg, run_dir, ctx)
 
 
-def evaluate_task_checkpoint(ckpt: Path, cfg: JobConfig, out: Optional[Path] = None) -> dict:
-    """train/eval.py for task=flex|time: one CPU process rebuilds the model, loads the
-    checkpoint's weights and scores the held-out split; writes <run>/eval/heldout_eval.json."""
-    from pikv.training.checkpoint import load_model_weights
+def check_job(cfg: JobConfig) -> JobConfig:
+    """Every check of a job before any work: the config's own (pikv.config.validate), then those of
+    each builder the task will use (model, MoE layers and routers, KV compressor, data), all
+    naming the config key. Reads `cfg` only; returns it."""
+    validate(cfg)
+    task_class(cfg.task).check(cfg)
+    return cfg
 
-    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), ep_size=1)
-    task = build_task(cfg, ckpt.parent.parent, ctx)
-    model = task.build_model()
-    load_model_weights(ckpt, model)
-    result = task.evaluate(model, "heldout", None, ctx.device, None)
-    out = out or ckpt.parent.parent / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "heldout_eval.json").write_text(json.dumps({"checkpoint": str(ckpt), "task": cfg.task, **result}, indent=1))
-    print(f"held-out ({cfg.task}): {task.describe(result)}\nresults: {out / 'heldout_eval.json'}")
-    return result
+
+def load_job(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> JobConfig:
+    """What an entry point loads: defaults <- YAML <- overrides, resolved, then `check_job`."""
+    return check_job(load_config(path, overrides))

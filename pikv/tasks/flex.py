@@ -5,6 +5,7 @@ patient into each of the 2^M - 1 modality combinations and reports accuracy per 
 from __future__ import annotations
 
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -16,14 +17,14 @@ from pikv.config import JobConfig
 from pikv.data.multimodal import MODALITIES, NUM_COMBOS, combo_mask, combo_name, load_multimodal
 from pikv.data.samples import SampleLoader
 from pikv.distributed import DistContext
-from pikv.models.flex_moe import FlexMoE
+from pikv.models.flex_moe import FlexMoE, check_flex_moe
 
 
 class FlexTask:
     loss_key = "ce_loss"
     tokenizer_path = None
 
-    def __init__(self, cfg: JobConfig, ctx: DistContext):
+    def __init__(self, cfg: JobConfig, run_dir: Optional[Path], ctx: DistContext):
         f = cfg.flex
         self.cfg = cfg
         self.splits = load_multimodal(f.missing, f.missing_rate, f.validation_fraction, f.heldout_fraction,
@@ -43,6 +44,10 @@ class FlexTask:
     def _gather(self, ids: np.ndarray):
         s = self.splits["train"]
         return (torch.from_numpy(s.features[ids]), torch.from_numpy(s.observed[ids])), torch.from_numpy(s.labels[ids])
+
+    @staticmethod
+    def check(cfg: JobConfig) -> None:
+        check_flex_moe(cfg.model, cfg.moe, cfg.flex)
 
     def build_model(self) -> nn.Module:
         return FlexMoE(self.cfg.model, self.cfg.moe, self.cfg.flex)

@@ -9,12 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pikv.config import JobConfig
+from pikv.config import JobConfig, config_keys
 from pikv.data import BlockLoader, iter_eval_batches, prepare_data
-from pikv.data.probe import make_probe
+from pikv.data.probe import check_probe_rate, make_probe
 from pikv.distributed import DistContext
 from pikv.eval import evaluate_lm
+from pikv.kv.budgets import check_latent_budgets
 from pikv.models import Transformer
+from pikv.models.transformer import check_transformer
 
 
 class LMTask:
@@ -29,6 +31,17 @@ class LMTask:
                                   ctx.dp_rank, ctx.dp_size, cfg.train.seed, probe=probe)
         self.tokenizer_path = self.data.tokenizer_path
         self.tokens_per_micro_batch = cfg.train.batch_size * cfg.data.seq_len
+
+    @staticmethod
+    def check(cfg: JobConfig) -> None:
+        check_transformer(cfg.model, cfg.moe)
+        kv, m = cfg.kv, cfg.model
+        if kv.compressor == "learned":
+            with config_keys({"ratios": "kv.train_ratios", "bits": "kv.latent_bits", "window": "kv.latent_window"}):
+                check_latent_budgets(m.num_kv_heads, m.hidden_size // m.num_heads, kv.train_ratios, kv.latent_bits,
+                                     kv.latent_window, cfg.data.seq_len)
+        with config_keys({"rate": "data.probe_rate"}):
+            check_probe_rate(cfg.data.probe_rate)
 
     def build_model(self) -> nn.Module:
         return Transformer(self.cfg.model, self.cfg.moe, kv_cfg=self.cfg.kv)

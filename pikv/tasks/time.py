@@ -5,6 +5,7 @@ MSE / MAE per horizon next to the seasonal-naive forecast of the same windows.""
 from __future__ import annotations
 
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -16,7 +17,7 @@ from pikv.config import JobConfig
 from pikv.data.samples import SampleLoader
 from pikv.data.timeseries import load_series, make_windows, seasonal_naive
 from pikv.distributed import DistContext
-from pikv.models.time_moe import TimeMoE
+from pikv.models.time_moe import TimeMoE, check_time_moe
 
 EVAL_BATCH = 256
 
@@ -25,7 +26,7 @@ class TimeTask:
     loss_key = "huber_loss"
     tokenizer_path = None
 
-    def __init__(self, cfg: JobConfig, ctx: DistContext):
+    def __init__(self, cfg: JobConfig, run_dir: Optional[Path], ctx: DistContext):
         self.cfg, tc = cfg, cfg.time
         self.C, self.heads = tc.context_len, list(tc.heads)
         train_series, heldout_series = load_series()
@@ -41,6 +42,10 @@ class TimeTask:
     def _gather(self, ids: np.ndarray):
         w = torch.from_numpy(self.train.windows[ids])
         return w[:, :self.C], w  # inputs: the context; targets: the whole window
+
+    @staticmethod
+    def check(cfg: JobConfig) -> None:
+        check_time_moe(cfg.model, cfg.moe)
 
     def build_model(self) -> nn.Module:
         return TimeMoE(self.cfg.model, self.cfg.moe, self.heads)

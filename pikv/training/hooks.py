@@ -131,8 +131,8 @@ class RouterHook(StepHook):
 class KVCompressorHook(StepHook):
     """The jointly trained KV compressor (pikv/kv/learned.py): each step's latent rank and mode
     (distillation only / co-training, TrainSchedule: a pure function of the step), set on the
-    KVTrainState this hook owns, and its distillation loss (weight kv.distill_weight). Logged:
-    kv_distill_loss (0 on full-cache steps), kv_rank (0 = full cache), kv_cotrain (1 = the LM ran
+    KVTrainState this hook owns, and its distillation loss (weight kv.attn_error_weight). Logged:
+    kv_attn_error (0 on full-cache steps), kv_rank (0 = full cache), kv_cotrain (1 = the LM ran
     through the latent). After the step the model is back on the full cache (validation, checkpoints)."""
 
     def __init__(self, model, cfg: JobConfig):
@@ -141,7 +141,7 @@ class KVCompressorHook(StepHook):
                                       kv.cotrain_start, cfg.train.max_steps, kv.latent_bits, kv.latent_window,
                                       cfg.data.seq_len)
         self.state = KVTrainState.attach(model)
-        self.weight = kv.distill_weight
+        self.weight = kv.attn_error_weight
 
     def before_step(self, step: int) -> None:
         self.state.set(*self.schedule.at(step))
@@ -150,7 +150,7 @@ class KVCompressorHook(StepHook):
         distill = self.state.pop_loss()
         rank = torch.tensor(float(self.state.rank or 0), device=distill.device)
         cotrain = torch.tensor(float(self.state.through_latent), device=distill.device)
-        return LossTerms([(self.weight, distill)], {"kv_distill_loss": distill, "kv_rank": rank, "kv_cotrain": cotrain})
+        return LossTerms([(self.weight, distill)], {"kv_attn_error": distill, "kv_rank": rank, "kv_cotrain": cotrain})
 
     def after_step(self, step: int, updated: bool) -> None:
         self.state.set(None)

@@ -24,10 +24,10 @@ def test_joint_compressor_training_and_kv_decoding_eval(run_job):
     # from step 5 cycling full (0), 2x, 4x, 8x
     assert ranks == [57, 23, 6, 57, 0, 57, 23, 6]
     assert [rows[s]["kv_cotrain"] for s in range(1, 9)] == [0] * 4 + [1] * 4
-    assert all(rows[s]["kv_distill_loss"] > 0 for s in range(1, 9) if ranks[s - 1]) and rows[5]["kv_distill_loss"] == 0
+    assert all(rows[s]["kv_attn_error"] > 0 for s in range(1, 9) if ranks[s - 1]) and rows[5]["kv_attn_error"] == 0
 
     out = run_job.cwd / "kvout"
-    proc = run_job(["--checkpoint", str(run_dir), "--kv", "full,lora,h2o,streaming,quantized,quest,svd",
+    proc = run_job(["--checkpoint", str(run_dir), "--kv", "full,learned,h2o,streaming,quantized,quest,svd",
                     "--ratio", "2,8", "--max-sequences", "4", "--out", str(out)], script="train/eval.py")
     report = json.loads((out / "kv" / "results.json").read_text())
     got = {(r["policy"], r["ratio"]): r for r in report["rows"]}

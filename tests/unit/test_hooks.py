@@ -77,7 +77,7 @@ def test_kv_hook_follows_the_schedule_then_returns_the_model_to_the_full_cache()
         logits = model(x)
         terms = hook.loss_terms(MicroBatch(step, x, logits, torch.tensor(0.0)))
         (weight, distill), = terms.terms
-        assert weight == cfg.kv.distill_weight
+        assert weight == cfg.kv.attn_error_weight
         assert terms.metrics["kv_rank"].item() == (rank or 0) and terms.metrics["kv_cotrain"].item() == through_latent
         assert (distill.item() > 0) == (rank is not None)
         assert torch.equal(logits, full) == (rank is None or not through_latent)  # side distillation: model untouched

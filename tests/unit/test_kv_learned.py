@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pikv.config import KVConfig, ModelConfig, MoEConfig, load_config
+from pikv.tasks import load_job
 from pikv.kv.learned import (KVTrainState, LatentKVCompressor, TrainSchedule, dequantize_latent, latent_rank,
                               quantize_latent, train_rank_schedule)
 from pikv.models import Transformer
@@ -163,13 +164,13 @@ def test_kv_config_errors():
     with pytest.raises(ValueError, match=r"'kv.compressor' = 'mla' is invalid: allowed values are auto, none, learned"):
         load_config(None, ["kv.compressor=mla"])
     with pytest.raises(ValueError, match=r"kv.train_ratios"):
-        load_config(None, ["kv.train_ratios=[0.5]"])
-    with pytest.raises(ValueError, match=r"'kv.latent_bits' = 4 is invalid: allowed values are 8"):
-        load_config(None, ["kv.latent_bits=4"])
+        load_job(None, ["kv.train_ratios=[0.5]"])
+    with pytest.raises(ValueError, match=r"'kv.latent_bits' = 4 is invalid: must be 8 .* or 16"):
+        load_job(None, ["kv.latent_bits=4"])
     with pytest.raises(ValueError, match=r"'kv.latent_window' = 64 is invalid: must leave every kv.train_ratios"):
-        load_config(None, ["kv.latent_window=64"])
+        load_job(None, ["kv.latent_window=64"])
     with pytest.raises(ValueError, match=r"'kv.latent_window' = -1 is invalid: must be >= 0"):
-        load_config(None, ["kv.latent_window=-1"])
+        load_job(None, ["kv.latent_window=-1"])
     with pytest.raises(ValueError, match=r"'kv.cotrain_start' = 1.5 is invalid: must be in \[0, 1\]"):
         load_config(None, ["kv.cotrain_start=1.5"])
     assert load_config(None, ["kv.compressor=none"]).kv.compressor == "none"

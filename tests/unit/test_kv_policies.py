@@ -406,7 +406,9 @@ def test_generate_with_policy_runs_and_full_equals_plain(model, tokens):
 
 
 def test_names_aliases_and_errors(model):
-    assert resolve_policy("LoRA") == "learned" and resolve_policy("quantized") == "quant"
+    assert resolve_policy("Learned") == "learned" and resolve_policy("quantized") == "quant"
+    with pytest.raises(ValueError, match=r"kv policy 'LoRA' is retired: use 'learned' .*moe.kind=pikv"):
+        resolve_policy("LoRA")
     for name in ("pyramid", "svd", "lru", "h2o", "quest"):
         assert resolve_policy(name) == name
     with pytest.raises(ValueError, match=r"unknown kv policy 'h3o': allowed are full, window"):
@@ -418,7 +420,7 @@ def test_names_aliases_and_errors(model):
     with pytest.raises(ValueError, match=r"ratio 8.0 is impossible for quant"):
         make_cache("quant", model, ratio=8.0)
     with pytest.raises(ValueError, match=r"learned kv rank .* is impossible"):
-        make_cache("lora", model, ratio=1)
+        make_cache("learned", model, ratio=1)
     with pytest.raises(ValueError, match=r"needs a model trained with kv.compressor=learned"):
         make_cache("learned", tiny_model(learned=False), ratio=4)
     with pytest.raises(ValueError, match=r"token budget 0 is impossible"):

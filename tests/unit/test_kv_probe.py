@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pikv.config import KVConfig, ModelConfig, MoEConfig, load_config
+from pikv.config import KVConfig, ModelConfig, MoEConfig
+from pikv.tasks import load_job
 from pikv.data import BlockLoader
 from pikv.data.probe import NATURAL, PasskeyProbe, make_probe
 from pikv.data.tokenizer import train_bpe
@@ -95,13 +96,13 @@ def test_loader_with_probe_resumes_exactly_and_splits_the_global_batch_over_rank
 
 
 def test_probe_errors(tok):
-    with pytest.raises(ValueError, match=r"data.probe_rate=1.5: must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"rate=1.5 must be in \[0, 1\]"):
         PasskeyProbe(tok, rate=1.5)
     with pytest.raises(ValueError, match=r"data.seq_len=16 is too short for the retrieval probe"):
         make_probe(tok, 0.1, 0, 16)
     assert make_probe(tok, 0.0, 0, 16) is None
     with pytest.raises(ValueError, match=r"'data.probe_rate' = -0.1 is invalid"):
-        load_config(None, ["data.probe_rate=-0.1"])
+        load_job(None, ["data.probe_rate=-0.1"])
 
 
 class GreedyKeyProbe(PasskeyProbe):

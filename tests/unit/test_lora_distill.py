@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pikv.config import DistillConfig, KVConfig, ModelConfig, MoEConfig, TrainConfig, load_config
+from pikv.config import DistillConfig, KVConfig, ModelConfig, MoEConfig, TrainConfig
+from pikv.tasks import load_job
 from pikv.models import Transformer
 from pikv.models.parallelize import shard_experts
 from pikv.moe import ROUTERS, GroupedExperts, LoRAMoELayer, create_moe, merge_adapters
@@ -252,11 +253,12 @@ def test_tokenizer_mismatch_is_a_clear_error(tmp_path):
     (["distill.weight=1.5"], r"'distill.weight' = 1.5 is invalid: must be in \[0, 1\]"),
     (["distill.temperature=0"], "'distill.temperature' = 0.0 is invalid: must be a finite number > 0"),
     (["distill.hidden_layers=[9]"], r"'distill.hidden_layers' = \[9\] is invalid: indices must be in \[0, 4\)"),
-    (["moe.kind=pikv", "moe.lora_rank=0"], "'moe.lora_rank' = 0 is invalid: must be in"),
+    (["moe.kind=pikv", "moe.lora_rank=0"], "'moe.lora_rank' = 0 is invalid: must be a positive integer"),
+    (["moe.kind=pikv", "moe.lora_rank=300"], r"'moe.lora_rank' = 300 is invalid: must be <= min\(hidden_size, ffn"),
 ])
 def test_config_rejects_bad_distillation_settings(overrides, match):
     with pytest.raises(ValueError, match=match):
-        load_config(None, overrides)
+        load_job(None, overrides)
 
 
 def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):

@@ -172,6 +172,7 @@ def test_mixtral_defaults_and_parameter_layout():
     (("base", H, E, 0, Fh), {}, r"top_k=0 must be a positive integer"),
     (("base", 0, E, 2, Fh), {}, r"hidden_size=0 must be a positive integer"),
     (("base", H, E, 2, -1), {}, r"ffn_hidden_size=-1 must be a positive integer"),
+    (("base", H, E, 2, 0), {}, r"ffn_hidden_size=0 must be a positive integer"),  # 0 is not "unset"
     (("base", H, E, 2, Fh), {"jitter": 0.1}, r"unknown option\(s\) jitter .*allowed options: router"),
     (("base", H, E, 2, Fh), {"router": "hash"}, r"router='hash' is not supported; allowed routers: softmax_topk"),
     (("base", H, E, 2, Fh), {"capacity_factor": 0.0}, r"capacity_factor=0.0 must be > 0, or None"),

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pikv.config import CHOICES, MoEConfig, load_config
+from pikv.config import MoEConfig, load_config
+from pikv.tasks import load_job
 from pikv.distributed.grad_sync import is_expert_param
 from pikv.models import Transformer
 from pikv.moe import create_moe
@@ -399,18 +400,19 @@ def test_bad_options_raise(options, match):
     ("moe.router=hash",
      r"'moe\.router' = 'hash' .*softmax_topk, sigmoid_topk, noisy_topk, expert_choice, sinkhorn"),
     ("moe.num_shared_experts=-1", r"'moe\.num_shared_experts' = -1 .*>= 0"),
-    ("moe.shared_ffn_hidden_size=0", r"'moe\.shared_ffn_hidden_size' = 0 .*> 0, or null"),
+    ("moe.shared_ffn_hidden_size=0", r"'moe\.shared_ffn_hidden_size' = 0 .*positive integer, or None"),
     ("moe.bias_update_rate=-0.5", r"'moe\.bias_update_rate' = -0\.5 .*>= 0"),
     ("moe.route_scale=0", r"'moe\.route_scale' = 0\.0 .*finite number > 0"),
     ("moe.sinkhorn_iterations=0", r"'moe\.sinkhorn_iterations' = 0 .*>= 1"),
 ])
 def test_config_validation(override, match):
     with pytest.raises(ValueError, match=match):
-        load_config(None, [override])
+        load_job(None, [override])
 
 
 def test_config_router_choices_are_the_routers():
-    assert CHOICES["moe.router"] == ROUTERS
+    for name in ROUTERS:
+        assert load_job(None, [f"moe.router={name}"]).moe.router == name
     cfg = load_config(None, ["moe.router=expert_choice", "moe.num_shared_experts=1",
                              "moe.bias_update_rate=0.01"])
     moe = cfg.moe

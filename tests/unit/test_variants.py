@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pikv.config import load_config
+from pikv.tasks import load_job
 from pikv.data.multimodal import (FULL_COMBO, MODALITIES, NUM_COMBOS, check_inputs, combo_index, combo_mask,
                                   load_multimodal)
 from pikv.data.samples import SampleLoader
@@ -75,7 +76,7 @@ def test_time_layer_adds_a_sigmoid_gated_shared_expert():
 @pytest.mark.parametrize("kind, options, match", [
     ("flex", {"num_modalities": 4}, "need >= 15"),
     ("flex", {"router": "sigmoid_topk"}, "allowed routers: softmax_topk"),
-    ("flex", {"capacity_factor": 1.0}, "capacity_factor must be None"),
+    ("flex", {"capacity_factor": 1.0}, "capacity_factor=1.0 must be None"),
     ("time", {"bogus": 1}, "allowed options"),
 ])
 def test_variant_option_errors(kind, options, match):
@@ -195,7 +196,7 @@ def test_time_series_data_and_errors():
 def test_variant_config_errors(override, match):
     base = ["task=flex"] if not override.startswith("task=") else []
     with pytest.raises(ValueError, match=match):
-        load_config(None, SMALL + base + [override] + (["model.top_k=2"] if "num_experts" in override else []))
+        load_job(None, SMALL + base + [override] + (["model.top_k=2"] if "num_experts" in override else []))
 
 
 def test_dense_baselines_have_the_active_parameters_of_the_moe_models():

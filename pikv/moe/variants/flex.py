@@ -19,7 +19,9 @@ from typing import Any, Optional
 
 import torch
 
-from pikv.moe.layer import _BASE_OPTIONS, MOE_BUILDERS, MOE_OPTIONS, MoELayer, _build_base
+from pikv.config import OptionError
+from pikv.moe.layer import (_BASE_OPTIONS, MOE_BUILDERS, MOE_CHECKS, MOE_OPTIONS, MoELayer, _build_base,
+                             _check_base, positive_int)
 from pikv.moe.router import TokenChoiceTopKRouter, topk
 
 
@@ -77,25 +79,32 @@ class FlexMoELayer(MoELayer):
         return super().forward(x)
 
 
+def _check_flex(hidden_size: int, num_experts: int, top_k: int, ffn_hidden_size: int,
+                num_modalities: int = 3, specialized_routing: bool = True, router: str = "softmax_topk",
+                **base_options: Any) -> None:
+    positive_int("num_modalities", num_modalities)
+    combos = 2 ** num_modalities - 1
+    if specialized_routing and num_experts < combos:
+        raise OptionError("num_experts", num_experts, f"is too few for specialized_routing: the S-Router gives "
+                          f"each of the {combos} modality combinations of {num_modalities} modalities its own "
+                          f"expert, need >= {combos}")
+    if router != "softmax_topk":
+        raise OptionError("router", router, "is not supported by Flex-MoE, whose G-/S-Router is a softmax "
+                          "top-k gate; allowed routers: softmax_topk")
+    if base_options.get("capacity_factor") is not None:
+        raise OptionError("capacity_factor", base_options["capacity_factor"], "must be None for kind 'flex' "
+                          "(dropless: a dropped token would lose its modality-combination expert)")
+    _check_base(hidden_size, num_experts, top_k, ffn_hidden_size, router=router, **base_options)
+
+
 def _build_flex(hidden_size: int, num_experts: int, top_k: int, ffn_hidden_size: int,
                 num_modalities: int = 3, specialized_routing: bool = True, router: str = "softmax_topk",
                 **base_options: Any) -> FlexMoELayer:
-    if isinstance(num_modalities, bool) or not isinstance(num_modalities, int) or num_modalities < 1:
-        raise ValueError(f"num_modalities={num_modalities!r} must be a positive integer")
-    combos = 2 ** num_modalities - 1
-    if specialized_routing and num_experts < combos:
-        raise ValueError(f"num_experts={num_experts}: the S-Router gives each of the {combos} modality "
-                         f"combinations of {num_modalities} modalities its own expert, need >= {combos}")
-    if router != "softmax_topk":
-        raise ValueError(f"router={router!r}: Flex-MoE's G-/S-Router is a softmax top-k gate; "
-                         "allowed routers: softmax_topk")
-    if base_options.get("capacity_factor") is not None:
-        raise ValueError("capacity_factor must be None for kind 'flex' (dropless: a dropped token would "
-                         "lose its modality-combination expert)")
     return _build_base(hidden_size, num_experts, top_k, ffn_hidden_size, router=router, **base_options,
                        layer_cls=FlexMoELayer, num_modalities=num_modalities,
                        specialized_routing=bool(specialized_routing))
 
 
 MOE_BUILDERS["flex"] = _build_flex
+MOE_CHECKS["flex"] = _check_flex
 MOE_OPTIONS["flex"] = ("num_modalities", "specialized_routing") + _BASE_OPTIONS

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pikv.moe.experts import FeedForward
-from pikv.moe.layer import _BASE_OPTIONS, MOE_BUILDERS, MOE_OPTIONS, MoELayer, _build_base
+from pikv.moe.layer import _BASE_OPTIONS, MOE_BUILDERS, MOE_CHECKS, MOE_OPTIONS, MoELayer, _build_base, _check_base
 
 
 class TimeMoELayer(MoELayer):
@@ -41,5 +41,12 @@ def _build_time(hidden_size: int, num_experts: int, top_k: int, ffn_hidden_size:
                        num_shared_experts=num_shared_experts, **base_options, layer_cls=TimeMoELayer)
 
 
+def _check_time(hidden_size: int, num_experts: int, top_k: int, ffn_hidden_size: int,
+                renormalize: bool = False, num_shared_experts: int = 1, **base_options: Any) -> None:
+    _check_base(hidden_size, num_experts, top_k, ffn_hidden_size, renormalize=renormalize,
+                num_shared_experts=num_shared_experts, **base_options)
+
+
 MOE_BUILDERS["time"] = _build_time
+MOE_CHECKS["time"] = _check_time
 MOE_OPTIONS["time"] = _BASE_OPTIONS
