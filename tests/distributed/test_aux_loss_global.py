@@ -8,19 +8,15 @@ import torch.distributed as dist
 
 from pikv.distributed import init_distributed
 from pikv.models.parallelize import apply_parallelism
-from pikv.moe import create_moe
 from pikv.testing import run_distributed
 from tests.helpers import REORDERED_FP32_SCALAR, seeded
+from tests.unit.test_routers import H, make
 
-H, E, K, TOKENS = 16, 8, 2, 48
+E, K, TOKENS = 8, 2, 48
 
 
 def _layer():
-    torch.manual_seed(0)
-    layer = create_moe("base", H, E, K, 32, deterministic=True)
-    with torch.no_grad():
-        layer.router.gate.weight.normal_(0, 0.5)
-    return layer
+    return make("softmax_topk", K=K, n_e=E)  # seeded, gate weights ~ N(0, 0.5)
 
 
 def _tokens():

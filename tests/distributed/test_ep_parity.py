@@ -40,12 +40,15 @@ def _inputs(case, world, seed=1):
     return xs, [torch.randn(T, H, generator=g) for _ in range(world)]
 
 
-def _skew(layer, case):
+def _case(router, cf, case, world):
+    """The layer (skewed: the gate prefers expert 0, then 1), and every rank's tokens and output grads."""
+    layer = _layer(router, cf)
     if case == "skewed":
         with torch.no_grad():
             layer.router.gate.weight.zero_()
             layer.router.gate.weight[0] = 2.0
             layer.router.gate.weight[1] = 1.0
+    return (layer, *_inputs(case, world))
 
 
 def _step(layer, x, grad_out, f_E=None):
@@ -61,9 +64,7 @@ def _reference(world, ep):
     over its EP group) and aux loss, from the single-process layer."""
     expected = {}
     for router, cf, case in ALL:
-        layer = _layer(router, cf)
-        _skew(layer, case)
-        xs, gs = _inputs(case, world)
+        layer, xs, gs = _case(router, cf, case, world)
         f_E = None  # expert choice: its aux loss is a constant, computed by the layer itself
         if not layer.router.expert_choice:  # global f_e: every rank routes its own tokens
             with torch.no_grad():
@@ -86,10 +87,8 @@ def _worker(rank, world, ep):
     ctx = init_distributed("cpu", "gloo", ep)
     out = {}
     for router, cf, case in ALL:
-        layer = _layer(router, cf)
-        _skew(layer, case)
+        layer, xs, gs = _case(router, cf, case, world)
         apply_parallelism(layer, ctx)
-        xs, gs = _inputs(case, world)
         out[(rank, router, cf, case)] = _step(layer, xs[rank], gs[rank])
     return out
 

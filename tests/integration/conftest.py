@@ -52,3 +52,9 @@ def read_metrics(run_dir: Path) -> dict[int, dict]:
         row = json.loads(line)
         rows.setdefault(row["step"], {}).update(row)
     return rows
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    """The training loss of every logged step."""
+    rows = read_metrics(run_dir)
+    return {step: row["loss"] for step, row in rows.items() if "loss" in row}

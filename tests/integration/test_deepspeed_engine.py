@@ -3,7 +3,7 @@ exact resume from DeepSpeed checkpoints (the torch engine's exact-resume test, t
 
 import pytest
 
-from tests.integration.conftest import TINY, read_metrics
+from tests.integration.conftest import TINY, read_losses, read_metrics
 
 pytestmark = pytest.mark.slow
 deepspeed = pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install deepspeed)")
@@ -15,21 +15,16 @@ COMMON = TINY + [f"train.max_steps={STEPS}", "train.checkpoint_every=100", "trai
                  f"train.grad_clip={CLIP}", "parallel.expert_parallel_size=2", "logging.wandb_mode=disabled"]
 
 
-def _losses(run_job, name):
-    rows = read_metrics(run_job.cwd / "runs" / name)
-    return {s: rows[s]["loss"] for s in rows if "loss" in rows[s]}
-
-
 def test_zero_stages_match_torch_engine_and_resume_exactly(run_job):
     run_job(COMMON + ["train.run_name=torch"], nproc=2)
-    ref = _losses(run_job, "torch")
+    ref = read_losses(run_job.cwd / "runs" / "torch")
     assert sorted(ref) == list(range(1, STEPS + 1))
     rows = read_metrics(run_job.cwd / "runs" / "torch")
     assert any(rows[s]["grad_norm"] > CLIP for s in ref), "clipping never active: the test would not cover it"
     for stage in (0, 1, 2):
         name = f"zero{stage}"
         run_job(COMMON + [f"train.run_name={name}", "train.engine=deepspeed", f"train.zero_stage={stage}"], nproc=2)
-        got = _losses(run_job, name)
+        got = read_losses(run_job.cwd / "runs" / name)
         assert sorted(got) == sorted(ref), name
         worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in ref)
         print(f"ZeRO-{stage} vs torch: max relative loss difference over {STEPS} steps {worst:.2e}")
@@ -42,7 +37,7 @@ def test_zero_stages_match_torch_engine_and_resume_exactly(run_job):
     assert sorted(p.name for p in ckpt.glob("zero_rank_*.pt")) == ["zero_rank_0.pt", "zero_rank_1.pt"]
     proc = run_job(resumed, nproc=2)
     assert "resumed from" in proc.stdout + proc.stderr
-    straight, again = _losses(run_job, "zero2"), _losses(run_job, "resumed")
+    straight, again = read_losses(run_job.cwd / "runs" / "zero2"), read_losses(run_job.cwd / "runs" / "resumed")
     assert sorted(again) == list(range(1, STEPS + 1))  # every step exactly once
     for step in range(1, STEPS + 1):
         assert again[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-6), step
