@@ -3,7 +3,7 @@ exact resume from DeepSpeed checkpoints (the torch engine's exact-resume test, t
 
 import pytest
 
-from tests.integration.conftest import TINY, read_losses, read_metrics
+from tests.integration.conftest import RESUMED, TINY, read_losses, read_metrics
 
 pytestmark = pytest.mark.slow
 deepspeed = pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install deepspeed)")
@@ -28,7 +28,10 @@ def test_zero_stages_match_torch_engine_and_resume_exactly(run_job):
         assert sorted(got) == sorted(ref), name
         worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in ref)
         print(f"ZeRO-{stage} vs torch: max relative loss difference over {STEPS} steps {worst:.2e}")
-        assert worst <= 1e-4, (name, worst)
+        # ZeRO-1/2 bucket and partition the gradient reduction (another fp32 order): measured 0,
+        # 8.8e-8 and 8.7e-8 (about one ulp of a loss ~6) for stages 0, 1, 2. 1e-6 leaves >10x
+        # headroom and is far below a step's loss change (1e-2).
+        assert worst <= 1e-6, (name, worst)
 
     # Exact resume through a ZeRO-2 checkpoint (partitioned optimizer state in zero_rank_<r>.pt).
     resumed = COMMON + ["train.run_name=resumed", "train.engine=deepspeed", "train.zero_stage=2"]
@@ -40,7 +43,7 @@ def test_zero_stages_match_torch_engine_and_resume_exactly(run_job):
     straight, again = read_losses(run_job.cwd / "runs" / "zero2"), read_losses(run_job.cwd / "runs" / "resumed")
     assert sorted(again) == list(range(1, STEPS + 1))  # every step exactly once
     for step in range(1, STEPS + 1):
-        assert again[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-6), step
+        assert again[step] == pytest.approx(straight[step], **RESUMED), step
 
     # A ZeRO-2 checkpoint cannot continue on another layout or engine: a clear error, not a silent reset.
     wrong = run_job(COMMON + ["train.run_name=other", f"train.resume={ckpt}", "train.max_steps=9"],

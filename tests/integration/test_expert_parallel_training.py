@@ -8,7 +8,7 @@ on the same curve: experts are stored by global index, optimizer moments include
 
 import pytest
 
-from tests.integration.conftest import TINY, read_losses, read_metrics
+from tests.integration.conftest import SAME_CURVE_ABS, TINY, read_losses, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ def test_ep_training_matches_single_process_and_checkpoints_reshard(run_job):
     for name in ("ep2", "dp2ep2"):
         other = read_losses(run_job.cwd / "runs" / name)
         for step in range(1, STEPS + 1):
-            assert other[step] == pytest.approx(single[step], abs=2e-5), (name, step)
+            assert other[step] == pytest.approx(single[step], abs=SAME_CURVE_ABS), (name, step)
 
     ep2_step3 = run_job.cwd / "runs" / "ep2" / "checkpoints" / "step_3"
     run_job(COMMON + ["train.run_name=to_ep1", "train.batch_size=8", f"train.resume={ep2_step3}"])
@@ -35,7 +35,7 @@ def test_ep_training_matches_single_process_and_checkpoints_reshard(run_job):
         resumed = read_losses(run_job.cwd / "runs" / name)
         assert sorted(resumed) == [4, 5, 6], name
         for step in (4, 5, 6):
-            assert resumed[step] == pytest.approx(single[step], abs=2e-5), (name, step)
+            assert resumed[step] == pytest.approx(single[step], abs=SAME_CURVE_ABS), (name, step)
 
 
 def test_aux_loss_free_bias_follows_global_counts_under_ep(run_job):
@@ -60,4 +60,5 @@ def test_aux_loss_free_bias_follows_global_counts_under_ep(run_job):
             load = torch.tensor(rows[step][f"moe/layer{i}/tokens_per_expert"], dtype=torch.float)
             expected += 0.01 * torch.sign(load.mean() - load)
         assert expected.abs().sum() > 0
+        # sums of +-0.01 in fp32 round at ~1e-9 per step; one step moves the bias by 0.01
         torch.testing.assert_close(layer.router.expert_bias, expected, atol=1e-6, rtol=0)
