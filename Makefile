@@ -9,7 +9,7 @@ NPROC ?= 2
 RUN ?= tiny
 ARGS ?=
 
-.PHONY: setup train test clean
+.PHONY: setup train test test-fast clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,14 @@ train: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) train/main.py train.run_name=$(RUN) $(ARGS)
 	$(PY) train/eval.py --checkpoint runs/$(RUN)
 
+# Everything, as CI runs it (.ci/run): unit, multi-process and the end-to-end runs marked slow.
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests
+
+# The lane to run on every change: unit tests and the multi-process parity tests, without the
+# end-to-end runs (the `slow` marker). Well under 3 minutes on 2 CPU cores.
+test-fast: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/unit tests/distributed -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs

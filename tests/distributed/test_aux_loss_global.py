@@ -8,22 +8,19 @@ import torch.distributed as dist
 
 from pikv.distributed import init_distributed
 from pikv.models.parallelize import apply_parallelism
-from pikv.moe import create_moe
 from pikv.testing import run_distributed
+from tests.helpers import REORDERED_FP32_SCALAR, seeded
+from tests.unit.test_routers import H, make
 
-H, E, K, TOKENS = 16, 8, 2, 48
+E, K, TOKENS = 8, 2, 48
 
 
 def _layer():
-    torch.manual_seed(0)
-    layer = create_moe("base", H, E, K, 32, deterministic=True)
-    with torch.no_grad():
-        layer.router.gate.weight.normal_(0, 0.5)
-    return layer
+    return make("softmax_topk", K=K, n_e=E)  # seeded, gate weights ~ N(0, 0.5)
 
 
 def _tokens():
-    return torch.randn(TOKENS, H, generator=torch.Generator().manual_seed(3))
+    return torch.randn(TOKENS, H, generator=seeded(3))
 
 
 def _aux_and_grad(layer, x):
@@ -49,7 +46,8 @@ def test_aux_loss_value_and_gradient_do_not_depend_on_data_parallel_size():
     ref_aux, ref_grad = _aux_and_grad(_layer(), _tokens())
     for world in (2, 4):
         for aux, grad in run_distributed(_worker, world, True):
-            torch.testing.assert_close(aux, ref_aux, atol=1e-6, rtol=1e-6)
-            torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(aux, ref_aux, **REORDERED_FP32_SCALAR)
+            torch.testing.assert_close(grad, ref_grad, **REORDERED_FP32_SCALAR)
     local_aux, local_grad = run_distributed(_worker, 4, False)[0]
+    # rank-local statistics move the gradient by ~2e-2 (measured, seed 3): far outside 1e-4
     assert not torch.allclose(local_grad, ref_grad, atol=1e-4)

@@ -10,10 +10,10 @@ import torch
 
 from pikv.distributed import init_distributed
 from pikv.models.parallelize import apply_parallelism
-from pikv.moe import create_moe
 from pikv.moe.losses import load_balancing_loss
 from pikv.moe.router import ROUTERS
 from pikv.testing import run_distributed
+from tests.helpers import REORDERED_FP32, REORDERED_FP32_SCALAR, forward_backward, random_moe, seeded
 
 H, F, E, K, T = 16, 32, 8, 2, 24
 CAPACITY = (None, 1.0)
@@ -29,44 +29,34 @@ ALL = [opt for router in ROUTERS for opt in _options(router)]
 
 
 def _layer(router, cf):
-    torch.manual_seed(0)
-    layer = create_moe("base", H, E, K, F, router=router, capacity_factor=cf, deterministic=True)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.normal_(0, 0.3)
-    return layer
+    return random_moe("base", H, E, K, F, router=router, capacity_factor=cf)
 
 
 def _inputs(case, world, seed=1):
-    g = torch.Generator().manual_seed(seed)
+    g = seeded(seed)
     xs = [torch.randn(T, H, generator=g) for _ in range(world)]
     if case == "skewed":  # every token prefers expert 0, then 1: experts 2..E-1 receive nothing
         xs = [x.abs() + 0.1 for x in xs]
     return xs, [torch.randn(T, H, generator=g) for _ in range(world)]
 
 
-def _skew(layer, case):
+def _case(router, cf, case, world):
+    """The layer (skewed: the gate prefers expert 0, then 1), and every rank's tokens and output grads."""
+    layer = _layer(router, cf)
     if case == "skewed":
         with torch.no_grad():
             layer.router.gate.weight.zero_()
             layer.router.gate.weight[0] = 2.0
             layer.router.gate.weight[1] = 1.0
+    return (layer, *_inputs(case, world))
 
 
 def _step(layer, x, grad_out, f_E=None):
-    """Output, input grad, param grads and aux loss of (y * grad_out).sum() + aux_loss."""
-    layer.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    y = layer(x)
-    aux = layer.aux_loss if f_E is None else _aux_with(layer, x, f_E)
-    ((y * grad_out).sum() + aux).backward()
-    grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in layer.named_parameters()}
-    return y.detach(), x.grad, grads, aux.detach()
-
-
-def _aux_with(layer, x, f_E):
-    _, expert_ids_TK, _, probs_TE = layer.router(x)
-    return load_balancing_loss(probs_TE, expert_ids_TK, f_E)
+    """The layer's own aux loss, or (the reference) this rank's probabilities with global f_E."""
+    def aux_with_global_f(layer, x):
+        _, expert_ids_TK, _, probs_TE = layer.router(x)
+        return load_balancing_loss(probs_TE, expert_ids_TK, f_E)
+    return forward_backward(layer, x, grad_out, aux_fn=None if f_E is None else aux_with_global_f)
 
 
 def _reference(world, ep):
@@ -74,9 +64,7 @@ def _reference(world, ep):
     over its EP group) and aux loss, from the single-process layer."""
     expected = {}
     for router, cf, case in ALL:
-        layer = _layer(router, cf)
-        _skew(layer, case)
-        xs, gs = _inputs(case, world)
+        layer, xs, gs = _case(router, cf, case, world)
         f_E = None  # expert choice: its aux loss is a constant, computed by the layer itself
         if not layer.router.expert_choice:  # global f_e: every rank routes its own tokens
             with torch.no_grad():
@@ -99,10 +87,8 @@ def _worker(rank, world, ep):
     ctx = init_distributed("cpu", "gloo", ep)
     out = {}
     for router, cf, case in ALL:
-        layer = _layer(router, cf)
-        _skew(layer, case)
+        layer, xs, gs = _case(router, cf, case, world)
         apply_parallelism(layer, ctx)
-        xs, gs = _inputs(case, world)
         out[(rank, router, cf, case)] = _step(layer, xs[rank], gs[rank])
     return out
 
@@ -115,10 +101,10 @@ def test_expert_parallel_layer_equals_single_process(world, ep):
         results.update(part)
     for key, (y, xg, grads, aux) in expected.items():
         got_y, got_xg, got_grads, got_aux = results[key]
-        torch.testing.assert_close(got_y, y, atol=1e-5, rtol=1e-5, msg=lambda m: f"output {key}: {m}")
-        torch.testing.assert_close(got_xg, xg, atol=1e-5, rtol=1e-5, msg=lambda m: f"input grad {key}: {m}")
-        torch.testing.assert_close(got_aux, aux, atol=1e-6, rtol=1e-6, msg=lambda m: f"aux {key}: {m}")
+        torch.testing.assert_close(got_y, y, **REORDERED_FP32, msg=lambda m: f"output {key}: {m}")
+        torch.testing.assert_close(got_xg, xg, **REORDERED_FP32, msg=lambda m: f"input grad {key}: {m}")
+        torch.testing.assert_close(got_aux, aux, **REORDERED_FP32_SCALAR, msg=lambda m: f"aux {key}: {m}")
         assert set(got_grads) == set(grads)
         for name in grads:
-            torch.testing.assert_close(got_grads[name], grads[name], atol=1e-5, rtol=1e-5,
+            torch.testing.assert_close(got_grads[name], grads[name], **REORDERED_FP32,
                                        msg=lambda m: f"grad {name} {key}: {m}")

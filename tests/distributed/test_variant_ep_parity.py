@@ -9,33 +9,24 @@ import torch
 
 from pikv.distributed import init_distributed
 from pikv.models.parallelize import apply_parallelism
-from pikv.moe import create_moe
 from pikv.moe.losses import load_balancing_loss
 from pikv.testing import run_distributed
+from tests.helpers import REORDERED_FP32, REORDERED_FP32_SCALAR, forward_backward, random_moe, seeded
 
 H, F, E, K, T, WORLD = 16, 32, 8, 2, 24, 2
 EXPERT_PARAMS = ("experts.w1_EHF", "experts.w3_EHF", "experts.w2_EFH")
 
 
 def _layer(kind):
-    torch.manual_seed(0)
-    layer = create_moe(kind, H, E, K, F, deterministic=True)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.normal_(0, 0.3)
-    return layer
+    return random_moe(kind, H, E, K, F)
 
 
 def _inputs(world):
-    g = torch.Generator().manual_seed(1)
+    g = seeded(1)
     xs = [torch.randn(T, H, generator=g) for _ in range(world)]
     gs = [torch.randn(T, H, generator=g) for _ in range(world)]
     combos = [torch.randint(0, 7, (T,), generator=g) for _ in range(world)]  # 6 = all modalities
     return xs, gs, combos
-
-
-def _forward(layer, kind, x, combo):
-    return layer(x, combo) if kind == "flex" else layer(x)
 
 
 def _route(layer, kind, x, combo):
@@ -45,17 +36,11 @@ def _route(layer, kind, x, combo):
 
 
 def _step(layer, kind, x, g, combo, f_E=None):
-    layer.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    y = _forward(layer, kind, x, combo)
-    if f_E is None:
-        aux = layer.aux_loss
-    else:  # the reference: this rank's probabilities with the global slot fractions
+    def aux_with_global_f(layer, x):  # the reference: this rank's probabilities, global slot fractions
         _, ids, _, probs = _route(layer, kind, x, combo)
-        aux = load_balancing_loss(probs, ids, f_E)
-    ((y * g).sum() + aux).backward()
-    grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in layer.named_parameters()}
-    return y.detach(), x.grad, grads, aux.detach()
+        return load_balancing_loss(probs, ids, f_E)
+    inputs = (combo,) if kind == "flex" else ()
+    return forward_backward(layer, x, g, *inputs, aux_fn=None if f_E is None else aux_with_global_f)
 
 
 def _worker(rank, world, kind):
@@ -76,12 +61,12 @@ def test_variant_expert_parallel_equals_single_process(kind):
     L = E // WORLD
     for rank, (y, xg, grads, aux) in enumerate(run_distributed(_worker, WORLD, kind)):
         ey, exg, egrads, eaux = expected[rank]
-        torch.testing.assert_close(y, ey, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(xg, exg, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(aux, eaux, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(y, ey, **REORDERED_FP32)
+        torch.testing.assert_close(xg, exg, **REORDERED_FP32)
+        torch.testing.assert_close(aux, eaux, **REORDERED_FP32_SCALAR)
         assert set(grads) == set(egrads)
         for name, grad in grads.items():
             ref = egrads[name]
             if name in EXPERT_PARAMS:  # this rank's slice, summed over the EP group
                 ref = sum(e[2][name] for e in expected)[rank * L:(rank + 1) * L]
-            torch.testing.assert_close(grad, ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"{kind} {name}: {m}")
+            torch.testing.assert_close(grad, ref, **REORDERED_FP32, msg=lambda m: f"{kind} {name}: {m}")

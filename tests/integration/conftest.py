@@ -20,6 +20,17 @@ TINY = [
 ]
 
 
+# Loss curves of one global batch split another way (1 process, EP=2, DP=2 x EP=2, or resharded
+# on resume) add in another fp32 order: measured up to 1.4e-6 on losses ~6.3 over 6 steps
+# (test_expert_parallel_training, 1.2e-7 for the variants). 2e-5 leaves >10x headroom and is far
+# below what one optimizer step changes (1e-2 to 1e-1).
+SAME_CURVE_ABS = 2e-5
+# Resuming in the same layout replays the same kernels in the same order: measured bit-identical
+# (test_train_e2e, 12 steps). The 1e-6 slack is for backends whose reductions are not bitwise
+# deterministic; a lost optimizer or data-loader state shows as a 1e-2 step-sized change.
+RESUMED = dict(rel=1e-6, abs=1e-6)
+
+
 @pytest.fixture(scope="session")
 def pikv_cache(tmp_path_factory) -> str:
     return os.environ.get("PIKV_CACHE") or str(tmp_path_factory.mktemp("pikv-cache"))
@@ -52,3 +63,9 @@ def read_metrics(run_dir: Path) -> dict[int, dict]:
         row = json.loads(line)
         rows.setdefault(row["step"], {}).update(row)
     return rows
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    """The training loss of every logged step."""
+    rows = read_metrics(run_dir)
+    return {step: row["loss"] for step, row in rows.items() if "loss" in row}

@@ -3,7 +3,7 @@ exact resume from DeepSpeed checkpoints (the torch engine's exact-resume test, t
 
 import pytest
 
-from tests.integration.conftest import TINY, read_metrics
+from tests.integration.conftest import RESUMED, TINY, read_losses, read_metrics
 
 pytestmark = pytest.mark.slow
 deepspeed = pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install deepspeed)")
@@ -15,25 +15,23 @@ COMMON = TINY + [f"train.max_steps={STEPS}", "train.checkpoint_every=100", "trai
                  f"train.grad_clip={CLIP}", "parallel.expert_parallel_size=2", "logging.wandb_mode=disabled"]
 
 
-def _losses(run_job, name):
-    rows = read_metrics(run_job.cwd / "runs" / name)
-    return {s: rows[s]["loss"] for s in rows if "loss" in rows[s]}
-
-
 def test_zero_stages_match_torch_engine_and_resume_exactly(run_job):
     run_job(COMMON + ["train.run_name=torch"], nproc=2)
-    ref = _losses(run_job, "torch")
+    ref = read_losses(run_job.cwd / "runs" / "torch")
     assert sorted(ref) == list(range(1, STEPS + 1))
     rows = read_metrics(run_job.cwd / "runs" / "torch")
     assert any(rows[s]["grad_norm"] > CLIP for s in ref), "clipping never active: the test would not cover it"
     for stage in (0, 1, 2):
         name = f"zero{stage}"
         run_job(COMMON + [f"train.run_name={name}", "train.engine=deepspeed", f"train.zero_stage={stage}"], nproc=2)
-        got = _losses(run_job, name)
+        got = read_losses(run_job.cwd / "runs" / name)
         assert sorted(got) == sorted(ref), name
         worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in ref)
         print(f"ZeRO-{stage} vs torch: max relative loss difference over {STEPS} steps {worst:.2e}")
-        assert worst <= 1e-4, (name, worst)
+        # ZeRO-1/2 bucket and partition the gradient reduction (another fp32 order): measured 0,
+        # 8.8e-8 and 8.7e-8 (about one ulp of a loss ~6) for stages 0, 1, 2. 1e-6 leaves >10x
+        # headroom and is far below a step's loss change (1e-2).
+        assert worst <= 1e-6, (name, worst)
 
     # Exact resume through a ZeRO-2 checkpoint (partitioned optimizer state in zero_rank_<r>.pt).
     resumed = COMMON + ["train.run_name=resumed", "train.engine=deepspeed", "train.zero_stage=2"]
@@ -42,10 +40,10 @@ def test_zero_stages_match_torch_engine_and_resume_exactly(run_job):
     assert sorted(p.name for p in ckpt.glob("zero_rank_*.pt")) == ["zero_rank_0.pt", "zero_rank_1.pt"]
     proc = run_job(resumed, nproc=2)
     assert "resumed from" in proc.stdout + proc.stderr
-    straight, again = _losses(run_job, "zero2"), _losses(run_job, "resumed")
+    straight, again = read_losses(run_job.cwd / "runs" / "zero2"), read_losses(run_job.cwd / "runs" / "resumed")
     assert sorted(again) == list(range(1, STEPS + 1))  # every step exactly once
     for step in range(1, STEPS + 1):
-        assert again[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-6), step
+        assert again[step] == pytest.approx(straight[step], **RESUMED), step
 
     # A ZeRO-2 checkpoint cannot continue on another layout or engine: a clear error, not a silent reset.
     wrong = run_job(COMMON + ["train.run_name=other", f"train.resume={ckpt}", "train.max_steps=9"],

@@ -29,7 +29,9 @@ def _check_distill_run(run_dir):
     rows = read_metrics(run_dir)
     steps = sorted(s for s in rows if "loss" in rows[s])
     assert steps == list(range(1, 13))
-    # Step 1: the upcycled student with zero-initialised adapters is the teacher (under EP too).
+    # Step 1: the upcycled student with zero-initialised adapters is the teacher (under EP too):
+    # equal up to fp32 rounding: measured kd_loss -1.7e-8 (a zero KL, rounded) and hidden_mse 7e-17,
+    # far below these bounds and the 1e-3 KD must reach once the student moves (0.26 measured).
     assert abs(rows[1]["kd_loss"]) < 1e-5 and rows[1]["hidden_mse"] < 1e-8
     assert max(rows[s]["kd_loss"] for s in steps) > 1e-3  # then it moves away and KD pulls it back
     first, last = (sum(rows[s]["loss"] for s in part) / 3 for part in (steps[:3], steps[-3:]))

@@ -13,7 +13,7 @@ import torch
 from pikv.config import load_config
 from pikv.models import Transformer
 from pikv.training.checkpoint import load_model_weights
-from tests.integration.conftest import REPO, TINY, read_metrics
+from tests.integration.conftest import REPO, RESUMED, TINY, read_metrics
 from pikv.wandb_offline import history, run_ids
 
 pytestmark = pytest.mark.slow
@@ -60,7 +60,8 @@ def test_sigkill_of_one_worker_restarts_and_ends_with_the_uninterrupted_model(ru
     assert sorted(read_metrics(run_dir)) == list(range(1, STEPS + 1))
     straight, resumed = _final_weights(run_job.cwd / "runs" / "straight"), _final_weights(run_dir)
     for name, tensor in straight.items():
-        torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(resumed[name], tensor, atol=RESUMED["abs"], rtol=RESUMED["rel"],
+                                   msg=lambda m: f"{name}: {m}")
 
     assert len(run_ids(run_dir)) == 1  # the restarted workers continued the same W&B run
     steps = [row["_step"] for row in history(run_dir) if "loss" in row]

@@ -8,7 +8,7 @@ on the same curve: experts are stored by global index, optimizer moments include
 
 import pytest
 
-from tests.integration.conftest import TINY, read_metrics
+from tests.integration.conftest import SAME_CURVE_ABS, TINY, read_losses, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -16,31 +16,26 @@ STEPS = 6
 COMMON = TINY + [f"train.max_steps={STEPS}", "train.checkpoint_every=3", "logging.wandb_mode=disabled"]
 
 
-def _losses(run_job, name):
-    rows = read_metrics(run_job.cwd / "runs" / name)
-    return {s: rows[s]["loss"] for s in rows if "loss" in rows[s]}
-
-
 def test_ep_training_matches_single_process_and_checkpoints_reshard(run_job):
     run_job(COMMON + ["train.run_name=single", "train.batch_size=8"])
     run_job(COMMON + ["train.run_name=ep2", "train.batch_size=4", "parallel.expert_parallel_size=2"], nproc=2)
     run_job(COMMON + ["train.run_name=dp2ep2", "train.batch_size=2", "parallel.expert_parallel_size=2"], nproc=4)
-    single = _losses(run_job, "single")
+    single = read_losses(run_job.cwd / "runs" / "single")
     assert sorted(single) == list(range(1, STEPS + 1))
     for name in ("ep2", "dp2ep2"):
-        other = _losses(run_job, name)
+        other = read_losses(run_job.cwd / "runs" / name)
         for step in range(1, STEPS + 1):
-            assert other[step] == pytest.approx(single[step], abs=2e-5), (name, step)
+            assert other[step] == pytest.approx(single[step], abs=SAME_CURVE_ABS), (name, step)
 
     ep2_step3 = run_job.cwd / "runs" / "ep2" / "checkpoints" / "step_3"
     run_job(COMMON + ["train.run_name=to_ep1", "train.batch_size=8", f"train.resume={ep2_step3}"])
     run_job(COMMON + ["train.run_name=to_ep4", "train.batch_size=2", "parallel.expert_parallel_size=4",
                       f"train.resume={ep2_step3}"], nproc=4)
     for name in ("to_ep1", "to_ep4"):
-        resumed = _losses(run_job, name)
+        resumed = read_losses(run_job.cwd / "runs" / name)
         assert sorted(resumed) == [4, 5, 6], name
         for step in (4, 5, 6):
-            assert resumed[step] == pytest.approx(single[step], abs=2e-5), (name, step)
+            assert resumed[step] == pytest.approx(single[step], abs=SAME_CURVE_ABS), (name, step)
 
 
 def test_aux_loss_free_bias_follows_global_counts_under_ep(run_job):
@@ -65,4 +60,5 @@ def test_aux_loss_free_bias_follows_global_counts_under_ep(run_job):
             load = torch.tensor(rows[step][f"moe/layer{i}/tokens_per_expert"], dtype=torch.float)
             expected += 0.01 * torch.sign(load.mean() - load)
         assert expected.abs().sum() > 0
+        # sums of +-0.01 in fp32 round at ~1e-9 per step; one step moves the bias by 0.01
         torch.testing.assert_close(layer.router.expert_bias, expected, atol=1e-6, rtol=0)

@@ -62,6 +62,7 @@ def test_windowed_latent_attention_equals_a_naive_loop(window):
 
 
 def test_int8_latent_round_trip_error_and_straight_through_gradient():
+    torch.manual_seed(0)
     c = torch.randn(3, 5, 30) * torch.linspace(0.1, 4, 30)
     codes, scale = quantize_latent(c)
     assert codes.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (3, 5, 1)
@@ -133,6 +134,7 @@ def test_distillation_only_step_leaves_the_model_exactly_a_plain_model():
 
 
 def test_nested_rank_uses_prefix_and_full_rank_orthogonal_init_is_lossless():
+    torch.manual_seed(0)
     comp = LatentKVCompressor(2, 8, 32)
     k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
     k2, v2 = comp(k, v, 32)  # C = 2*2*8 = 32: an orthogonal square projection is the identity

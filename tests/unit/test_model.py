@@ -13,6 +13,7 @@ from pikv.kv import KVCache
 from pikv.models import FeedForward, Transformer
 from pikv.models.transformer import RotaryEmbedding
 from pikv.moe import MoELayer
+from tests.helpers import REORDERED_FP32, seeded
 
 
 def tiny(**kw) -> ModelConfig:
@@ -40,28 +41,30 @@ def test_attention_matches_naive_reference_with_and_without_cache():
     attn, rope = model.layers[0].self_attn, model.rope
     x_BTH = torch.randn(2, 9, 32)
     ref = naive_attention(attn, rope, x_BTH)
-    torch.testing.assert_close(attn(x_BTH, rope, 0), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn(x_BTH, rope, 0), ref, **REORDERED_FP32)  # SDPA kernel vs explicit softmax
     cache = KVCache(model.cfg.num_layers)
     chunks = [(0, 5), (5, 8), (8, 9)]  # prefill, a 3-token chunk on a non-empty cache, 1-token decode
     out = [attn(x_BTH[:, a:b], rope, a, cache) for a, b in chunks]
-    torch.testing.assert_close(torch.cat(out, dim=1), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(out, dim=1), ref, **REORDERED_FP32)
 
 
 def test_rope_matches_complex_rotation_and_is_relative():
     D, theta = 8, 10000.0
     rope = RotaryEmbedding(D, 64, theta)
-    x = torch.randn(1, 1, 20, D, dtype=torch.float64)
+    x = torch.randn(1, 1, 20, D, dtype=torch.float64, generator=seeded(0))
     pos = torch.arange(5, 25, dtype=torch.float64)
     inv_freq = theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
     # Independent: pair (i, i + D/2) is the complex number x_i + j x_{i+D/2}, times e^{j pos w_i}.
     z = torch.complex(x[..., : D // 2], x[..., D // 2:]) * torch.polar(
         torch.ones(20, D // 2, dtype=torch.float64), pos[:, None] * inv_freq)
     expected = torch.cat([z.real, z.imag], dim=-1)
-    torch.testing.assert_close(rope(x.float(), 5).double(), expected, atol=1e-5, rtol=1e-5)
+    # fp32 rope vs float64: fp32 cos/sin of angles up to 24 rad are off by ~1e-6
+    torch.testing.assert_close(rope(x.float(), 5).double(), expected, **REORDERED_FP32)
 
-    q, k = torch.randn(1, 1, 1, D), torch.randn(1, 1, 1, D)
+    g = seeded(1)
+    q, k = torch.randn(1, 1, 1, D, generator=g), torch.randn(1, 1, 1, D, generator=g)
     dots = [(rope(q, m) * rope(k, m - 3)).sum().item() for m in (3, 10, 40)]
-    assert dots == pytest.approx([dots[0]] * 3, abs=1e-5)
+    assert dots == pytest.approx([dots[0]] * 3, abs=1e-5)  # the same fp32 rounding, summed over D
 
 
 @pytest.mark.parametrize("every_n", [0, 1])
@@ -79,15 +82,15 @@ def test_cached_generation_matches_full_recompute(every_n):
         model(out[:, :5], cache)
         for t in range(5, out.shape[1] - 1):
             last = model(out[:, t:t + 1], cache)[:, -1]
-        torch.testing.assert_close(last, model(out[:, :-1])[:, -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(last, model(out[:, :-1])[:, -1], **REORDERED_FP32)  # cached vs one pass
 
 
 def test_generation_sampling_and_length_errors():
     torch.manual_seed(2)
     model = Transformer(tiny())
     prompt = torch.randint(0, 64, (2, 4))
-    a = model.generate(prompt, 6, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(7))
-    b = model.generate(prompt, 6, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(7))
+    a = model.generate(prompt, 6, temperature=1.0, top_k=5, generator=seeded(7))
+    b = model.generate(prompt, 6, temperature=1.0, top_k=5, generator=seeded(7))
     assert torch.equal(a, b) and a.shape == (2, 10)
     assert torch.equal(model.generate(prompt, 6, temperature=0.7, top_k=1), model.generate(prompt, 6))
     with pytest.raises(ValueError, match=r"prompt length 4 \+ max_new_tokens 29 exceeds max_seq_len=32"):
@@ -97,6 +100,7 @@ def test_generation_sampling_and_length_errors():
 
 
 def test_kv_cache_bytes_and_positions():
+    torch.manual_seed(0)
     model = Transformer(tiny())
     B, T, G, D = 2, 5, 2, 8
     exact = KVCache(2, chunk_size=1)

@@ -20,6 +20,7 @@ from pikv.moe.losses import expert_counts
 from pikv.moe.router import ROUTERS, sinkhorn
 
 from tests.unit.test_model import tiny
+from tests.helpers import EXACT, REORDERED_FP32, seeded
 
 H, E, Fh, T = 16, 4, 32, 24
 TOKEN_CHOICE = ("softmax_topk", "sigmoid_topk", "noisy_topk", "sinkhorn")
@@ -101,8 +102,8 @@ def check(layer, x_TH, name, *, seed=None, **ref_kw):
     ref_p = {n: q.detach().clone().requires_grad_() for n, q in params.items()}
     eps_TE = None
     if seed is not None:
-        layer.router.generator = torch.Generator().manual_seed(seed)
-        eps_TE = torch.randn(x_TH.shape[0], layer.num_experts, generator=torch.Generator().manual_seed(seed))
+        layer.router.generator = seeded(seed)
+        eps_TE = torch.randn(x_TH.shape[0], layer.num_experts, generator=seeded(seed))
     x1, x2 = x_TH.clone().requires_grad_(), x_TH.clone().requires_grad_()
     grad_TH = torch.randn_like(x_TH)
     y = layer(x1)
@@ -114,14 +115,14 @@ def check(layer, x_TH, name, *, seed=None, **ref_kw):
     capacity = None if name == "expert_choice" else layer.capacity(x_TH.shape[0])
     y_ref, used, dropped = ref_moe(x2, ref_p, pairs, layer.num_experts, capacity)
     (y_ref * grad_TH).sum().backward()
-    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, y_ref, **REORDERED_FP32)  # the reference adds in per-token order
+    torch.testing.assert_close(x1.grad, x2.grad, **REORDERED_FP32)
     for n, q in params.items():
         if q.grad is None:  # unused (the noise weight in eval): unused by the reference too
             assert ref_p[n].grad is None, n
             continue
         r_grad = ref_p[n].grad if ref_p[n].grad is not None else torch.zeros_like(q)
-        torch.testing.assert_close(q.grad, r_grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"grad {n}: {m}")
+        torch.testing.assert_close(q.grad, r_grad, **REORDERED_FP32, msg=lambda m: f"grad {n}: {m}")
     m = layer.metrics
     if name == "expert_choice":
         picked = {t for t, _, _ in pairs}
@@ -135,6 +136,7 @@ def check(layer, x_TH, name, *, seed=None, **ref_kw):
 
 
 def make(router, K=2, n_e=E, **kw):
+    """Seeds the global RNG: the inputs a test draws after make() are the same on every run."""
     torch.manual_seed(0)
     deterministic = kw.pop("deterministic", True)
     layer = create_moe("base", H, n_e, K, Fh, router=router, deterministic=deterministic, **kw)
@@ -257,17 +259,17 @@ def test_noisy_topk_eval_is_noiseless_and_training_is_seeded():
     noisy.eval()
     with torch.no_grad():
         y_eval = noisy(x_TH)
-        torch.testing.assert_close(noisy(x_TH), y_eval, atol=0, rtol=0)
-        torch.testing.assert_close(y_eval, plain(x_TH), atol=0, rtol=0)
+        torch.testing.assert_close(noisy(x_TH), y_eval, **EXACT)
+        torch.testing.assert_close(y_eval, plain(x_TH), **EXACT)
         noisy.train()
         outs = []
         for seed in (5, 5, 6):
-            noisy.router.generator = torch.Generator().manual_seed(seed)
+            noisy.router.generator = seeded(seed)
             outs.append(noisy(x_TH))
-        torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+        torch.testing.assert_close(outs[0], outs[1], **EXACT)
         assert not torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], y_eval)
         noisy.router.deterministic = True  # deterministic mode: no noise even in training
-        torch.testing.assert_close(noisy(x_TH), y_eval, atol=0, rtol=0)
+        torch.testing.assert_close(noisy(x_TH), y_eval, **EXACT)
 
 
 # ---- expert_choice -------------------------------------------------------------------------
@@ -297,7 +299,7 @@ def test_unpicked_token_gets_zero_moe_output():
 
 # ---- sinkhorn --------------------------------------------------------------------------------
 def test_sinkhorn_balances_a_skewed_batch_and_converges():
-    x_TH = torch.randn(64, H)
+    x_TH = torch.randn(64, H, generator=seeded(0))
     loads = {}
     for router in ("softmax_topk", "sinkhorn"):
         layer = make(router, K=2, n_e=8)
@@ -306,18 +308,30 @@ def test_sinkhorn_balances_a_skewed_batch_and_converges():
         layer(x)
         counts = layer.metrics["tokens_per_expert"].float()
         loads[router] = (counts.max() / counts.mean()).item()
-    assert loads["softmax_topk"] > 2.5 and loads["sinkhorn"] < 1.3, loads
+    # 128 slots over 8 experts, 16 on average. Over 20 input seeds softmax_topk put 37-46 on its
+    # busiest expert (>= 2.3x the mean) and sinkhorn 18-22 (<= 1.4x): top-2 of a balanced plan is
+    # not exactly balanced. The thresholds leave margin on both sides of that gap.
+    assert loads["softmax_topk"] > 2.0 and loads["sinkhorn"] < 1.5, loads
     logits = (x @ layer.router.gate.weight.T).requires_grad_()
     row_err = []
     for iters in (3, 10, 30, 100):
         p = sinkhorn(logits, iters)
         assert not p.requires_grad
-        torch.testing.assert_close(p.sum(0), torch.full((8,), 1 / 8), rtol=1e-5, atol=0)  # columns exact
+        # columns are normalised last: exact up to the rounding of one fp32 sum of 64 terms
+        torch.testing.assert_close(p.sum(0), torch.full((8,), 1 / 8), rtol=1e-5, atol=0)
+        # fp32 vs the float64 reference: rounding compounds over up to 100 normalisations
         torch.testing.assert_close(p.double(), ref_sinkhorn(logits, iters), rtol=1e-4, atol=0)
         row_err.append((p.sum(1) * 64 - 1).abs().max().item())
-    assert row_err == sorted(row_err, reverse=True) and row_err[-1] < 1e-4, row_err
-    p = sinkhorn(torch.randn(64, 8), 30)  # unskewed logits: converged at the default count
-    torch.testing.assert_close(p.sum(1), torch.full((64,), 1 / 64), rtol=1e-5, atol=0)
+    # Converging: the row error falls by orders of magnitude while it is above fp32 rounding, and
+    # from 30 iterations (the default) on it sits at the rounding floor. Not monotone there: a row
+    # sum of 8 fp32 probabilities, scaled by 64, is off by a few ulps (1.2e-7), measured 4e-7 to
+    # 8e-7 over 12 seeds, either side of 30 vs 100 iterations. fp32_floor leaves 10x headroom.
+    fp32_floor = 1e-5
+    assert row_err[0] > 10 * row_err[1] > 10 * fp32_floor, row_err
+    assert max(row_err[2:]) < fp32_floor, row_err
+    # unskewed logits: converged at the default count
+    p = sinkhorn(torch.randn(64, 8, generator=seeded(1)), 30)
+    torch.testing.assert_close(p.sum(1), torch.full((64,), 1 / 64), rtol=fp32_floor, atol=0)
 
 
 def test_sinkhorn_eval_is_plain_topk():
@@ -347,7 +361,7 @@ def test_router_math_is_fp32_under_bf16_autocast(router):
         weights, _, logits, probs = layer.router(x_TH)
         y = layer(x_TH)
     assert weights.dtype == logits.dtype == probs.dtype == torch.float32
-    torch.testing.assert_close(logits, x_TH @ layer.router.gate.weight.T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, x_TH @ layer.router.gate.weight.T, **REORDERED_FP32)  # another matmul kernel
     assert torch.isfinite(y).all()
 
 
