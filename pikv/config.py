@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -491,7 +492,13 @@ def merge_config(path: Optional[str] = None, overrides: Optional[list[str]] = No
     if path is not None:
         if not Path(path).is_file():
             raise ValueError(f"--config {path!r}: no such file")
-        loaded = OmegaConf.load(path)
+        try:
+            loaded = OmegaConf.load(path)
+        except yaml.YAMLError as err:  # one line naming the file and the place, not a parser traceback
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"config file {path}: malformed YAML{where}: {problem}") from None
         _check_renamed(_dotted_keys(OmegaConf.to_container(loaded)), f"config file {path}")
         try:
             merged = OmegaConf.merge(merged, loaded)

@@ -280,30 +280,3 @@ def make_plan(spec: PrepareSpec, out: Path, work: Path, shard_bytes: int) -> dic
                 s: [names[rows["doc"][r]] for r, f in zip(seg["row"], seg["first"]) if f] for s, seg in segments.items()}}
     write_json(work / PLAN_FILE, plan)
     return plan
-
-
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    from pikv.data import prepare
-
-    d = DataConfig()
-    ap = argparse.ArgumentParser(prog="train/prepare_data.py", description=prepare.__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", required=True, help="'embedded', a .txt/.jsonl/.jsonl.gz/.parquet file, a "
-                    "save_to_disk folder, a directory or glob of these, or a hub dataset name")
-    ap.add_argument("--out", required=True, type=Path, help="the prepared directory (then: data.source=<out>)")
-    ap.add_argument("--tokenizer", default=d.tokenizer, help="'bpe' (train one on the train split), a "
-                    "tokenizer.json, a model folder, a .gguf model file, or a hub name")
-    ap.add_argument("--vocab-size", type=int, default=2048, help="--tokenizer bpe: its exact size (model.vocab_size)")
-    ap.add_argument("--num-proc", type=int, default=1, help="tokenizing processes")
-    ap.add_argument("--shard-size-mb", type=float, default=32, help="MiB of text per token shard")
-    ap.add_argument("--text-field", default=d.text_field)
-    ap.add_argument("--errors", default=d.errors, choices=sources.ERRORS, help="bytes that are not UTF-8")
-    for name in ("validation_docs", "heldout_docs", "split_seed"):
-        ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
-    for name in ("validation_fraction", "heldout_fraction"):
-        ap.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
-    ap.add_argument("--cache-dir", default=d.cache_dir, help="embedded corpus / hub cache ('' = $PIKV_CACHE or "
-                    "~/.cache/pikv)")
-    args = ap.parse_args(argv)
-    args.cache_dir = str(corpus.resolve_cache_dir(DataConfig(cache_dir=args.cache_dir)))
-    return args

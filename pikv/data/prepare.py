@@ -22,6 +22,7 @@ Each document in a split is preceded by the separator token, as pikv.data.pack_d
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing
 import os
@@ -37,6 +38,8 @@ import pyarrow as pa
 from pikv.data.encode import WordCacheEncoder
 from pikv.data.plan import PrepareSpec, make_plan, read_plan, write_json
 from pikv.data.prepared import DOCS_FILE, MANIFEST, SPLIT_FILE, is_prepared, shard_paths
+from pikv.config import DataConfig
+from pikv.data import corpus, sources
 from pikv.data.sources import DataError
 from pikv.data.tokenizer import TOKENIZER_FILE, eot_id, load_tokenizer, tokenizer_hash, token_dtype
 
@@ -185,9 +188,32 @@ def prepare_cached(spec: PrepareSpec, cache_root: Path) -> Path:
     return prepare(spec, Path(cache_root) / "prepared" / spec.cache_name())
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    from pikv.data.plan import parse_args
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    d = DataConfig()
+    ap = argparse.ArgumentParser(prog="train/prepare_data.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", required=True, help="'embedded', a .txt/.jsonl/.jsonl.gz/.parquet file, a "
+                    "save_to_disk folder, a directory or glob of these, or a hub dataset name")
+    ap.add_argument("--out", required=True, type=Path, help="the prepared directory (then: data.source=<out>)")
+    ap.add_argument("--tokenizer", default=d.tokenizer, help="'bpe' (train one on the train split), a "
+                    "tokenizer.json, a model folder, a .gguf model file, or a hub name")
+    ap.add_argument("--vocab-size", type=int, default=2048, help="--tokenizer bpe: its exact size (model.vocab_size)")
+    ap.add_argument("--num-proc", type=int, default=1, help="tokenizing processes")
+    ap.add_argument("--shard-size-mb", type=float, default=32, help="MiB of text per token shard")
+    ap.add_argument("--text-field", default=d.text_field)
+    ap.add_argument("--errors", default=d.errors, choices=sources.ERRORS, help="bytes that are not UTF-8")
+    for name in ("validation_docs", "heldout_docs", "split_seed"):
+        ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
+    for name in ("validation_fraction", "heldout_fraction"):
+        ap.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
+    ap.add_argument("--cache-dir", default=d.cache_dir, help="embedded corpus / hub cache ('' = $PIKV_CACHE or "
+                    "~/.cache/pikv)")
+    args = ap.parse_args(argv)
+    args.cache_dir = str(corpus.resolve_cache_dir(DataConfig(cache_dir=args.cache_dir)))
+    return args
 
+
+def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
         spec = PrepareSpec.from_args(args)

@@ -21,7 +21,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 PIECE_BYTES = 1 << 20
 TEXT_SUFFIXES = (".txt",)
@@ -102,8 +102,9 @@ def _decode(data: bytes, path: Path, offset: int, errors: str) -> str:
                         f"fix the file or pass --errors replace (data.errors=replace)") from None
 
 
-def read_text_file(path: Path, name: str, errors: str = "strict", piece_bytes: int = PIECE_BYTES) -> Iterator[Row]:
-    """One document in pieces of about `piece_bytes`, each cut at a pre-token boundary."""
+def read_text_file(path: Path, name: str, errors: str = "strict", piece_bytes: Optional[int] = None) -> Iterator[Row]:
+    """One document in pieces of about `piece_bytes` (PIECE_BYTES), each cut at a pre-token boundary."""
+    piece_bytes = piece_bytes or PIECE_BYTES
     offset, carry, first = 0, b"", True
     with open(path, "rb") as fh:
         while True:
