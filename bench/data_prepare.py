@@ -103,7 +103,7 @@ def throughput(args, root: Path, emit: Transcript) -> dict:
     datasets.disable_progress_bars()
     src, texts = write_corpus(root, args.mb)
     nbytes = sum(len(t.encode()) for t in texts)
-    tok_path = prepare_cached(PrepareSpec(source="embedded"), resolve_cache_dir(DataConfig())) / "tokenizer.json"
+    tok_path = prepare_cached(PrepareSpec(source="embedded")) / "tokenizer.json"
     tok = load_tokenizer(str(tok_path))
     (root / "loop").mkdir()
 

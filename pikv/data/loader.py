@@ -28,7 +28,7 @@ from pikv.config import JobConfig
 from pikv.data import corpus
 from pikv.data.corpus import Document
 from pikv.data.plan import PrepareSpec
-from pikv.data.prepare import prepare
+from pikv.data.prepare import cached_path, prepare_cached
 from pikv.data.prepared import SPLIT_FILE, PreparedDir, is_prepared
 from pikv.data.sources import DataError
 from pikv.data.tokenizer import TOKENIZER_FILE, eot_id, load_tokenizer, token_byte_lengths, token_dtype
@@ -193,11 +193,11 @@ def _build_on_main(cfg: JobConfig) -> Path:
     if is_prepared(cfg.data.source):
         return Path(cfg.data.source).expanduser()
     spec = PrepareSpec.from_config(cfg)
-    final = Path(spec.cache_dir) / "prepared" / spec.cache_name()
+    final = cached_path(spec)
     final.parent.mkdir(parents=True, exist_ok=True)
     _error_file(final).unlink(missing_ok=True)
     try:
-        prepare(spec, final)
+        prepare_cached(spec)
     except ValueError as err:
         _error_file(final).write_text(str(err))
         raise DataError(str(err)) from None
@@ -208,8 +208,7 @@ def _located(cfg: JobConfig) -> Path:
     """The directory `_build_on_main` chose, found by the other ranks after the barrier."""
     if is_prepared(cfg.data.source):
         return Path(cfg.data.source).expanduser()
-    spec = PrepareSpec.from_config(cfg)
-    final = Path(spec.cache_dir) / "prepared" / spec.cache_name()
+    final = cached_path(PrepareSpec.from_config(cfg))
     if _error_file(final).is_file():
         raise DataError(_error_file(final).read_text())
     if not is_prepared(final):

@@ -41,6 +41,7 @@ class PrepareSpec:
     cache_dir: str = ""  # where the embedded corpus and hub downloads are cached
 
     def __post_init__(self) -> None:
+        self.cache_dir = str(corpus.resolve_cache_dir(DataConfig(cache_dir=self.cache_dir)))
         check_split(self.validation_docs, self.heldout_docs, self.validation_fraction, self.heldout_fraction)
         if self.errors not in sources.ERRORS:
             raise OptionError("errors", self.errors, f"allowed values are {', '.join(sources.ERRORS)}")
@@ -51,7 +52,7 @@ class PrepareSpec:
         return cls(source=d.source, tokenizer=d.tokenizer, vocab_size=cfg.model.vocab_size, text_field=d.text_field,
                    validation_docs=d.validation_docs, heldout_docs=d.heldout_docs, split_seed=d.split_seed,
                    validation_fraction=d.validation_fraction, heldout_fraction=d.heldout_fraction, errors=d.errors,
-                   cache_dir=str(corpus.resolve_cache_dir(d)))
+                   cache_dir=d.cache_dir)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "PrepareSpec":
@@ -241,7 +242,7 @@ def _save_tokenizer(spec: PrepareSpec, out: Path, table: pa.Table, train: dict) 
         tok = load_tokenizer(spec.tokenizer)
     tmp = out / f".{TOKENIZER_FILE}.tmp"
     tok.save(str(tmp))
-    os.replace(tmp, out / TOKENIZER_FILE)
+    os.replace(tmp, out / TOKENIZER_FILE)  # out = .work/: prepare() copies it up once the plan exists
 
 
 def shard_bounds(nbytes: np.ndarray, shard_bytes: int) -> list[list[int]]:
@@ -271,7 +272,7 @@ def make_plan(spec: PrepareSpec, out: Path, work: Path, shard_bytes: int) -> dic
                    f"heldout_docs + 1 = {need}: validation and held-out are the last {spec.validation_fraction:g} and "
                    f"{spec.heldout_fraction:g} of its text (contiguous ranges; data.validation_fraction / "
                    f"data.heldout_fraction)")
-    _save_tokenizer(spec, out, table, segments["train"])
+    _save_tokenizer(spec, work, table, segments["train"])
     for split, seg in segments.items():
         np.savez(work / f"segments_{split}.npz", **seg)
     plan = {"key": spec.key(), "split_mode": "documents" if by_docs else "ranges", "warning": warning,

@@ -23,6 +23,7 @@ Each document in a split is preceded by the separator token, as pikv.data.pack_d
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import multiprocessing
 import os
@@ -39,7 +40,7 @@ from pikv.data.encode import WordCacheEncoder
 from pikv.data.plan import PrepareSpec, make_plan, read_plan, write_json
 from pikv.data.prepared import DOCS_FILE, MANIFEST, SPLIT_FILE, is_prepared, shard_paths
 from pikv.config import DataConfig
-from pikv.data import corpus, sources
+from pikv.data import sources
 from pikv.data.sources import DataError
 from pikv.data.tokenizer import TOKENIZER_FILE, eot_id, load_tokenizer, tokenizer_hash, token_dtype
 
@@ -168,6 +169,8 @@ def prepare(spec: PrepareSpec, out: Path, num_proc: int = 1, shard_bytes: int = 
             raise DataError(f"{out}: exists and is not a prepared directory or an unfinished preparation; "
                             f"use another --out or remove it")
         plan = make_plan(spec, out, work, shard_bytes)
+    if not (out / TOKENIZER_FILE).is_file():
+        shutil.copyfile(work / TOKENIZER_FILE, out / TOKENIZER_FILE)
     segments = {s: dict(np.load(work / f"segments_{s}.npz")) for s in plan["shards"]}
     if plan["split_mode"] == "ranges" and plan.get("warning"):
         warnings.warn(plan["warning"], stacklevel=2)
@@ -183,9 +186,18 @@ def _differs(found: dict, key: dict) -> str:
                      if found.get(k) != key.get(k))[:400]
 
 
-def prepare_cached(spec: PrepareSpec, cache_root: Path) -> Path:
-    """`prepare` into <cache_root>/prepared/<hash of the spec>/ (what a training run does)."""
-    return prepare(spec, Path(cache_root) / "prepared" / spec.cache_name())
+def cached_path(spec: PrepareSpec) -> Path:
+    """<cache_dir>/prepared/<hash of the spec>/: where a training run prepares its source."""
+    return Path(spec.cache_dir) / "prepared" / spec.cache_name()
+
+
+def prepare_cached(spec: PrepareSpec) -> Path:
+    """`prepare` into `cached_path(spec)`, one process at a time (jobs may share the cache)."""
+    out = cached_path(spec)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return prepare(spec, out)
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -208,9 +220,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         ap.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
     ap.add_argument("--cache-dir", default=d.cache_dir, help="embedded corpus / hub cache ('' = $PIKV_CACHE or "
                     "~/.cache/pikv)")
-    args = ap.parse_args(argv)
-    args.cache_dir = str(corpus.resolve_cache_dir(DataConfig(cache_dir=args.cache_dir)))
-    return args
+    return ap.parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

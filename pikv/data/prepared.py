@@ -59,7 +59,10 @@ class ShardedTokens:
             return self[np.arange(lo, hi, step)]
         flat = np.asarray(idx, dtype=np.int64)
         scalar = flat.ndim == 0
-        flat = flat.reshape(-1) % max(len(self), 1)  # negative indices count from the end
+        flat = flat.reshape(-1)
+        flat = np.where(flat < 0, flat + len(self), flat)  # negative indices count from the end
+        if flat.size and (flat.min() < 0 or flat.max() >= len(self)):
+            raise IndexError(f"token index out of range for {len(self)} tokens")
         which = np.searchsorted(self.starts, flat, side="right") - 1
         out = np.empty(flat.shape, dtype=self.dtype)
         for k in np.unique(which):

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.integration.conftest import REPO, TINY, read_metrics
+from tests.integration.conftest import TINY, read_metrics
 
 pytestmark = pytest.mark.slow
 

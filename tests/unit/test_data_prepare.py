@@ -290,6 +290,8 @@ def test_sharded_tokens_index_like_one_array():
     idx = np.random.default_rng(0).integers(0, 1000, size=(13, 9))
     assert len(sharded) == 1000 and np.array_equal(sharded[idx], flat[idx])
     assert np.array_equal(sharded[5:510], flat[5:510]) and int(sharded[-1]) == flat[-1]
+    with pytest.raises(IndexError, match=r"out of range for 1000 tokens"):
+        sharded[np.array([3, 1000])]
 
 
 def test_loader_on_shards_exact_resume_and_dp_change():
