@@ -14,7 +14,7 @@ text, CPU seconds (process + children) and the ratio to the baseline.
 
 Part 2, memory: the corpus prepared once, then a ~`--big-gb` GB prepared directory made by
 repeating its train shards (the same tokens, ~100x); the trainer (train/main.py, a small MoE, 8
-steps) runs on each in a fresh subprocess per round; reported: peak RSS (wait4 ru_maxrss) and the
+steps) runs on each in a fresh subprocess per round; reported: peak RSS (VmHWM) and the
 time from process start to the first logged step. The big directory is deleted at the end.
 Writes <out>/data_prepare.{json,md}.
 """
@@ -156,30 +156,42 @@ def repeat_prepared(small: Path, big: Path, gigabytes: float) -> int:
     return size
 
 
+# Peak RSS of the trainer itself: VmHWM of its own address space, read as it exits. Not wait4's
+# ru_maxrss: Linux carries the parent's high-water mark across fork + exec into the child's.
+HWM_WRAPPER = """
+import os, runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0]
+    open(os.environ["PIKV_BENCH_HWM"], "w").write(hwm.split()[1])
+"""
+
+
 def train_once(data: Path, root: Path, tag: str):
     """One trainer subprocess: (peak RSS MiB, seconds from start to the first logged step)."""
     def run():
-        run_dir = root / "runs" / tag
-        shutil.rmtree(run_dir, ignore_errors=True)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "PIKV_CACHE": str(root / "cache")}
         import subprocess
-        log = root / f"{tag}.stderr"
+        run_dir, log, hwm = root / "runs" / tag, root / f"{tag}.stderr", root / f"{tag}.hwm"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        hwm.unlink(missing_ok=True)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "PIKV_CACHE": str(root / "cache"),
+               "PIKV_BENCH_HWM": str(hwm)}
         start = time.perf_counter()
         with open(log, "w") as err:
-            proc = subprocess.Popen([sys.executable, str(REPO / "train" / "main.py"), *MODEL, f"data.source={data}",
-                                     f"train.output_dir={root / 'runs'}", f"train.run_name={tag}",
-                                     "train.resume=never"], env=env, stdout=subprocess.DEVNULL, stderr=err)
-        metrics, first, usage = run_dir / "metrics.jsonl", None, None
-        while usage is None:  # wait4, not poll: poll would reap the child and lose its rusage
-            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                usage = ru
-            elif first is None and metrics.is_file() and metrics.stat().st_size > 0:
+            proc = subprocess.Popen([sys.executable, "-c", HWM_WRAPPER, str(REPO / "train" / "main.py"), *MODEL,
+                                     f"data.source={data}", f"train.output_dir={root / 'runs'}",
+                                     f"train.run_name={tag}", "train.resume=never"],
+                                    env=env, stdout=subprocess.DEVNULL, stderr=err)
+        metrics, first = run_dir / "metrics.jsonl", None
+        while proc.poll() is None:
+            if first is None and metrics.is_file() and metrics.stat().st_size > 0:
                 first = time.perf_counter() - start
             time.sleep(0.01)
-        if status != 0 or first is None:
-            raise RuntimeError(f"trainer failed on {data} (status {status}): {log.read_text()[-2000:]}")
-        return {"rss_mib": usage.ru_maxrss / 1024, "first_step_s": first}
+        if proc.returncode != 0 or first is None or not hwm.is_file():
+            raise RuntimeError(f"trainer failed on {data} (exit {proc.returncode}): {log.read_text()[-2000:]}")
+        return {"rss_mib": int(hwm.read_text()) / 1024, "first_step_s": first}
     return run
 
 
@@ -211,13 +223,17 @@ def main(argv):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rss-rounds", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
-    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true", help="part 1 only")
+    ap.add_argument("--skip-throughput", action="store_true", help="part 2 only")
     args = ap.parse_args(argv)
     machine = machine_info()
     emit = Transcript()
     root = Path(tempfile.mkdtemp(prefix="pikv-data-bench-"))
     try:
-        part1 = throughput(args, root, emit)
+        if args.skip_throughput:
+            part1 = {"src": write_corpus(root, args.mb)[0]}
+        else:
+            part1 = throughput(args, root, emit)
         part2 = {} if args.skip_memory else memory(args, root, part1.pop("src"), emit)
     finally:
         shutil.rmtree(root, ignore_errors=True)
