@@ -308,3 +308,16 @@ def test_loader_on_shards_exact_resume_and_dp_change():
         batch = [n.next_batch() for n in new]
         x, y = ref.next_batch()
         assert torch.equal(torch.cat([b[0] for b in batch]), x) and torch.equal(torch.cat([b[1] for b in batch]), y)
+
+
+def test_a_failed_preparation_is_reported_on_every_rank(tmp_path):
+    from pikv.config import DataConfig, JobConfig
+    from pikv.data import prepare_data
+    (tmp_path / "bad.txt").write_bytes(b"fine\n\xc3(\n")
+    cfg = JobConfig()
+    cfg.data = DataConfig(source=str(tmp_path / "bad.txt"), cache_dir=str(tmp_path / "cache"))
+    message = r"bad.txt: byte 5 \(0xc3\) is not valid UTF-8"
+    with pytest.raises(DataError, match=message):
+        prepare_data(cfg, None, True, lambda: None)  # the main rank
+    with pytest.raises(DataError, match=message):  # another rank, after the barrier
+        prepare_data(cfg, None, False, lambda: None)
