@@ -321,3 +321,14 @@ def test_a_failed_preparation_is_reported_on_every_rank(tmp_path):
         prepare_data(cfg, None, True, lambda: None)  # the main rank
     with pytest.raises(DataError, match=message):  # another rank, after the barrier
         prepare_data(cfg, None, False, lambda: None)
+
+
+def test_hub_dataset_prepares_through_the_same_rows(tmp_path, monkeypatch, tok):
+    import datasets  # an offline stand-in for the hub: load_dataset returns a DatasetDict
+    rows = {"train": [_text(40 + i, 30) for i in range(6)], "test": [_text(50, 30), ""]}
+    fake = datasets.DatasetDict({s: datasets.Dataset.from_dict({"content": v}) for s, v in rows.items()})
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, **kw: fake if name == "someone/corpus" else None)
+    out = prepare(_spec("someone/corpus", tmp_path, tokenizer=str(_save(tok, tmp_path)), text_field="content",
+                        validation_docs=1, heldout_docs=1), tmp_path / "out")
+    texts = {f"{s}:{i}": t for s, v in rows.items() for i, t in enumerate(v) if t}
+    _check_prepared(out, tok, texts)  # the empty row is no document
