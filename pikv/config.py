@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -66,13 +67,22 @@ class MoEConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "embedded"  # 'embedded' | local file/dir/glob (.txt/.jsonl) | hub dataset name
-    text_field: str = "text"  # column holding the text for JSONL / hub datasets
-    tokenizer: str = "bpe"  # 'bpe' = train a byte-level BPE on the train split; else a hub name/path
+    # 'embedded' | a prepared directory (train/prepare_data.py) | a .txt/.jsonl/.jsonl.gz/.parquet
+    # file, save_to_disk folder, directory or glob of these | a hub dataset name (docs/data.md)
+    source: str = "embedded"
+    text_field: str = "text"  # field/column holding the text for JSONL / Parquet / Arrow / hub data
+    # 'bpe' = train a byte-level BPE on the train split; else a tokenizer.json, a model folder, a
+    # .gguf model file or a hub name
+    tokenizer: str = "bpe"
     seq_len: int = 256
     validation_docs: int = 2  # documents (plays) held out for periodic validation
     heldout_docs: int = 4  # documents never seen in training, for the final evaluation
     split_seed: int = 1234  # the split is a function of this seed and the document names only
+    # With fewer than validation_docs + heldout_docs + 1 documents (or either set to 0) the split is
+    # by contiguous ranges instead: these fractions of the text's bytes at the end of the corpus.
+    validation_fraction: float = 0.05
+    heldout_fraction: float = 0.05
+    errors: str = "strict"  # bytes that are not UTF-8: 'strict' (an error naming the offset) | 'replace'
     cache_dir: str = ""  # '' = $PIKV_CACHE or ~/.cache/pikv
     # Fraction of training samples turned into passkey-retrieval probes (pikv/data/probe.py); the
     # KV evaluation's retrieval probe needs a model trained on it. 0 = none. Off by default: the
@@ -231,6 +241,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "kv.compressor": ("auto", "none", "learned"),
     "task": ("lm", "flex", "time"),
     "flex.missing": ("random", "structured", "none"),
+    "data.errors": ("strict", "replace"),
 }
 RESUME_MODES = ("auto", "never")  # train.resume: one of these, or a checkpoint path
 
@@ -337,7 +348,7 @@ def validate(cfg: JobConfig) -> JobConfig:
         "parallel.expert_parallel_size", "logging.log_every",
     )
     for key in ("train.engine", "train.device", "train.dtype", "parallel.backend", "logging.wandb_mode",
-                "train.mode", "task", "kv.compressor", "flex.missing"):
+                "train.mode", "task", "kv.compressor", "flex.missing", "data.errors"):
         section, _, name = key.rpartition(".")
         _check_choice(key, getattr(getattr(cfg, section), name) if section else getattr(cfg, name))
     moe_layer_indices(cfg.model, cfg.moe)
@@ -359,9 +370,9 @@ def validate(cfg: JobConfig) -> JobConfig:
 def _validate_data(cfg: JobConfig) -> None:
     if cfg.data.seq_len > cfg.model.max_seq_len:
         invalid_key("data.seq_len", cfg.data.seq_len, f"must be <= model.max_seq_len={cfg.model.max_seq_len}")
-    if cfg.data.validation_docs < 1 or cfg.data.heldout_docs < 1:
-        invalid_key("data.validation_docs/heldout_docs",
-              (cfg.data.validation_docs, cfg.data.heldout_docs), "each must be >= 1")
+    for key in ("validation_docs", "heldout_docs"):
+        if getattr(cfg.data, key) < 0:
+            invalid_key(f"data.{key}", getattr(cfg.data, key), "must be >= 0 (0: split by ranges)")
 
 
 def _validate_train(t: TrainConfig) -> None:
@@ -481,7 +492,13 @@ def merge_config(path: Optional[str] = None, overrides: Optional[list[str]] = No
     if path is not None:
         if not Path(path).is_file():
             raise ValueError(f"--config {path!r}: no such file")
-        loaded = OmegaConf.load(path)
+        try:
+            loaded = OmegaConf.load(path)
+        except yaml.YAMLError as err:  # one line naming the file and the place, not a parser traceback
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"config file {path}: malformed YAML{where}: {problem}") from None
         _check_renamed(_dotted_keys(OmegaConf.to_container(loaded)), f"config file {path}")
         try:
             merged = OmegaConf.merge(merged, loaded)

@@ -4,7 +4,8 @@
   python train/eval.py --checkpoint runs/tiny/checkpoints/step_1200 --data my_texts/ --out results/
 
 Without --data it scores the run's held-out documents (never used for training or validation);
-with --data, every document of the given local text/JSONL files (or hub dataset) is scored.
+with --data DIR prepared by train/prepare_data.py, that directory's held-out split (its tokenizer
+must be the checkpoint's); with any other --data source, every document of it is scored.
 Writes <out>/heldout_eval.json and <out>/heldout_eval.md.
 
 KV-cache decoding evaluation (pikv/eval/kv.py, docs/kv.md), on the same documents:
@@ -27,8 +28,8 @@ os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 import torch  # noqa: E402
 
 from pikv.config import DataConfig, from_dict  # noqa: E402
-from pikv.data import iter_eval_batches, load_documents, load_tokenizer, pack_documents  # noqa: E402
-from pikv.data import split_documents, token_byte_lengths  # noqa: E402
+from pikv.data import PreparedDir, is_prepared, iter_eval_batches, load_documents, load_tokenizer  # noqa: E402
+from pikv.data import pack_documents, prepare_data, token_byte_lengths  # noqa: E402
 from pikv.data.probe import PasskeyProbe  # noqa: E402
 from pikv.distributed import DistContext  # noqa: E402
 from pikv.eval import evaluate_lm  # noqa: E402
@@ -50,7 +51,8 @@ def markdown_table(rows: dict[str, dict]) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path)
-    parser.add_argument("--data", default=None, help="local .txt/.jsonl file, directory or glob, or hub dataset")
+    parser.add_argument("--data", default=None, help="a prepared directory (its held-out split), or a source: "
+                        "a .txt/.jsonl/.parquet file, save_to_disk folder, directory or glob, or hub dataset")
     parser.add_argument("--text-field", default="text", help="text column for JSONL/hub data")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default <run>/eval)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -93,16 +95,26 @@ def stored_config(ckpt: Path, state):
     return check_job(cfg)
 
 
-def heldout_docs(args: argparse.Namespace, cfg) -> tuple[list, str]:
-    if args.data is None:
-        docs = split_documents(load_documents(cfg.data), cfg.data)["heldout"]
-        return docs, f"heldout ({cfg.data.source}: {', '.join(d.name for d in docs)})"
-    docs = load_documents(DataConfig(source=args.data, text_field=args.text_field, cache_dir=cfg.data.cache_dir))
-    return docs, args.data
+def run_data(cfg):
+    """The run's prepared data (prepared into the cache now if it is not there)."""
+    return prepare_data(cfg, None, True, lambda: None).prepared
 
 
-def evaluate_perplexity(model, tokenizer, docs, data_name: str, ckpt: Path, cfg, args, out: Path) -> None:
-    batches = iter_eval_batches(pack_documents(tokenizer, docs), cfg.data.seq_len, args.batch_size)
+def heldout_docs(args: argparse.Namespace, cfg, tokenizer, ckpt: Path) -> tuple[list, str, object]:
+    """(documents, name, tokens) to score: the run's held-out split; with --data, a prepared
+    directory's held-out split or every document of a source."""
+    if args.data is not None and not is_prepared(args.data):
+        docs = load_documents(DataConfig(source=args.data, text_field=args.text_field, cache_dir=cfg.data.cache_dir))
+        return docs, args.data, pack_documents(tokenizer, docs)
+    prepared = run_data(cfg) if args.data is None else PreparedDir(args.data)
+    prepared.check_tokenizer(tokenizer, f"the checkpoint's tokenizer ({ckpt / 'tokenizer.json'})")
+    docs = prepared.documents("heldout")
+    name = f"heldout ({args.data or cfg.data.source}: {', '.join(d.name for d in docs[:8])}"
+    return docs, name + (", ...)" if len(docs) > 8 else ")"), prepared.tokens("heldout")
+
+
+def evaluate_perplexity(model, tokenizer, docs, tokens, data_name: str, ckpt: Path, cfg, args, out: Path) -> None:
+    batches = iter_eval_batches(tokens, cfg.data.seq_len, args.batch_size)
     result = evaluate_lm(model, batches, token_byte_lengths(tokenizer), torch.device("cpu")).to_dict()
     out.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(ckpt), "data": data_name, "documents": [d.name for d in docs],
@@ -116,7 +128,7 @@ def evaluate_perplexity(model, tokenizer, docs, data_name: str, ckpt: Path, cfg,
 def evaluate_kv_table(model, tokenizer, docs, data_name: str, ckpt: Path, state, cfg, args, out: Path,
                       kv_specs, probe) -> None:
     length = cfg.data.seq_len
-    train_docs = split_documents(load_documents(cfg.data), cfg.data)["train"][:2]
+    train_docs = run_data(cfg).documents("train", limit=2)
     rows = run_kv_evaluation(model, tokenizer, docs, train_docs, kv_specs, out / "kv", length,
                              args.prefill or length // 2, args.max_sequences or (48 if args.kv else 32),
                              args.kv_batch_size, {"checkpoint": str(ckpt), "data": data_name}, probe=probe)
@@ -136,7 +148,7 @@ def main(argv: list[str]) -> int:
             evaluate_task_checkpoint(ckpt, cfg, args.out)
             return 0
         tokenizer = load_tokenizer(str(ckpt / "tokenizer.json"))
-        docs, data_name = heldout_docs(args, cfg)
+        docs, data_name, tokens = heldout_docs(args, cfg, tokenizer, ckpt)
         # the retrieval probe is evaluated only on a model trained on it (older checkpoints: no key)
         probe = PasskeyProbe(tokenizer) if state.config["data"].get("probe_rate", 0) > 0 else None
         model = Transformer(cfg.model, cfg.moe, kv_cfg=cfg.kv)
@@ -150,7 +162,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = args.out or ckpt.parent.parent / "eval"
-    evaluate_perplexity(model, tokenizer, docs, data_name, ckpt, cfg, args, out)
+    evaluate_perplexity(model, tokenizer, docs, tokens, data_name, ckpt, cfg, args, out)
     if kv_specs:
         evaluate_kv_table(model, tokenizer, docs, data_name, ckpt, state, cfg, args, out, kv_specs, probe)
     return 0

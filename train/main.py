@@ -12,6 +12,7 @@ import sys
 # not oversubscribe, and forking after a multithreaded matmul can hang. Set before torch loads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from pikv.data import DataError  # noqa: E402
 from pikv.distributed import destroy_distributed, init_distributed  # noqa: E402
 from pikv.tasks import load_job  # noqa: E402
 from pikv.training import Trainer  # noqa: E402
@@ -30,7 +31,8 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_job(args.config, args.overrides)  # every check, before any work
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: one line, not one per rank
+            print(f"error: {err}", file=sys.stderr)
         return 2
     ctx = init_distributed(cfg.train.device, cfg.parallel.backend, cfg.parallel.expert_parallel_size)
     try:
@@ -42,6 +44,10 @@ def main(argv: list[str]) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except DataError as err:  # raised on every rank (pikv.data.prepare_data); reported once
+        if ctx.is_main:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         destroy_distributed()
     return 0

