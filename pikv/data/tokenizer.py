@@ -47,12 +47,13 @@ def _from_transformers(name_or_path: str, **kwargs) -> Tokenizer:
     tokenizer.json, or a GGUF model file (needs the `gguf` package)."""
     from transformers import AutoTokenizer
 
+    shown = str(Path(name_or_path) / kwargs["gguf_file"]) if "gguf_file" in kwargs else name_or_path
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad model
-        raise ValueError(f"data.tokenizer {name_or_path!r}: transformers could not load a tokenizer: {err}") from err
+        raise ValueError(f"data.tokenizer {shown!r}: transformers could not load a tokenizer: {err}") from err
     if not getattr(tok, "is_fast", False):
-        raise ValueError(f"data.tokenizer {name_or_path!r}: transformers gave a slow tokenizer "
+        raise ValueError(f"data.tokenizer {shown!r}: transformers gave a slow tokenizer "
                          f"({type(tok).__name__}); a fast (tokenizers) one is needed")
     return tok.backend_tokenizer
 
