@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--config", default=None)
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs requested and processes started per node")
-    p.add_argument("--gpu-request", choices=GPU_REQUESTS, default=os.environ.get("PIKV_GPU_REQUEST", "gpus-per-node"),
+    p.add_argument("--gpu-request", choices=GPU_REQUESTS, default=os.environ.get("PIKV_GPU_REQUEST") or "gpus-per-node",
                    help="how GPUs are requested: sbatch --gpus-per-node=N, --gres=gpu:N, or not at all "
                         "(default $PIKV_GPU_REQUEST, else gpus-per-node)")
     p.add_argument("--cpus-per-task", type=int, default=None,

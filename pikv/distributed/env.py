@@ -83,10 +83,10 @@ class RendezvousError(RuntimeError):
 
 
 def rendezvous_timeout_s() -> float:
-    """How long a process waits to reach the rendezvous endpoint: $PIKV_RDZV_TIMEOUT_S, else 600 s
-    (torchrun's own join timeout). Bounded on purpose: an unreachable endpoint must fail the job, not
+    """How long a process waits to reach the rendezvous endpoint: $PIKV_RDZV_TIMEOUT_S, else 300 s
+    (as launch/slurm/train.sbatch gives torchrun). Bounded on purpose: an unreachable endpoint must fail the job, not
     hold its nodes for the 30 min of the collective timeout."""
-    raw = os.environ.get("PIKV_RDZV_TIMEOUT_S", "600")
+    raw = os.environ.get("PIKV_RDZV_TIMEOUT_S", "300")
     try:
         value = float(raw)
     except ValueError:
