@@ -6,7 +6,7 @@
 # in the host's namespace at 10.213.77.1 and are shared; a slurmd runs in each node. The nodes share
 # the filesystem (namespaces separate only the network), like nodes on a shared file system.
 #
-#   multinode_cluster.sh install          SLURM + munge (slurm_cluster.sh install), checks ip/unshare
+#   multinode_cluster.sh install          SLURM + munge (slurm_cluster.sh install), iproute2, util-linux
 #   multinode_cluster.sh start DIR        network + daemons under DIR; prints SLURM_CONF=DIR/slurm.conf
 #                                         once both nodes are idle. Tears down a cluster left by an
 #                                         interrupted run first (its DIR is kept in $STATE).
@@ -144,8 +144,12 @@ wait_idle() {  # wait_idle DIR SECONDS: every node idle
 case "$cmd" in
 install)
     "$HERE/slurm_cluster.sh" install
-    command -v ip >/dev/null && command -v unshare >/dev/null \
-        || { echo "multinode_cluster.sh: needs ip (iproute2) and unshare (util-linux)" >&2; exit 3; }
+    if ! command -v ip >/dev/null || ! command -v unshare >/dev/null || ! command -v nsenter >/dev/null; then
+        [ "$(id -u)" = 0 ] || { echo "multinode_cluster.sh: installing iproute2 needs root" >&2; exit 3; }
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq >/dev/null
+        apt-get install -y -qq --no-install-recommends iproute2 util-linux >/dev/null
+    fi
     ;;
 start)
     D="$(realpath -m "${2:?DIR}")"

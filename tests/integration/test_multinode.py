@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from pikv.config import load_config
+from pikv.data.loader import prepare_data
 from pikv.wandb_offline import history, run_ids
 from tests.integration.conftest import REPO, TINY, read_metrics
 
@@ -39,6 +41,10 @@ def cluster(pikv_cache):
     if install.returncode != 0:
         pytest.skip(f"SLURM packages (slurmctld slurmd slurm-client munge) could not be installed: "
                     f"{(install.stderr or install.stdout).strip()[-500:]}")
+    # The nodes have no route beyond their bridge: fetch the corpus and prepare the tiny job's data
+    # into the shared cache from the host first, as a site prepares a shared cache for offline nodes.
+    os.environ.setdefault("PIKV_CACHE", pikv_cache)
+    prepare_data(load_config(None, TINY), None, True, lambda: None)
     # Not under pytest's tmp dir: munged needs execute permission for all on every parent directory.
     d = Path(tempfile.mkdtemp(prefix="pikv-multinode-"))
     d.chmod(0o711)
@@ -118,13 +124,22 @@ def test_two_nodes_by_two_processes_match_four_processes_on_one_node(cluster, ru
     _assert_same_curve(run_dir, run_job.cwd / "runs" / "one_node", steps)
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
+def _wait_for(predicate, timeout: float, what: str, env: dict, job: str, log: Path) -> None:
+    """Wait for predicate(); fail early, with the job's log, if the job left the queue."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return
+        if not _squeue(env, job, "%T"):
+            break
         time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    tail = log.read_text()[-3000:] if log.exists() else ""
+    raise AssertionError(f"gave up waiting for {what} (job {job}: {_squeue(env, job, '%T') or 'gone'})\n{tail}")
+
+
+def _node_states(env) -> dict[str, str]:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=env, capture_output=True, text=True).stdout
+    return dict(line.split() for line in out.splitlines())
 
 
 def test_losing_a_node_requeues_and_resumes_every_step_once(cluster, tmp_path):
@@ -133,16 +148,19 @@ def test_losing_a_node_requeues_and_resumes_every_step_once(cluster, tmp_path):
                   ["train.run_name=lost", f"train.max_steps={steps}", "train.checkpoint_every=4",
                    "logging.wandb_mode=offline"])
     run_dir = tmp_path / "runs" / "lost"
-    _wait_for(lambda: (run_dir / "checkpoints" / "step_8").is_dir() and len(_losses(run_dir)) >= 10, 180,
-              f"job {job} to pass step 10")
+    log = run_dir / f"slurm-{job}.out"
+    _wait_for(lambda: (run_dir / "checkpoints" / "step_8").is_dir() and len(_losses(run_dir)) >= 10, 400,
+              "step 10", cluster, job, log)
     # Node n2 dies: every process in its namespace (slurmd, torchrun's agent, both workers) is killed.
     subprocess.run([str(CLUSTER), "kill-node", "n2"], check=True, timeout=60)
     killed_at = max(_losses(run_dir))
     assert killed_at < steps, "the job finished before the node was lost; make it longer"
     # SLURM declares n2 down (SlurmdTimeout) and requeues the job (--requeue); n1's agent, waiting in
     # a re-rendezvous (--max-restarts 1), is stopped with it.
-    _wait_for(lambda: _squeue(cluster, job, "%T") == "PENDING", 120, f"job {job} to be requeued")
+    _wait_for(lambda: _squeue(cluster, job, "%T") == "PENDING", 120, "the requeue", cluster, job, log)
     subprocess.run([str(CLUSTER), "start-node", "n2"], check=True, timeout=60)  # the node is back
+    _wait_for(lambda: _node_states(cluster) == {"n1": "idle", "n2": "idle"}, 120, "both nodes idle", cluster, job,
+              log)
     # A requeued job waits out SLURM's requeue hold-off (BeginTime, ~60 s); not what this test is about.
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster, check=True)
     log = _wait_gone(cluster, job, run_dir, timeout=300)
