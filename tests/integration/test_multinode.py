@@ -51,7 +51,8 @@ def cluster(pikv_cache):
     start = subprocess.run([str(CLUSTER), "start", str(d)], capture_output=True, text=True, timeout=120)
     env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf"), "PIKV_CACHE": pikv_cache, "OMP_NUM_THREADS": "1",
            "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    for key in [k for k in env if k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "TORCHELASTIC"))]:
+    launch_vars = ("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "TORCHELASTIC")
+    for key in [k for k in env if k.startswith(launch_vars)]:
         if key != "SLURM_CONF":
             env.pop(key)
     try:
@@ -71,7 +72,8 @@ def _submit(env, cwd: Path, args: list[str]) -> str:
 
 
 def _squeue(env, job: str, fmt: str) -> str:
-    return subprocess.run(["squeue", "-h", "-j", job, "-o", fmt], env=env, capture_output=True, text=True).stdout.strip()
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", fmt], env=env, capture_output=True, text=True)
+    return out.stdout.strip()
 
 
 def _wait_gone(env, job: str, run_dir: Path, timeout: float = 300) -> str:
@@ -185,7 +187,8 @@ def test_unreachable_rendezvous_fails_in_bounded_time_naming_the_endpoint(cluste
     env = {**cluster, "PIKV_RDZV_TIMEOUT_S": "8", "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
            "MASTER_ADDR": "10.213.77.99", "MASTER_PORT": "29111"}
     t0 = time.time()
-    out, _ = _on_node("n2", [sys.executable, str(REPO / "train/main.py")] + TINY, env, tmp_path).communicate(timeout=120)
+    trainer = _on_node("n2", [sys.executable, str(REPO / "train/main.py")] + TINY, env, tmp_path)
+    out, _ = trainer.communicate(timeout=120)
     took = time.time() - t0
     assert "could not rendezvous at 10.213.77.99:29111 (MASTER_ADDR:MASTER_PORT) within 8 s" in out, out[-3000:]
     assert took < 8 + 30, took  # the bound plus interpreter start-up on a busy machine
