@@ -37,6 +37,15 @@ GPU_REQUESTS = ("gpus-per-node", "gres", "none")
 SNAPSHOT = ("pikv", "train", "launch", "configs", "pyproject.toml", "setup.cfg")
 
 
+def unused(path: Path) -> Path:
+    """path, else path-1, path-2, ...: two submissions within one second get a snapshot each."""
+    candidate, i = path, 0
+    while candidate.exists():
+        i += 1
+        candidate = path.with_name(f"{path.name}-{i}")
+    return candidate
+
+
 def snapshot(dest: Path) -> Path:
     dest.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -92,7 +101,7 @@ def main(argv: list[str]) -> int:
     # Absolute output directory: the job's working directory is not where we are now.
     cfg = replace(cfg, train=replace(cfg.train, output_dir=str(Path(cfg.train.output_dir).resolve())))
     run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
-    code = snapshot(run_dir / "submit" / time.strftime("%Y%m%d-%H%M%S"))
+    code = snapshot(unused(run_dir / "submit" / time.strftime("%Y%m%d-%H%M%S")))
     save_yaml(cfg, code / "config.yaml")
     per_node = 1 if not args.tasks else args.gpus_per_node
     env = ",".join(["ALL", f"PIKV_CODE={code}", f"PIKV_PYTHON={args.python}", f"GPUS_PER_NODE={args.gpus_per_node}",

@@ -44,6 +44,12 @@ def check_shared_run_dir(run_dir: Path | str, ctx: DistContext) -> None:
     if ctx.is_main:
         probe.unlink(missing_ok=True)
     blind = [f"rank {rank} on {host} ({path})" for rank, (ok, host, path) in enumerate(views) if not ok]
+    if ctx.is_main and not blind:
+        by_host: dict[str, list[int]] = {}
+        for rank, (_, host, _) in enumerate(views):
+            by_host.setdefault(host, []).append(rank)
+        hosts = ", ".join(f"{host} (ranks {', '.join(map(str, ranks))})" for host, ranks in by_host.items())
+        print(f"run directory {views[0][2]} is shared by all {ctx.world_size} ranks on {hosts}", flush=True)
     if blind:
         raise RunDirNotSharedError(
             f"the run directory is not shared by all ranks: rank 0 on {views[0][1]} wrote a file into "
