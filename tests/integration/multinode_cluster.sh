@@ -181,7 +181,9 @@ kill-node)
     kill_namespace "pikv-${2:?node}"
     ;;
 start-node)
-    start_slurmd "$(cat "$STATE")" "${2:?node}"
+    # A replaced node: empty local spool, so the new slurmd finds no step sockets of the killed one.
+    rm -rf "$(cat "$STATE")/spool-${2:?node}" && mkdir -p "$(cat "$STATE")/spool-$2"
+    start_slurmd "$(cat "$STATE")" "$2"
     ;;
 exec)
     node="${2:?node}"; shift 2
