@@ -14,6 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pikv.data import DataError  # noqa: E402
 from pikv.distributed import destroy_distributed, init_distributed  # noqa: E402
+from pikv.distributed.shared_fs import RunDirNotSharedError, check_shared_run_dir  # noqa: E402
 from pikv.tasks import load_job  # noqa: E402
 from pikv.training import Trainer  # noqa: E402
 from pikv.training.trainer import NonFiniteLossError  # noqa: E402
@@ -36,12 +37,13 @@ def main(argv: list[str]) -> int:
         return 2
     ctx = init_distributed(cfg.train.device, cfg.parallel.backend, cfg.parallel.expert_parallel_size)
     try:
+        check_shared_run_dir(os.path.join(cfg.train.output_dir, cfg.train.run_name), ctx)
         result = Trainer(cfg, ctx).fit()
         if ctx.is_main:
             print(f"run directory: {result.run_dir}\nlast checkpoint: {result.last_checkpoint}")
             if result.preempted:  # exit 0: launch/slurm/train.sbatch requeues on runs/<name>/preempted.json
                 print("stopped by a signal after a checkpoint; run again (train.resume=auto) to continue")
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, RunDirNotSharedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except DataError as err:  # raised on every rank (pikv.data.prepare_data); reported once

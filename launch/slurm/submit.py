@@ -2,7 +2,13 @@
 """Submit a PiKV training job to SLURM.
 
   python launch/slurm/submit.py --config configs/X.yaml --nodes 4 --gpus-per-node 8 \
-      [--tasks] [--time 24:00:00] [--partition P] [--signal-seconds 300] [--dry-run] [key.sub=value ...]
+      [--gpu-request gpus-per-node|gres|none] [--cpus-per-task C] [--tasks] [--time 24:00:00] \
+      [--partition P] [--signal-seconds 300] [--dry-run] [key.sub=value ...]
+
+--gpus-per-node N starts N processes per node and asks SLURM for N GPUs per node: `--gpus-per-node=N`
+by default, `--gres=gpu:N` with --gpu-request gres (clusters without GPU TRES scheduling), nothing
+with --gpu-request none (CPU nodes). The default comes from $PIKV_GPU_REQUEST when set, so a site
+sets it once. See docs/launch.md.
 
 The config is resolved (defaults <- YAML <- overrides) and checked by every builder now, and the
 code (pikv/, train/, launch/, configs/) is copied into <run dir>/submit/<timestamp>/ together with
@@ -15,6 +21,7 @@ Prints the sbatch command and the job id.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -28,7 +35,17 @@ sys.path.insert(0, str(REPO))
 from pikv.config import save_yaml  # noqa: E402
 from pikv.tasks import load_job  # noqa: E402
 
+GPU_REQUESTS = ("gpus-per-node", "gres", "none")
 SNAPSHOT = ("pikv", "train", "launch", "configs", "pyproject.toml", "setup.cfg")
+
+
+def unused(path: Path) -> Path:
+    """path, else path-1, path-2, ...: two submissions within one second get a snapshot each."""
+    candidate, i = path, 0
+    while candidate.exists():
+        i += 1
+        candidate = path.with_name(f"{path.name}-{i}")
+    return candidate
 
 
 def snapshot(dest: Path) -> Path:
@@ -43,11 +60,29 @@ def snapshot(dest: Path) -> Path:
     return dest
 
 
+def resource_args(gpu_request: str, gpus_per_node: int, cpus_per_task: int | None) -> list[str]:
+    """The sbatch arguments that ask for what the job starts: GPUs per node, CPUs per task."""
+    if gpu_request not in GPU_REQUESTS:
+        raise ValueError(f"--gpu-request {gpu_request!r}: expected one of {', '.join(GPU_REQUESTS)}")
+    if gpus_per_node < 1:
+        raise ValueError(f"--gpus-per-node {gpus_per_node}: need at least 1 (processes per node)")
+    if cpus_per_task is not None and cpus_per_task < 1:
+        raise ValueError(f"--cpus-per-task {cpus_per_task}: need at least 1")
+    request = {"gpus-per-node": [f"--gpus-per-node={gpus_per_node}"], "gres": [f"--gres=gpu:{gpus_per_node}"],
+               "none": []}[gpu_request]
+    return request + ([f"--cpus-per-task={cpus_per_task}"] if cpus_per_task else [])
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None)
     p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=1, help="processes per node")
+    p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs requested and processes started per node")
+    p.add_argument("--gpu-request", choices=GPU_REQUESTS, default=os.environ.get("PIKV_GPU_REQUEST") or "gpus-per-node",
+                   help="how GPUs are requested: sbatch --gpus-per-node=N, --gres=gpu:N, or not at all "
+                        "(default $PIKV_GPU_REQUEST, else gpus-per-node)")
+    p.add_argument("--cpus-per-task", type=int, default=None,
+                   help="sbatch --cpus-per-task (torchrun form: one task runs all processes of a node)")
     p.add_argument("--tasks", action="store_true", help="one SLURM task per process instead of srun torchrun")
     p.add_argument("--time", default=None, help="sbatch --time")
     p.add_argument("--partition", default=None)
@@ -60,6 +95,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     try:
+        resources = resource_args(args.gpu_request, args.gpus_per_node, args.cpus_per_task)
         cfg = load_job(args.config, args.overrides)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -67,7 +103,7 @@ def main(argv: list[str]) -> int:
     # Absolute output directory: the job's working directory is not where we are now.
     cfg = replace(cfg, train=replace(cfg.train, output_dir=str(Path(cfg.train.output_dir).resolve())))
     run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
-    code = snapshot(run_dir / "submit" / time.strftime("%Y%m%d-%H%M%S"))
+    code = snapshot(unused(run_dir / "submit" / time.strftime("%Y%m%d-%H%M%S")))
     save_yaml(cfg, code / "config.yaml")
     per_node = 1 if not args.tasks else args.gpus_per_node
     env = ",".join(["ALL", f"PIKV_CODE={code}", f"PIKV_PYTHON={args.python}", f"GPUS_PER_NODE={args.gpus_per_node}",
@@ -75,6 +111,7 @@ def main(argv: list[str]) -> int:
     cmd = ["sbatch", "--parsable", f"--job-name=pikv-{cfg.train.run_name}", f"--nodes={args.nodes}",
            f"--ntasks-per-node={per_node}", f"--signal=B:USR1@{args.signal_seconds}", "--requeue",
            "--open-mode=append", f"--output={run_dir}/slurm-%j.out", f"--chdir={run_dir}", f"--export={env}"]
+    cmd += resources
     cmd += [f"--time={args.time}"] if args.time else []
     cmd += [f"--partition={args.partition}"] if args.partition else []
     cmd += args.sbatch_arg + [str(code / "launch/slurm/train.sbatch"), "--config", str(code / "config.yaml")]

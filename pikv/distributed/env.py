@@ -78,22 +78,45 @@ def _launch_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def _elastic_store(rank: int, world: int, timeout: timedelta) -> Optional[dist.Store]:
-    """The rendezvous store under torchrun, its keys scoped to this restart attempt.
+class RendezvousError(RuntimeError):
+    """The rendezvous endpoint (MASTER_ADDR:MASTER_PORT) could not be reached in time."""
 
-    torchrun (torch 2.x) gives every restart attempt the same agent TCPStore with no per-attempt
-    prefix, so a restarted worker can read the address a dead peer of the previous attempt left
-    there and time out in gloo's connectFullMesh ("Connection refused"). None outside torchrun.
+
+def rendezvous_timeout_s() -> float:
+    """How long a process waits to reach the rendezvous endpoint: $PIKV_RDZV_TIMEOUT_S, else 300 s
+    (as launch/slurm/train.sbatch gives torchrun). Bounded on purpose: an unreachable endpoint must fail the job, not
+    hold its nodes for the 30 min of the collective timeout."""
+    raw = os.environ.get("PIKV_RDZV_TIMEOUT_S", "300")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise ValueError(f"PIKV_RDZV_TIMEOUT_S = {raw!r}: expected a positive number of seconds")
+    return value
+
+
+def _rendezvous_store(rank: int, world: int, rdzv_timeout: timedelta, timeout: timedelta) -> dist.Store:
+    """The store every rank meets at, reached within rdzv_timeout; its later waits use timeout.
+
+    Under torchrun it is the agent's store, its keys scoped to this restart attempt: torchrun (torch 2.x)
+    gives every restart attempt the same store with no per-attempt prefix, so a restarted worker can read
+    the address a dead peer of the previous attempt left there and time out in gloo's connectFullMesh.
     """
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None:
-        return None
     # The agent hosts the store unless torchrun was told not to share it; then rank 0 does.
-    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=not agent_hosts and rank == 0, timeout=timeout,
-                          multi_tenant=not agent_hosts)
-    return dist.PrefixStore(f"pikv/attempt_{attempt}/", store)
+    agent_hosts = attempt is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    try:
+        store = dist.TCPStore(addr, port, world, is_master=not agent_hosts and rank == 0, timeout=rdzv_timeout,
+                              multi_tenant=attempt is not None and not agent_hosts)
+    except (RuntimeError, TimeoutError) as err:  # DistNetworkError / DistStoreError are RuntimeErrors
+        raise RendezvousError(
+            f"rank {rank} on {socket.gethostname()} could not rendezvous at {addr}:{port} (MASTER_ADDR:MASTER_PORT) "
+            f"within {rdzv_timeout.total_seconds():.0f} s (PIKV_RDZV_TIMEOUT_S): is the address reachable from "
+            f"this node and the port open? {err}") from err
+    store.set_timeout(timeout)
+    return store if attempt is None else dist.PrefixStore(f"pikv/attempt_{attempt}/", store)
 
 
 def _pick_device(requested: str, local_rank: int) -> torch.device:
@@ -126,8 +149,8 @@ def init_distributed(device: str = "auto", backend: str = "auto", ep_size: int =
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout,
-                                store=_elastic_store(rank, world, timeout),
+        store = _rendezvous_store(rank, world, timedelta(seconds=rendezvous_timeout_s()), timeout)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout, store=store,
                                 device_id=torch_device if torch_device.type == "cuda" else None)
     ctx = DistContext(rank=rank, world_size=world, local_rank=local_rank, device=torch_device, ep_size=ep_size)
     _build_mesh(ctx)

@@ -38,7 +38,7 @@ def slurm(pikv_cache):
     start = subprocess.run([str(CLUSTER), "start", str(d)], capture_output=True, text=True, timeout=120)
     assert start.returncode == 0, f"one-node SLURM cluster did not start:\n{start.stdout}\n{start.stderr}"
     env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf"), "PIKV_CACHE": pikv_cache, "OMP_NUM_THREADS": "1",
-           "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+           "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PIKV_GPU_REQUEST": "none"}  # CPU nodes: no GPUs to ask
     for key in [k for k in env if k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))]:
         if key != "SLURM_CONF":
             env.pop(key)
