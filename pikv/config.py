@@ -115,6 +115,11 @@ class TrainConfig:
     # Upcycling (pikv/training/upcycle.py): initialise a fresh run from this checkpoint (a dense
     # teacher: its FFN becomes every expert's base; or a MoE). '' = random init. Ignored on resume.
     init_from: str = ""
+    # Recompute each transformer block's activations in backward instead of storing them
+    # (pikv/models/parallelize.py): 'none' | 'full' (every block) | 'selective' (matmul and
+    # attention outputs are kept, the cheap elementwise ops recomputed).
+    activation_checkpointing: str = "none"
+    compile: bool = False  # torch.compile each transformer block (pikv/models/parallelize.py)
 
 
 @dataclass
@@ -221,6 +226,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "moe.router": ("softmax_topk", "sigmoid_topk", "noisy_topk", "expert_choice", "sinkhorn"),
     "train.resume_mode": ("auto", "never"),
     "train.engine": ("torch", "deepspeed"),
+    "train.activation_checkpointing": ("none", "full", "selective"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "fp32", "bf16", "fp16"),
     "parallel.backend": ("auto", "gloo", "nccl"),
@@ -305,7 +311,7 @@ def validate(cfg: JobConfig) -> JobConfig:
     t = cfg.train
     if t.resume not in CHOICES["train.resume_mode"] and not Path(t.resume).exists():
         _fail("train.resume", t.resume, "allowed values are auto, never, or an existing checkpoint path")
-    for key in ("train.engine", "train.device", "train.dtype", "parallel.backend", "logging.wandb_mode"):
+    for key in ("train.engine", "train.activation_checkpointing", "train.device", "train.dtype", "parallel.backend", "logging.wandb_mode"):
         section, name = key.split(".")
         _check_choice(key, getattr(getattr(cfg, section), name))
     if t.exit_at_step is not None and not 0 < t.exit_at_step <= t.max_steps:

@@ -1,5 +1,6 @@
-"""Apply data x expert parallelism to a model built identically on every rank (torchtitan's
-`parallelize`): the model code itself knows nothing about process groups.
+"""Apply data x expert parallelism, activation checkpointing and torch.compile to a model built
+identically on every rank, in torchtitan's `parallelize` order (EP, then AC, then compile): the
+model code itself knows nothing about process groups, recomputation or compilation.
 
 Every rank builds the full model from the same seed, then keeps only its slice of each MoE
 layer's stacked expert weights, so an EP run starts from exactly the weights of the
@@ -9,10 +10,14 @@ the meta device and materialise only the local slice; the slicing logic stays th
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
+from pikv.config import TrainConfig
 from pikv.distributed import DistContext
+from pikv.models.activation_checkpoint import apply_activation_checkpointing
 from pikv.moe.ep_dispatch import AllToAllDispatcher
 from pikv.moe.layer import MoELayer
 
@@ -28,8 +33,24 @@ def shard_experts(layer: MoELayer, ep_size: int, ep_rank: int) -> None:
     experts.num_experts = local
 
 
-def apply_parallelism(model: nn.Module, ctx: DistContext) -> nn.Module:
-    """Shard experts over the EP group and make router statistics global. Returns the model."""
+def apply_compile(model: nn.Module) -> nn.Module:
+    """torch.compile each block of `model.layers` in place (torchtitan's `apply_compile`: the
+    blocks repeat, so one compiled graph serves them all and compilation stays short).
+
+    The dropless MoE path compiles without a graph break (the expert loop is an opaque custom op,
+    pikv/moe/experts.py). Remaining breaks, by design: under expert parallelism the all-to-all's
+    split sizes are data-dependent host integers (pikv/moe/ep_dispatch.py), and under data
+    parallelism the global load statistics of the aux loss are an all-reduce inside forward.
+    """
+    for block in model.layers:
+        block.compile()
+    return model
+
+
+def apply_parallelism(model: nn.Module, ctx: DistContext, train: Optional[TrainConfig] = None) -> nn.Module:
+    """Shard experts over the EP group and make router statistics global; then, as `train` asks
+    (train.activation_checkpointing, train.compile), checkpoint and compile the blocks.
+    Returns the model."""
     for module in model.modules():
         if not isinstance(module, MoELayer):
             continue
@@ -38,4 +59,8 @@ def apply_parallelism(model: nn.Module, ctx: DistContext) -> nn.Module:
         if ctx.ep_size > 1:
             shard_experts(module, ctx.ep_size, ctx.ep_rank)
             module.dispatcher = AllToAllDispatcher(ctx.ep_group, ctx.ep_size, ctx.ep_rank)
+    if train is not None:
+        apply_activation_checkpointing(model, train.activation_checkpointing)
+        if train.compile:
+            apply_compile(model)
     return model
