@@ -103,12 +103,22 @@ def _both(first, second) -> Iterator[None]:
 
 
 def _checkpointed_forward(block: nn.Module, forward: Callable, policy: Callable | None) -> Callable:
+    def compiled_contexts():
+        return create_selective_checkpoint_contexts(policy)
+
     @functools.wraps(forward)
     def run(*args, **kwargs):
         if not (block.training and torch.is_grad_enabled()):  # nothing to save: eval, generation
             return forward(*args, **kwargs)
+        if not torch.compiler.is_compiling():
+            return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True,
+                              context_fn=functools.partial(_contexts, block, policy), **kwargs)
+        # Traced by dynamo as one region whose side outputs are not replayed in the recompute
+        # (pikv.models.parallelize.apply_compile); a selective policy is all it takes.
+        if policy is None:
+            return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True,
-                          context_fn=functools.partial(_contexts, block, policy), **kwargs)
+                          context_fn=compiled_contexts, **kwargs)
     return run
 
 

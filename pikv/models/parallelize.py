@@ -42,6 +42,10 @@ def apply_compile(model: nn.Module) -> nn.Module:
     split sizes are data-dependent host integers (pikv/moe/ep_dispatch.py), and under data
     parallelism the global load statistics of the aux loss are an all-reduce inside forward.
     """
+    # Under activation checkpointing a compiled block does not replay its side outputs (aux_loss,
+    # metrics, ...) in the recompute: what the eager path gets from restoring them
+    # (pikv/models/activation_checkpoint.py), counted once.
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for block in model.layers:
         block.compile()
     return model
