@@ -63,8 +63,11 @@ def apply_parallelism(model: nn.Module, ctx: DistContext, train: Optional[TrainC
         if ctx.ep_size > 1:
             shard_experts(module, ctx.ep_size, ctx.ep_rank)
             module.dispatcher = AllToAllDispatcher(ctx.ep_group, ctx.ep_size, ctx.ep_rank)
-    if train is not None:
-        apply_activation_checkpointing(model, train.activation_checkpointing)
-        if train.compile:
-            apply_compile(model)
-    return model
+    return apply_ac_and_compile(model, train) if train is not None else model
+
+
+def apply_ac_and_compile(model: nn.Module, train: TrainConfig) -> nn.Module:
+    """train.activation_checkpointing, then train.compile (torchtitan's order: the compiled
+    graph contains the checkpointed region). Parameter names do not change. Returns the model."""
+    apply_activation_checkpointing(model, train.activation_checkpointing)
+    return apply_compile(model) if train.compile else model
