@@ -98,10 +98,15 @@ def _(gy_NH, x_NH, counts_E, w1_EHF, w3_EHF, w2_EFH, a_NF, b_NF):
 def _swiglu_loop_setup(ctx, inputs, output):
     x_NH, counts_E, w1_EHF, w3_EHF, w2_EFH = inputs
     _, a_NF, b_NF = output
+    # Saved for backward only: no (zero-filled) gradients are formed for them.
+    ctx.mark_non_differentiable(a_NF, b_NF)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x_NH, counts_E, w1_EHF, w3_EHF, w2_EFH, a_NF, b_NF)
 
 
 def _swiglu_loop_backward(ctx, gy_NH, _ga, _gb):
+    if gy_NH is None:  # grads are not materialized: the output did not reach the loss
+        return None, None, None, None, None
     x_NH, counts_E, w1_EHF, w3_EHF, w2_EFH, a_NF, b_NF = ctx.saved_tensors
     gx_NH, gw1, gw3, gw2 = _swiglu_loop_bwd(gy_NH, x_NH, counts_E, w1_EHF, w3_EHF, w2_EFH, a_NF, b_NF)
     return gx_NH, None, gw1, gw3, gw2
