@@ -37,10 +37,11 @@ def apply_compile(model: nn.Module) -> nn.Module:
     """torch.compile each block of `model.layers` in place (torchtitan's `apply_compile`: the
     blocks repeat, so one compiled graph serves them all and compilation stays short).
 
-    The dropless MoE path compiles without a graph break (the expert loop is an opaque custom op,
-    pikv/moe/experts.py). Remaining breaks, by design: under expert parallelism the all-to-all's
-    split sizes are data-dependent host integers (pikv/moe/ep_dispatch.py), and under data
-    parallelism the global load statistics of the aux loss are an all-reduce inside forward.
+    In one process a block is one graph, every router and the dropless and capacity paths alike
+    (the expert loop is an opaque custom op, pikv/moe/experts.py); so it is under data
+    parallelism (the aux loss's all-reduce is traced). Under expert parallelism each MoE layer
+    has two graph breaks by design: the all-to-all dispatch and combine run eagerly, since their
+    split sizes are data-dependent host integers (pikv/moe/ep_dispatch.py).
     """
     # Under activation checkpointing a compiled block does not replay its side outputs (aux_loss,
     # metrics, ...) in the recompute: what the eager path gets from restoring them

@@ -63,6 +63,24 @@ def test_activation_checkpointing_matches_under_expert_parallelism():
     assert run_distributed(_ac_worker, 2) == [[], []]
 
 
+def _explain_worker(rank, world, ep):
+    ctx = init_distributed("cpu", "gloo", ep_size=ep)
+    model = _model(ctx, "softmax_topk")
+    x = torch.randn(2, 16, CFG.hidden_size, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model.layers[0])(x, model.rope, 0)
+    return {f"{b.user_stack[-1].name}:{b.user_stack[-1].line}" for b in explained.break_reasons}
+
+
+def test_graph_breaks_are_only_the_all_to_all():
+    """Data parallel: none (the aux loss's all-reduce is traced). EP=2: only the dispatcher's two
+    halves, whose all-to-all split sizes are data-dependent host integers."""
+    assert run_distributed(_explain_worker, 2, 1) == [set(), set()]
+    expected = {"forward:x_NH, counts_E, state = self.dispatcher.dispatch(",
+                "forward:y_TH = self.dispatcher.combine(y_NH, weights_TK, state)"}
+    assert run_distributed(_explain_worker, 2, 2) == [expected, expected]
+
+
 def _compile_worker(rank, world, steps):
     ctx = init_distributed("cpu", "gloo", ep_size=world)
     losses = {}
