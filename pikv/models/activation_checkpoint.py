@@ -26,6 +26,7 @@ the recompute costs little.
 from __future__ import annotations
 
 import functools
+import types
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -102,24 +103,20 @@ def _both(first, second) -> Iterator[None]:
         yield
 
 
-def _checkpointed_forward(block: nn.Module, forward: Callable, policy: Callable | None) -> Callable:
-    def compiled_contexts():
-        return create_selective_checkpoint_contexts(policy)
-
-    @functools.wraps(forward)
-    def run(*args, **kwargs):
-        if not (block.training and torch.is_grad_enabled()):  # nothing to save: eval, generation
-            return forward(*args, **kwargs)
-        if not torch.compiler.is_compiling():
-            return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True,
-                              context_fn=functools.partial(_contexts, block, policy), **kwargs)
-        # Traced by dynamo as one region whose side outputs are not replayed in the recompute
-        # (pikv.models.parallelize.apply_compile); a selective policy is all it takes.
-        if policy is None:
-            return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+def _checkpointed_forward(block: nn.Module, *args, policy: Callable | None, **kwargs):
+    """The forward of a checkpointed block (bound to it, so a deepcopy rebinds to the copy)."""
+    forward = functools.partial(type(block).forward, block)
+    if not (block.training and torch.is_grad_enabled()):  # nothing to save: eval, generation
+        return forward(*args, **kwargs)
+    if not torch.compiler.is_compiling():
         return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True,
-                          context_fn=compiled_contexts, **kwargs)
-    return run
+                          context_fn=functools.partial(_contexts, block, policy), **kwargs)
+    # Traced by dynamo as one region whose side outputs are not replayed in the recompute
+    # (pikv.models.parallelize.apply_compile); a selective policy is all it takes.
+    if policy is None:
+        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True,
+                      context_fn=functools.partial(create_selective_checkpoint_contexts, policy), **kwargs)
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
@@ -134,5 +131,5 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
     for block in model.layers:
         # An instance attribute shadows the class's forward: nn.Module.__call__ runs it, and the
         # block keeps its place (and parameter names) in the model.
-        block.forward = _checkpointed_forward(block, block.forward, policy)
+        block.forward = types.MethodType(functools.partial(_checkpointed_forward, policy=policy), block)
     return model

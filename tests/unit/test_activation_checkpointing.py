@@ -141,6 +141,16 @@ def test_load_metrics_and_bias_counts_are_counted_once():
     assert any(b.abs().sum() > 0 for b in bias_ref), "the bias never moved: the test would not cover it"
 
 
+def test_a_deep_copy_checkpoints_its_own_blocks():
+    ref = _model()
+    copied = copy.deepcopy(apply_activation_checkpointing(copy.deepcopy(ref), "full"))
+    tokens = _tokens()
+    loss_ref, grads_ref = _loss_and_grads(ref, tokens)
+    loss_copy, grads_copy = _loss_and_grads(copied, tokens)
+    torch.testing.assert_close(loss_copy, loss_ref, **TOL)
+    assert grads_copy.keys() == grads_ref.keys()  # the copy's own parameters got every gradient
+
+
 def test_eval_and_no_grad_forward_skip_checkpointing():
     ref = _model().eval()
     ac = apply_activation_checkpointing(copy.deepcopy(ref), "full")

@@ -67,6 +67,15 @@ def test_a_block_with_the_kv_compressor_is_one_graph():
     assert torch._dynamo.explain(model.layers[0])(x, model.rope, 0).graph_break_count == 0
 
 
+@pytest.mark.parametrize("ac", ["full", "selective"])
+def test_a_checkpointed_block_is_one_graph(ac):
+    model = apply_activation_checkpointing(_model(), ac)
+    torch._dynamo.reset()
+    x = torch.randn(2, 16, CFG.hidden_size, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    explained = torch._dynamo.explain(lambda x: model.layers[0](x, model.rope, 0))(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), [b.reason for b in explained.break_reasons]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ac", ["none", "full", "selective"])
 def test_twenty_compiled_steps_give_the_eager_losses(ac):
