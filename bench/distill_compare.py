@@ -9,6 +9,9 @@ for every seed. Each is scored on the held-out plays: bits/byte and the mean per
 KL(teacher || student) at T = 1. Writes <out>/distill_compare.{json,md}.
 
   nice python bench/distill_compare.py --out runs/distill_compare
+  python bench/distill_compare.py --teacher-steps 4 --student-steps 2 --seeds 0 --out /tmp/dc   # quickest check
+
+The report (pikv.benchmark.write_report) also records the machine, its load and the command.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from pikv.benchmark import machine_info, write_report  # noqa: E402
 from pikv.config import load_config  # noqa: E402
 from pikv.data import iter_eval_batches, prepare_data  # noqa: E402
 from pikv.training.distill import load_teacher  # noqa: E402
@@ -88,6 +92,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--distill", nargs="*", default=["distill.weight=0.5", "distill.temperature=2.0"],
                         help="distill.* overrides for student (c)")
     args = parser.parse_args(argv)
+    machine = machine_info()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
@@ -118,7 +123,6 @@ def main(argv: list[str]) -> int:
             print(f"{run}: {row} ({timings[run]:.0f} s)", flush=True)
     report = {"args": vars(args), "model": MODEL, "results": results, "seconds": timings,
               "tokens_per_student": args.student_steps * 16 * cfg.data.seq_len}
-    (out / "distill_compare.json").write_text(json.dumps(report, indent=1))
     lines = ["| model | held-out bits/byte (per seed) | mean | KL(teacher \\|\\| student) nats/token (per seed) | mean "
              "| trainable / total params |", "|---|---|---|---|---|---|"]
     for name, rows in results.items():
@@ -126,7 +130,7 @@ def main(argv: list[str]) -> int:
         params = f"{rows[0]['trainable_params']:,} / {rows[0]['total_params']:,}" if "total_params" in rows[0] else "-"
         lines.append(f"| {name} | {', '.join(f'{v:.4f}' for v in bpb)} | {statistics.mean(bpb):.4f} | "
                      f"{', '.join(f'{v:.4f}' for v in kl)} | {statistics.mean(kl):.4f} | {params} |")
-    (out / "distill_compare.md").write_text("\n".join(lines) + "\n")
+    write_report(out, "distill_compare", machine, report, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -2,6 +2,7 @@
 
   python bench/kv_decode_speed.py [--contexts 1024,4096,16384] [--batch 1,8] [--threads 1]
       [--policies full,window,streaming,h2o,learned,quant] [--ratios 4,8] [--steps 16] [--repeats 5] [--out DIR]
+  python bench/kv_decode_speed.py --contexts 64 --batch 1 --ratios 4 --steps 2 --repeats 2   # quickest check
 
 The model is the default configuration (pikv/config.py) with max_seq_len raised to the longest
 context, random weights (speed does not depend on them). The cache of each method is filled to
@@ -11,27 +12,26 @@ is measured), then `--steps` real decode steps of the whole model are timed. The
 floor" row is a decode step over a 1-token cache: the FFN/MoE + projections share of a step,
 which bounds what any KV policy can gain. Writes <out>/kv_decode_speed.{json,md}.
 
-For each (batch, context) every method's cache is built first, then `--repeats` rounds time each
-method in turn, so a burst of load on this shared machine hits all methods of a round alike; the
-table gives the median tokens/s and the median of the per-round speed-up vs the full cache.
+For each (batch, context) every method's cache is built first, then pikv.benchmark runs one warm-up
+round and `--repeats` rounds, each timing `--steps` decode steps of every method in turn (rotating
+order), so a burst of load on this shared machine hits all methods of a round alike; the table
+gives the median tokens/s and the median of the per-round speed-up vs the full cache.
 Threads: use at most the idle cores. With 2 OpenMP threads on a 2-core machine that also runs
 something else, a decode step took ~28 ms instead of ~3 ms (measured): the threads spin-wait for
 a core, which swamps everything this benchmark measures.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pikv.benchmark import machine_info, run_rounds, write_report  # noqa: E402
 from pikv.config import KVConfig, ModelConfig, MoEConfig  # noqa: E402
 from pikv.kv import make_cache  # noqa: E402
 from pikv.models import Transformer  # noqa: E402
@@ -53,14 +53,15 @@ def fill(model, cache, B: int, S: int, chunk: int = 512) -> None:
     assert cache.seq_len == S
 
 
-@torch.no_grad()
-def decode_speed(model, cache, B: int, steps: int) -> float:
+def decode(model, cache, B: int, steps: int):
+    """`steps` decode steps of the whole model on `cache` (each appends one token per sequence)."""
     tok = torch.zeros(B, 1, dtype=torch.long)
-    model(tok, cache)  # warm-up step
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        model(tok, cache)
-    return B * steps / (time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def run() -> None:
+        for _ in range(steps):
+            model(tok, cache)
+    return run
 
 
 def main(argv):
@@ -80,7 +81,8 @@ def main(argv):
     batches = [int(b) for b in args.batch.split(",")]
     ratios = [float(r) for r in args.ratios.split(",")]
     torch.manual_seed(0)
-    cfg = ModelConfig(max_seq_len=max(contexts) + (args.steps + 1) * args.repeats + 2)
+    machine = machine_info()
+    cfg = ModelConfig(max_seq_len=max(contexts) + args.steps * (args.repeats + 1) + 2)
     model = Transformer(cfg, MoEConfig(), kv_cfg=KVConfig(compressor="learned")).eval()
     rows = []
     for B in batches:
@@ -95,15 +97,18 @@ def main(argv):
                         continue
                     fill(model, cache, B, S)
                     methods[(policy, ratio)] = cache
-            speeds = {m: [] for m in methods}
-            for _ in range(args.repeats):
-                for m, cache in methods.items():
-                    speeds[m].append(decode_speed(model, cache, B, args.steps))
-            full = speeds.get(("full", None))
-            for (policy, ratio), tps in speeds.items():
+            if not methods:
+                continue
+            has_full = ("full", None) in methods
+            timings = run_rounds({m: decode(model, cache, B, args.steps) for m, cache in methods.items()},
+                                 rounds=args.repeats, warmup=1, baseline=("full", None) if has_full else None)
+            for (policy, ratio), seconds in timings.seconds.items():
+                tps = [B * args.steps / t for t in seconds]
+                speedup = timings.ratio((policy, ratio), speedup=True)
                 rows.append({"batch": B, "context": S, "policy": "no-attention floor" if S == 1 else policy,
                              "ratio": ratio, "tokens_per_s": statistics.median(tps), "tokens_per_s_rounds": tps,
-                             "speedup_vs_full": statistics.median(t / f for t, f in zip(tps, full)) if full else None,
+                             "speedup_vs_full": speedup["median"] if has_full else None,
+                             "speedup_interval": [speedup["low"], speedup["high"], speedup["coverage"]],
                              "kv_bytes": methods[(policy, ratio)].nbytes()})
                 print(rows[-1], flush=True)
             del methods
@@ -118,13 +123,9 @@ def main(argv):
                      f"{r['tokens_per_s']:.1f} | {r['speedup_vs_full']:.2f}x | {share} |")
     lines += ["", "no-attention floor (decode over a 1-token cache): "
               + ", ".join(f"batch {b}: {t:.1f} tok/s" for b, t in floor.items())]
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"threads": torch.get_num_threads(), "load_average": os.getloadavg(), "steps": args.steps,
-            "repeats": args.repeats}
-    (args.out / "kv_decode_speed.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-    (args.out / "kv_decode_speed.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()}")
+    meta = {"threads": torch.get_num_threads(), "steps": args.steps, "repeats": args.repeats}
+    _, md = write_report(args.out, "kv_decode_speed", machine, {**meta, "rows": rows}, "\n".join(lines))
+    print(md.read_text())
     return 0
 
 

@@ -31,12 +31,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kv_vs_kvpress import load_smollm2, sequences  # noqa: E402
-
+from pikv.benchmark import machine_info  # noqa: E402
+from pikv.benchmark.smollm2 import load_smollm2, sequences  # noqa: E402
 from pikv.config import KVConfig  # noqa: E402
 from pikv.data.probe import NATURAL, PasskeyProbe  # noqa: E402
 from pikv.eval.kv import add_probe, evaluate_kv, parse_specs, write_results  # noqa: E402
@@ -90,6 +86,7 @@ def main(argv):
     ap.add_argument("--out", type=Path, default=Path("runs/bench/kv_learned_smollm2"))
     args = ap.parse_args(argv)
     specs = parse_specs("learned," + args.policies, args.ratios)
+    machine = machine_info()
     t0 = time.time()
     kv_cfg = KVConfig(compressor="learned", train_ratios=RATIOS, latent_bits=8, latent_window=8)
     _, tok, model = load_smollm2(args.length + 8, kv_cfg)
@@ -111,7 +108,7 @@ def main(argv):
         fillers = sequences(tok, args.length, args.probe_windows)
         meta["probe"], probe_md = add_probe(rows, model, probe, fillers, specs, args.eval_batch)
         meta["probe_seconds"] = round(time.time() - t2)
-    meta["load_average"] = os.getloadavg()
+    meta["machine"] = {**machine, "load_after": list(os.getloadavg())}
     write_results(rows, args.out, meta, probe_md)
     print((args.out / "results.md").read_text())
     print(f"{time.time() - t0:.0f}s in all")

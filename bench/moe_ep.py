@@ -1,23 +1,29 @@
 """Expert-parallel MoE layer step: where the time goes, and what crosses the wire.
 
-  OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 bench/moe_ep.py [--tokens 4096 ...]
+  OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 bench/moe_ep.py [--tokens 4096 ...] [--out runs/bench]
+  OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 bench/moe_ep.py --tokens 64 --hidden 32 --ffn 32 \
+      --warmup 1 --repeats 2      # the quickest end-to-end check
 
 Each rank runs forward+backward of one PiKV MoE layer (fp32) on its own tokens at EP = world
 size. Every torch.distributed.all_to_all_single call (count exchange, token dispatch, combine,
 and both backward exchanges) is timed; the rest of the step is routing, permutation and expert
 compute. Also reports the bytes sent per token and checks they equal the routed rows exactly
 (no padding). With --deepspeed, deepspeed.moe.layer.MoE at the same ep_size is measured the
-same way in the same run.
+same way in the same run: the layers take turns step by step (pikv.benchmark, a barrier before
+each step), so load from other processes falls on all of them alike. Writes <out>/moe_ep.{json,md}
+on rank 0.
 """
 
 import argparse
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from pikv.benchmark import machine_info, run_rounds, write_report
 from pikv.distributed import init_distributed
 from pikv.models.parallelize import apply_parallelism
 from pikv.moe import create_moe
@@ -38,21 +44,21 @@ dist.all_to_all_single = _timed_all_to_all_single  # gloo on CPU: every call is 
 
 
 def _measure(steps: dict, warmup: int, repeats: int) -> dict[str, tuple[float, float]]:
-    """Per layer: median step seconds and median share of it inside all_to_all_single. The
-    layers take turns step by step, so load from other processes falls on all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    shares: dict[str, list[float]] = {name: [] for name in steps}
-    for i in range(warmup + repeats):
-        for name, step in steps.items():
-            dist.barrier()
-            _A2A["seconds"] = 0.0
-            start = time.perf_counter()
+    """Per layer: median step seconds and median share of it inside all_to_all_single."""
+    def reset() -> None:
+        dist.barrier()
+        _A2A["seconds"] = 0.0
+
+    def timed(step):
+        def run() -> float:
             step()
-            elapsed = time.perf_counter() - start
-            if i >= warmup:
-                times[name].append(elapsed)
-                shares[name].append(_A2A["seconds"] / elapsed)
-    return {name: (statistics.median(times[name]), statistics.median(shares[name])) for name in steps}
+            return _A2A["seconds"]
+        return run
+
+    t = run_rounds({name: timed(step) for name, step in steps.items()}, rounds=repeats, warmup=warmup,
+                   before_each=reset)
+    return {name: (t.median(name), statistics.median(a / s for a, s in zip(t.returned[name], t.seconds[name])))
+            for name in steps}
 
 
 def _pikv_step(args, ctx, x):
@@ -110,7 +116,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--deepspeed", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = parser.parse_args()
+    machine = machine_info()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ctx = init_distributed("cpu", "gloo", ep_size=world)
     torch.manual_seed(1234 + ctx.rank)
@@ -125,15 +133,18 @@ def main() -> None:
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if ctx.is_main:
-        print(f"EP={world} (gloo, fp32), {args.tokens} tokens/rank, H={args.hidden}, F={args.ffn}, "
-              f"E={args.experts}, k={args.top_k}; dispatch bytes/token = {args.top_k * args.hidden * 4} "
-              f"(= k*H*4: exactly the routed rows, no padding)")
-        print("| layer | step ms (median over ranks) | all-to-all share | compute + routing share |")
-        print("|---|---|---|---|")
+        lines = [f"EP={world} (gloo, fp32), {args.tokens} tokens/rank, H={args.hidden}, F={args.ffn}, "
+                 f"E={args.experts}, k={args.top_k}; dispatch bytes/token = {args.top_k * args.hidden * 4} "
+                 f"(= k*H*4: exactly the routed rows, no padding)", "",
+                 "| layer | step ms (median over ranks) | all-to-all share | compute + routing share |",
+                 "|---|---|---|---|"]
         for name in results:
             ms = statistics.median(r[name][0] for r in gathered) * 1e3
             share = statistics.median(r[name][1] for r in gathered)
-            print(f"| {name} | {ms:.1f} | {share:.1%} | {1 - share:.1%} |")
+            lines.append(f"| {name} | {ms:.1f} | {share:.1%} | {1 - share:.1%} |")
+        print("\n".join(lines))
+        write_report(args.out, "moe_ep", machine, {"args": vars(args), "world_size": world,
+                                                   "per_rank": gathered}, "\n".join(lines))
     dist.destroy_process_group()
 
 

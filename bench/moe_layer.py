@@ -2,6 +2,7 @@
 
   python bench/moe_layer.py                                  # T=4096, H=512, E/F = 8/1024 and 32/256, k=2
   python bench/moe_layer.py --threads 1 --shapes 32x256 --iters 20 --profile
+  python bench/moe_layer.py --tokens 64 --hidden 32 --shapes 4x16 --iters 2 --warmup 1 --rounds 1  # quick check
 
 Shapes: T tokens, H hidden, E experts, F expert FFN hidden, K experts per token.
 Every variant uses the same SwiGLU expert y = w2(silu(w1 x) * w3 x), so the matmul FLOPs per
@@ -16,11 +17,12 @@ Opt-in what-if (same module and weights as pikv; pikv/ is not modified):
   pikv_grouped  GroupedExperts.use_grouped_mm = True: torch._grouped_mm, which has a CPU kernel,
                 instead of the per-expert loop PiKV uses off CUDA
 The MoE variants share one set of weights (router and experts) and are first checked to compute
-the same output. Each timing is the median of --iters runs after --warmup. Within a round the
-variants take turns run by run (--interleave iteration), so load from other processes on a shared
-machine falls on all of them alike; the whole set runs --rounds times, and round-to-round change
-shows how much the load drifted.
-ratio = dense_time / variant_time (higher is better; 1.0 = as fast as the dense FFN).
+the same output. Timing is pikv.benchmark's: the variants take turns run by run (rotating order),
+so load from other processes on a shared machine falls on all of them alike; each time is the
+median of --iters runs after --warmup. The whole set runs --rounds times, and round-to-round
+change shows how much the load drifted.
+ratio = dense_time / variant_time, the median of the per-run ratios (higher is better; 1.0 = as
+fast as the dense FFN). Writes <out>/moe_layer.{json,md}.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import argparse
 import importlib
 import importlib.util
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -46,6 +47,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from pikv.benchmark import Transcript, machine_info, run_rounds, write_report  # noqa: E402
 from pikv.moe import create_moe  # noqa: E402
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -158,22 +160,6 @@ def build(variant: str, hidden: int, num_experts: int, top_k: int, ffn: int,
     return m, (m if variant == "naive" else (lambda x: m(x)[0]))
 
 
-def time_fwd_bwd(fn, module: nn.Module, x: torch.Tensor, grad: torch.Tensor, warmup: int,
-                 iters: int) -> list[float]:
-    """Seconds per forward + backward (input gradient included, as inside a network)."""
-    params = list(module.parameters())
-    out = []
-    for i in range(warmup + iters):
-        for p in params:
-            p.grad = None
-        x.grad = None
-        t0 = time.perf_counter()
-        fn(x).backward(grad)
-        if i >= warmup:
-            out.append(time.perf_counter() - t0)
-    return out
-
-
 def check_same_function(modules: dict, hidden: int) -> dict[str, float]:
     """Max |y - y_pikv| of each MoE variant on 512 tokens (shared weights)."""
     x = torch.randn(512, hidden, generator=torch.Generator().manual_seed(1))
@@ -222,7 +208,7 @@ def profile_pikv(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, iters: 
         t.append(time.perf_counter())
         for name, a, b in zip(stages, t, t[1:]):
             stages[name].append(b - a)
-    step = statistics.median(time_fwd_bwd(module, module, x, grad, 1, iters))
+    step = time_shape({"pikv": (module, module)}, x, grad, 1, iters, baseline="pikv").median("pikv")
     fwd = {k: statistics.median(v) for k, v in stages.items()}
     lines = ["| part (timers, no profiler) | median ms | share of fwd+bwd |", "|---|---|---|"]
     lines += [f"| forward: {k} | {v * 1e3:.1f} | {v / step:.0%} |" for k, v in fwd.items()]
@@ -251,14 +237,32 @@ def profile_pikv(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, iters: 
     return "\n".join(lines)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def time_shape(mods: dict, x: torch.Tensor, grad: torch.Tensor, warmup: int, iters: int, baseline: str = "dense"):
+    """pikv.benchmark.Timings of forward + backward (input gradient included) of every variant."""
+    params = [p for module, _ in mods.values() for p in module.parameters()]
+
+    def clear_grads() -> None:
+        for p in params:
+            p.grad = None
+        x.grad = None
+
+    cases = {v: (lambda fn=fn: fn(x).backward(grad)) for v, (_, fn) in mods.items()}
+    return run_rounds(cases, rounds=iters, warmup=warmup, baseline=baseline, before_each=clear_grads)
+
+
+def results_table(built: dict, timings: dict, rounds: int, flops_per_f: int) -> str:
+    head = "| E x F | variant | " + " | ".join(f"round {r + 1} ms | round {r + 1} ratio"
+                                             for r in range(rounds)) + " | GFLOP/s (last round) |"
+    rows = [head, "|" + "---|" * (3 + 2 * rounds)]
+    for (E, Fh), mods in built.items():
+        for v in mods:
+            cells = []
+            for r in range(rounds):
+                t = timings[(E, Fh, r)]
+                cells += [f"{t.median(v) * 1e3:.1f}", f"{t.ratio(v, speedup=True)['median']:.2f}"]
+            gflops = flops_per_f * Fh / timings[(E, Fh, rounds - 1)].median(v) / 1e9
+            rows.append(f"| {E} x {Fh} | {v} | " + " | ".join(cells) + f" | {gflops:.0f} |")
+    return "\n".join(rows)
 
 
 def main(argv: list[str]) -> int:
@@ -273,13 +277,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--interleave", default="iteration", choices=("iteration", "variant"),
-                        help="iteration: one run of each variant in turn (robust to drifting load on a "
-                             "shared machine); variant: all runs of one variant, then the next")
     parser.add_argument("--profile", action="store_true", help="also profile PiKV's layer at each shape")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    machine = machine_info()
     torch.manual_seed(args.seed)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if unknown := set(variants) - set(VARIANTS + WHAT_IFS):
@@ -299,11 +302,10 @@ def main(argv: list[str]) -> int:
             notes.append(f"deepspeed failed to initialise ({type(err).__name__}: {err}): its variant was skipped")
 
     T, H, K = args.tokens, args.hidden, args.top_k
-    print(f"# MoE layer forward+backward, fp32, T={T} H={H} k={K}")
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, threads={args.threads}, "
-          f"load average at start {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    emit = Transcript()
+    emit(f"# MoE layer forward+backward, fp32, T={T} H={H} k={K}")
     for note in notes:
-        print(f"note: {note}")
+        emit(f"note: {note}")
     try:
         built = {}
         for E, Fh in shapes:
@@ -313,49 +315,30 @@ def main(argv: list[str]) -> int:
                 mods[v] = (pikv[0], pikv[1]) if v == "pikv" else build(v, H, E, K, Fh, pikv[0])
             if len(mods) > 2:
                 diffs = check_same_function(mods, H)
-                print(f"E={E} F={Fh}: max |y - y_pikv| on shared weights: "
-                      + ", ".join(f"{v} {d:.1e}" for v, d in diffs.items()))
+                emit(f"E={E} F={Fh}: max |y - y_pikv| on shared weights: "
+                     + ", ".join(f"{v} {d:.1e}" for v, d in diffs.items()))
             built[(E, Fh)] = mods
         x = torch.randn(T, H, requires_grad=True)
         grad = torch.randn(T, H)
-        times: dict[tuple, float] = {}  # (E, F, variant, round) -> median seconds
+        timings = {}  # (E, F, round) -> pikv.benchmark.Timings
         for r in range(args.rounds):
             for (E, Fh), mods in built.items():
-                if args.interleave == "iteration":  # A B C D A B C D ...: every variant sees the same load
-                    runs = {v: [] for v in mods}
-                    for i in range(args.warmup + args.iters):
-                        for v, (module, fn) in mods.items():
-                            t = time_fwd_bwd(fn, module, x, grad, 0, 1)
-                            if i >= args.warmup:
-                                runs[v] += t
-                else:  # A A A ... B B B ...
-                    runs = {v: time_fwd_bwd(fn, module, x, grad, args.warmup, args.iters)
-                            for v, (module, fn) in mods.items()}
-                for v, ts in runs.items():
-                    times[(E, Fh, v, r)] = statistics.median(ts)
-                    print(f"  round {r + 1} E={E} F={Fh} {v}: median {times[(E, Fh, v, r)] * 1e3:.1f} ms "
+                timings[(E, Fh, r)] = t = time_shape(mods, x, grad, args.warmup, args.iters)
+                for v, ts in t.seconds.items():
+                    print(f"  round {r + 1} E={E} F={Fh} {v}: median {t.median(v) * 1e3:.1f} ms "
                           f"(min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f})", flush=True)
-        flops = 18 * T * H * K  # per unit of F: 3 matmuls x 2 FLOPs x 3 (fwd + 2 bwd)
-        head = "| E x F | variant | " + " | ".join(f"round {r + 1} ms | round {r + 1} ratio"
-                                                 for r in range(args.rounds)) + " | GFLOP/s (last round) |"
-        rows = [head, "|" + "---|" * (3 + 2 * args.rounds)]
-        for (E, Fh), mods in built.items():
-            for v in mods:
-                cells = []
-                for r in range(args.rounds):
-                    t = times[(E, Fh, v, r)]
-                    cells += [f"{t * 1e3:.1f}", f"{times[(E, Fh, 'dense', r)] / t:.2f}"]
-                gflops = flops * Fh / times[(E, Fh, v, args.rounds - 1)] / 1e9
-                rows.append(f"| {E} x {Fh} | {v} | " + " | ".join(cells) + f" | {gflops:.0f} |")
-        print()
-        print("\n".join(rows))
-        print(f"\nload average at end {' '.join(f'{v:.2f}' for v in os.getloadavg())}; "
-              f"median of {args.iters} runs after {args.warmup} warmup, {args.rounds} rounds, "
-              f"interleaved by {args.interleave}")
+        emit()
+        emit(results_table(built, timings, args.rounds, 18 * T * H * K))  # 3 matmuls x 2 FLOPs x 3 (fwd + 2 bwd)
+        emit(f"\nmedian of {args.iters} runs after {args.warmup} warmup, {args.rounds} rounds, variants "
+             f"interleaved run by run")
         if args.profile:
             for (E, Fh), mods in built.items():
-                print(f"\n## PiKV profile, E={E} F={Fh}\n")
-                print(profile_pikv(mods["pikv"][0], x, grad, args.iters))
+                emit(f"\n## PiKV profile, E={E} F={Fh}\n")
+                emit(profile_pikv(mods["pikv"][0], x, grad, args.iters))
+        data = {"args": vars(args), "notes": notes,
+                "timings": {f"{E}x{Fh} round {r + 1}": t.summary(speedup=True) for (E, Fh, r), t in timings.items()}}
+        _, md = write_report(args.out, "moe_layer", machine, data, emit.text)
+        print(f"\nwrote {md}")
     finally:
         if "deepspeed" in variants:
             import torch.distributed as dist

@@ -1,14 +1,11 @@
-"""bench/kv_seeds.py: pooling train/eval.py's KV results over training seeds."""
+"""pikv.benchmark.seeds (bench/kv_seeds.py): pooling train/eval.py's KV results over training seeds."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("kv_seeds", Path(__file__).resolve().parents[2] / "bench" / "kv_seeds.py")
-kv_seeds = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(kv_seeds)
+from pikv.benchmark import seeds as kv_seeds
 
 
 def _write(folder: Path, learned: list[float], window: list[float]) -> Path:
@@ -35,5 +32,5 @@ def test_pooled_table_reports_each_seed_and_the_seed_mean(tmp_path):
 def test_runs_on_different_sequences_are_refused(tmp_path):
     a = _write(tmp_path / "a", [1.0, 2.0], [1.0, 2.0])
     b = _write(tmp_path / "b", [1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
-    with pytest.raises(SystemExit, match=r"different numbers of sequences \[2, 3\]"):
+    with pytest.raises(ValueError, match=r"different numbers of sequences \[2, 3\]"):
         kv_seeds.load_runs([a, b])

