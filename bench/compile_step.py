@@ -1,13 +1,14 @@
 """Step time of the default model with train.compile=true against eager, and the compile time.
 
-  python bench/compile_step.py [--rounds 15] [--warmup 4] [--out bench/results]
+  TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python bench/compile_step.py [--rounds 15] [--warmup 4] [--out bench/results]
 
 Two Trainers of the default job (configs/tiny.yaml) in this process, one eager, one with every
 block compiled (pikv.models.parallelize.apply_compile); each round runs one real `train_step`
 (forward + backward + AdamW, KV compressor schedule included) of each, in rotating order, and the
 ratio compiled / eager is taken within the round. Compile time: the compiled trainer's first
 `--warmup` steps (the compressor's rank cycle makes the first steps compile one graph each) minus
-the eager trainer's same steps. The graph breaks of one block are listed with torch._dynamo.explain.
+the eager trainer's same steps; inductor caches compiled kernels on disk, so it is the cold
+compile time only with TORCHINDUCTOR_CACHE_DIR pointing to an empty folder. The graph breaks of one block are listed with torch._dynamo.explain.
 """
 
 from __future__ import annotations
