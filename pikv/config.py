@@ -128,6 +128,11 @@ class TrainConfig:
     # Upcycling (pikv/training/upcycle.py): initialise a fresh run from this checkpoint (a dense
     # teacher: its FFN becomes every expert's base; or a MoE). '' = random init. Ignored on resume.
     init_from: str = ""
+    # Recompute each transformer block's activations in backward instead of storing them
+    # (pikv/models/parallelize.py): 'none' | 'full' (every block) | 'selective' (matmul and
+    # attention outputs are kept, the cheap elementwise ops recomputed).
+    activation_checkpointing: str = "none"
+    compile: bool = False  # torch.compile each transformer block (pikv/models/parallelize.py)
 
 
 @dataclass
@@ -234,6 +239,7 @@ class JobConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "train.mode": ("lm", "distill"),
     "train.engine": ("torch", "deepspeed"),
+    "train.activation_checkpointing": ("none", "full", "selective"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "fp32", "bf16", "fp16"),
     "parallel.backend": ("auto", "gloo", "nccl"),
@@ -347,7 +353,8 @@ def validate(cfg: JobConfig) -> JobConfig:
         "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
         "parallel.expert_parallel_size", "logging.log_every",
     )
-    for key in ("train.engine", "train.device", "train.dtype", "parallel.backend", "logging.wandb_mode",
+    for key in ("train.engine", "train.activation_checkpointing", "train.device", "train.dtype",
+                "parallel.backend", "logging.wandb_mode",
                 "train.mode", "task", "kv.compressor", "flex.missing", "data.errors"):
         section, _, name = key.rpartition(".")
         _check_choice(key, getattr(getattr(cfg, section), name) if section else getattr(cfg, name))

@@ -31,8 +31,10 @@ beside its quantized cache, and StreamingLLM / H2O always keep a recent window, 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -236,6 +238,7 @@ class KVTrainState:
         self.rank: Optional[int] = None
         self.through_latent = True
         self._losses: dict[int, torch.Tensor] = {}
+        self._replaying = False
 
     @classmethod
     def attach(cls, model: nn.Module) -> "KVTrainState":
@@ -254,7 +257,18 @@ class KVTrainState:
         self._losses = {}
 
     def record(self, layer_idx: int, loss: torch.Tensor) -> None:
-        self._losses[layer_idx] = loss
+        if not self._replaying:
+            self._losses[layer_idx] = loss
+
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        """A recomputed forward (activation checkpointing) records nothing: the loss was taken
+        from the original forward, and a recomputed copy kept here would hold its graph alive."""
+        self._replaying = True
+        try:
+            yield
+        finally:
+            self._replaying = False
 
     def pop_loss(self) -> torch.Tensor:
         """Sum over layers of the recorded distillation losses (then forgotten). Without any (a

@@ -48,6 +48,11 @@ class AllToAllDispatcher:
         self.local = LocalDispatcher()
         self.last_bytes_sent = 0  # rows sent by the last dispatch x hidden x itemsize (bench)
 
+    # Both halves run eagerly under torch.compile, one graph break each by design: the split
+    # sizes of the all-to-all are data-dependent host integers (each dispatch reads the counts
+    # back), and so is the number of received rows. Traced instead, the graph broke at each
+    # `tolist` and at the regrouping's dynamic shapes (7 breaks in a block, torch._dynamo.explain).
+    @torch.compiler.disable
     def dispatch(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, num_experts: int,
                  capacity: Optional[int] = None, token_ids_N: Optional[torch.Tensor] = None):
         """Returns (x_RH: rows for the local experts, contiguous per expert; counts_L; state).
@@ -68,6 +73,7 @@ class AllToAllDispatcher:
         state = EPDispatchState(local_state, regroup_R, send_splits, recv_splits, x_NH.shape[0])
         return x_RH.index_select(0, regroup_R), recv_counts_PL.sum(0), state
 
+    @torch.compiler.disable
     def combine(self, y_RH: torch.Tensor, weights_TK: torch.Tensor, state: EPDispatchState) -> torch.Tensor:
         """Send expert outputs back to the tokens' ranks and combine them with the gate weights."""
         y_recv_RH = torch.empty_like(y_RH).index_copy(0, state.regroup_R, y_RH)

@@ -25,72 +25,102 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class _SwiGLULoop(torch.autograd.Function):
-    """Per-expert SwiGLU over contiguous segments, writing into preallocated outputs.
-
-    Written as one autograd node rather than E small graphs: the generic version spends ~20% of
-    a fine-grained (E=32) step copying — `cat` of the expert outputs, the `split` and weight
-    `unbind` backward copies — while here every matmul writes straight into its slice of the
-    output or of the stacked weight gradients (`out=`). The pre-activations are saved for
-    backward (2*N*F values), as autograd would.
-    """
-
-    @staticmethod
-    def forward(ctx, x_NH, counts, w1_EHF, w3_EHF, w2_EFH):
-        N, H = x_NH.shape
-        F_ = w1_EHF.shape[2]
-        total = sum(counts)
-        y_NH = x_NH.new_empty(N, H)
-        y_NH[total:] = 0  # rows past sum(counts) (dropped slots) are 0; the rest is overwritten
-        a_NF, b_NF = x_NH.new_empty(N, F_), x_NH.new_empty(N, F_)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = slice(start, start + n)
-                torch.mm(x_NH[rows], w1_EHF[e], out=a_NF[rows])
-                torch.mm(x_NH[rows], w3_EHF[e], out=b_NF[rows])
-                torch.mm(F.silu(a_NF[rows]) * b_NF[rows], w2_EFH[e], out=y_NH[rows])
-            start += n
-        ctx.counts = counts
-        ctx.save_for_backward(x_NH, w1_EHF, w3_EHF, w2_EFH, a_NF, b_NF)
-        return y_NH
-
-    @staticmethod
-    def backward(ctx, gy_NH):
-        x_NH, w1_EHF, w3_EHF, w2_EFH, a_NF, b_NF = ctx.saved_tensors
-        # Every slice is overwritten below except idle experts and dropped rows: zero only those
-        # (zero-filling all four gradient buffers cost ~7% of an E=32 step).
-        gx_NH = torch.empty_like(x_NH)
-        gx_NH[sum(ctx.counts):] = 0
-        gw1, gw3, gw2 = torch.empty_like(w1_EHF), torch.empty_like(w3_EHF), torch.empty_like(w2_EFH)
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if not n:
-                gw1[e], gw3[e], gw2[e] = 0, 0, 0
-                continue
+# The per-expert loop is a custom op (torch.library) rather than Python autograd code: the loop
+# must read the expert counts back to the host, and an opaque op with static output shapes (N
+# rows, whatever the routing) lets torch.compile trace a MoE block without a graph break there.
+# It is one autograd node rather than E small graphs: the generic version spends ~20% of a
+# fine-grained (E=32) step copying (`cat` of the expert outputs, the `split` and weight `unbind`
+# backward copies), while here every matmul writes straight into its slice of the output or of
+# the stacked weight gradients (`out=`). The pre-activations a, b are returned for backward
+# (2*N*F values, what autograd would save).
+@torch.library.custom_op("pikv::swiglu_loop", mutates_args=())
+def _swiglu_loop_fwd(x_NH: torch.Tensor, counts_E: torch.Tensor, w1_EHF: torch.Tensor, w3_EHF: torch.Tensor,
+                     w2_EFH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    N, H = x_NH.shape
+    F_ = w1_EHF.shape[2]
+    counts = counts_E.tolist()  # a host sync on GPU; acceptable in this fallback (torchtitan does the same)
+    y_NH = x_NH.new_empty(N, H)
+    y_NH[sum(counts):] = 0  # rows past sum(counts) (dropped slots) are 0; the rest is overwritten
+    a_NF, b_NF = x_NH.new_empty(N, F_), x_NH.new_empty(N, F_)  # rows past sum(counts): never read
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
             rows = slice(start, start + n)
-            x, a, b, gy = x_NH[rows], a_NF[rows], b_NF[rows], gy_NH[rows]
-            silu = F.silu(a)
-            torch.mm((silu * b).t(), gy, out=gw2[e])
-            gh = gy @ w2_EFH[e].t()
-            ga = torch.ops.aten.silu_backward(gh * b, a)  # fused gh * b * silu'(a)
-            gb = gh.mul_(silu)
-            torch.mm(x.t(), ga, out=gw1[e])
-            torch.mm(x.t(), gb, out=gw3[e])
-            torch.mm(ga, w1_EHF[e].t(), out=gx_NH[rows])
-            gx_NH[rows].addmm_(gb, w3_EHF[e].t())
-            start += n
-        return gx_NH, None, gw1, gw3, gw2
+            torch.mm(x_NH[rows], w1_EHF[e], out=a_NF[rows])
+            torch.mm(x_NH[rows], w3_EHF[e], out=b_NF[rows])
+            torch.mm(F.silu(a_NF[rows]) * b_NF[rows], w2_EFH[e], out=y_NH[rows])
+        start += n
+    return y_NH, a_NF, b_NF
+
+
+@_swiglu_loop_fwd.register_fake
+def _(x_NH, counts_E, w1_EHF, w3_EHF, w2_EFH):
+    N, F_ = x_NH.shape[0], w1_EHF.shape[2]
+    return x_NH.new_empty(x_NH.shape), x_NH.new_empty(N, F_), x_NH.new_empty(N, F_)
+
+
+@torch.library.custom_op("pikv::swiglu_loop_backward", mutates_args=())
+def _swiglu_loop_bwd(gy_NH: torch.Tensor, x_NH: torch.Tensor, counts_E: torch.Tensor, w1_EHF: torch.Tensor,
+                     w3_EHF: torch.Tensor, w2_EFH: torch.Tensor, a_NF: torch.Tensor,
+                     b_NF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    counts = counts_E.tolist()
+    # Every slice is overwritten below except idle experts and dropped rows: zero only those
+    # (zero-filling all four gradient buffers cost ~7% of an E=32 step).
+    gx_NH = torch.empty_like(x_NH)
+    gx_NH[sum(counts):] = 0
+    gw1, gw3, gw2 = torch.empty_like(w1_EHF), torch.empty_like(w3_EHF), torch.empty_like(w2_EFH)
+    start = 0
+    for e, n in enumerate(counts):
+        if not n:
+            gw1[e], gw3[e], gw2[e] = 0, 0, 0
+            continue
+        rows = slice(start, start + n)
+        x, a, b, gy = x_NH[rows], a_NF[rows], b_NF[rows], gy_NH[rows]
+        silu = F.silu(a)
+        torch.mm((silu * b).t(), gy, out=gw2[e])
+        gh = gy @ w2_EFH[e].t()
+        ga = torch.ops.aten.silu_backward(gh * b, a)  # fused gh * b * silu'(a)
+        gb = gh.mul_(silu)
+        torch.mm(x.t(), ga, out=gw1[e])
+        torch.mm(x.t(), gb, out=gw3[e])
+        torch.mm(ga, w1_EHF[e].t(), out=gx_NH[rows])
+        gx_NH[rows].addmm_(gb, w3_EHF[e].t())
+        start += n
+    return gx_NH, gw1, gw3, gw2
+
+
+@_swiglu_loop_bwd.register_fake
+def _(gy_NH, x_NH, counts_E, w1_EHF, w3_EHF, w2_EFH, a_NF, b_NF):
+    return (torch.empty_like(x_NH), torch.empty_like(w1_EHF), torch.empty_like(w3_EHF),
+            torch.empty_like(w2_EFH))
+
+
+def _swiglu_loop_setup(ctx, inputs, output):
+    x_NH, counts_E, w1_EHF, w3_EHF, w2_EFH = inputs
+    _, a_NF, b_NF = output
+    # Saved for backward only: no (zero-filled) gradients are formed for them.
+    ctx.mark_non_differentiable(a_NF, b_NF)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x_NH, counts_E, w1_EHF, w3_EHF, w2_EFH, a_NF, b_NF)
+
+
+def _swiglu_loop_backward(ctx, gy_NH, _ga, _gb):
+    if gy_NH is None:  # grads are not materialized: the output did not reach the loss
+        return None, None, None, None, None
+    x_NH, counts_E, w1_EHF, w3_EHF, w2_EFH, a_NF, b_NF = ctx.saved_tensors
+    gx_NH, gw1, gw3, gw2 = _swiglu_loop_bwd(gy_NH, x_NH, counts_E, w1_EHF, w3_EHF, w2_EFH, a_NF, b_NF)
+    return gx_NH, None, gw1, gw3, gw2
+
+
+_swiglu_loop_fwd.register_autograd(_swiglu_loop_backward, setup_context=_swiglu_loop_setup)
 
 
 def swiglu_loop(x_NH, counts_E, w1_EHF, w3_EHF, w2_EFH) -> torch.Tensor:
     """Reference path: one matmul chain per expert (never per token). Rows past sum(counts) -> 0."""
-    # .tolist() syncs the host with the GPU; acceptable in this fallback (torchtitan does the same).
-    counts = counts_E.tolist()
     dtype = _compute_dtype(x_NH)
-    # Autocast would not reach inside the custom function consistently: cast once, here.
+    # Autocast would not reach inside the custom op consistently: cast once, here.
     with torch.autocast(device_type=x_NH.device.type, enabled=False):
-        return _SwiGLULoop.apply(x_NH.to(dtype), counts, w1_EHF.to(dtype), w3_EHF.to(dtype), w2_EFH.to(dtype))
+        return _swiglu_loop_fwd(x_NH.to(dtype), counts_E, w1_EHF.to(dtype), w3_EHF.to(dtype), w2_EFH.to(dtype))[0]
 
 
 def swiglu_grouped(x_NH, counts_E, w1_EHF, w3_EHF, w2_EFH, dtype: torch.dtype) -> torch.Tensor:

@@ -82,7 +82,7 @@ class Trainer:
         # Counted before expert sharding: the sizes of the whole model, not of this rank's slice.
         self.param_counts = {"num_params": model.num_params(), "num_active_params": model.num_active_params(),
                              **parameter_report(model)}
-        self.model = apply_parallelism(model, ctx).to(ctx.device)
+        self.model = apply_parallelism(model, ctx, cfg.train).to(ctx.device)
         self.engine = build_engine(self.model, cfg, ctx)
         self.loader = self.task.loader
         # DeepSpeed bf16/fp16 converts the module itself; autocast only for the torch engine.
