@@ -61,6 +61,7 @@ class KVCache:
     def reset(self) -> None:
         """Drop every stored token and free the buffers."""
         L = self.num_layers
+        self.selection = type(self.selection)(self.opt)  # fresh per-layer state (Quest's)
         self.stores = [self._store_factory(li) for li in range(L)]
         self.meta = [Buffers(self.chunk_size, self._capacity[li]) for li in range(L)]  # the selection's per-token metadata
         page = self.opt.quest_page

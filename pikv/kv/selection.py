@@ -177,6 +177,10 @@ class Quest(Selection):
     page always). Frees nothing; the cache's `bytes_read` counts what decode steps read."""
     name = "quest"
 
+    def __init__(self, options: KVOptions):
+        super().__init__(options)
+        self._final: dict[int, int] = {}  # per layer: tokens whose keys were final at the last bounds update
+
     def min_budget(self):
         return self.opt.quest_page
 
@@ -202,7 +206,10 @@ class Quest(Selection):
         """Page bounds (metadata: stored and counted), recomputed for the pages the new tokens touch."""
         bounds = cache.pages[li]
         page = self.opt.quest_page
-        first = max(0, bounds.n - 1)  # the last stored page may have grown
+        # the last stored page may have grown, and a store may have changed the keys that were not
+        # final at the last update (KIVI quantizes its residual's groups after attention)
+        first = max(0, min(bounds.n - 1, self._final.get(li, 0) // page))
+        self._final[li] = cache.stores[li].final_tokens()
         tail = k_BGSD[:, :, first * page:].float()
         P_new = -(-tail.shape[2] // page)
         pad = P_new * page - tail.shape[2]

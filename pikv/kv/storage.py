@@ -67,6 +67,10 @@ class Store:
     def length(self) -> int:
         return self.buf.n
 
+    def final_tokens(self) -> int:
+        """Leading stored tokens whose keys, as read, will not change (page bounds of them stay valid)."""
+        return self.length()
+
     def nbytes(self) -> int:
         return self.buf.nbytes()
 
