@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pikv.eval.kv import bootstrap_ci
-from pikv.kv import KVOptions, make_cache
+from pikv.kv import KVOptions, make_cache, parse_method
 
 KVPRESS = {"ObservedAttention (H2O)": "ObservedAttentionPress", "SnapKV": "SnapKVPress",
            "PyramidKV": "PyramidKVPress", "StreamingLLM": "StreamingLLMPress",
@@ -67,17 +67,15 @@ def run_hf(model, seq_N, ctx: int, press=None) -> tuple[float, float, int]:
 @torch.no_grad()
 def run_pikv(model, seq_N, ctx: int, policy: str, ratio: float) -> tuple[float, float, int]:
     """(NLL, kept context tokens in layer 0, peak nbytes() of the cache)."""
-    if policy == "full":
-        cache = make_cache("full", model, total_tokens=seq_N.shape[0])
-    elif policy.startswith("quant"):  # holds every token: the ratio is over the whole sequence
-        residual = int(policy.split(":")[1]) if ":" in policy else None
-        cache = make_cache("quant", model, ratio=ratio, total_tokens=seq_N.shape[0],
-                           options=KVOptions(quant_residual=residual))
-    else:  # kvpress compresses the prompt: the budget and pyramid's length are the context
-        cache = make_cache(policy, model, tokens=math.ceil(ctx / ratio), total_tokens=ctx,
-                           options=KVOptions(prefill_only=True))
+    name, _, residual = policy.partition(":")
+    method = parse_method(name)
+    if method.selection == "all":  # holds every token: the ratio is over the whole sequence
+        cache = make_cache(name, model, ratio=None if name == "full" else ratio, total_tokens=seq_N.shape[0],
+                           options=KVOptions(quant_residual=int(residual) if residual else None))
+    else:  # kvpress compresses the prompt: the budget (split with a storage) and pyramid's length are the context
+        cache = make_cache(name, model, ratio=ratio, total_tokens=ctx, options=KVOptions(prefill_only=True))
     first = model(seq_N[None, :ctx], cache)[:, -1:]
-    kept = cache.length(0) if not policy.startswith("quant") else ctx
+    kept = cache.length(0) if method.selection != "all" else ctx
     if cache.budgets is not None:
         kept = sum(cache.length(i) for i in range(cache.num_layers)) / cache.num_layers  # pyramid: mean
     rest = model(seq_N[None, ctx:-1], cache)

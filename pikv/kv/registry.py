@@ -199,8 +199,13 @@ def _composed(method: Method, model, ratio, tokens, total_tokens, opt: KVOptions
             raise ValueError(f"kv method {method.name!r}: selection {method.selection!r} keeps {M} tokens per layer, "
                              f"not more than the learned latent's exact window of {comp.window}; allowed: a "
                              f"budget above {comp.window} tokens (a smaller ratio or storage share)")
-        length = M if comp.window else None
-        params = {"rank": comp.check_rank(latent_rank(G, D, params.pop("share"), comp.bits, comp.window, length))}
+        share = params.pop("share")
+        try:
+            params = {"rank": comp.check_rank(latent_rank(G, D, share, comp.bits, comp.window, M if comp.window else None))}
+        except ValueError as err:
+            raise ValueError(f"kv method {method.name!r} at ratio {ratio}: storage 'learned' at share {share:.2f}x "
+                             f"beside selection {method.selection!r} keeping {M} tokens: {err}; allowed: another "
+                             f"split, learned@SHARE+{method.selection}") from None
     return M, params
 
 

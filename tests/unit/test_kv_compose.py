@@ -328,6 +328,9 @@ def test_impossible_combinations_name_both_parts():
     with pytest.raises(ValueError, match=r"'learned@2\+window': selection 'window' keeps 4 tokens per layer, not more "
                                          r"than the learned latent's exact window of 4"):
         make_cache("learned@2+window", model, ratio=32, total_tokens=64)
+    with pytest.raises(ValueError, match=r"'learned\+snapkv' at ratio 2: storage 'learned' at share 1.41x beside "
+                                         r"selection 'snapkv' keeping 46 tokens: learned kv rank .* is impossible"):
+        make_cache("learned+snapkv", model, ratio=2, total_tokens=64)
     with pytest.raises(ValueError, match=r"'svd\+h2o': storage 'svd' needs calibration bases"):
         make_cache("svd+h2o", model, ratio=8, total_tokens=64)
     with pytest.raises(ValueError, match=r"impossible for 'quant\+quest': selection 'quest' needs >= 16"):
