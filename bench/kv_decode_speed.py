@@ -45,11 +45,11 @@ def fill(model, cache, B: int, S: int, chunk: int = 512) -> None:
     g = torch.Generator().manual_seed(0)
     for start in range(0, S, chunk):
         T = min(chunk, S - start)
-        for li, block in enumerate(model.layers):
+        for li in range(cfg.num_layers):
             q = torch.randn(B, N, T, D, generator=g)
             k = torch.randn(B, G, T, D, generator=g)
             v = torch.randn(B, G, T, D, generator=g)
-            cache.attend(li, q, k, v, k_pre_BGTD=k, rope=model.rope, start=start, module=block.self_attn)
+            cache.attend(li, q, k, v, k_pre_BGTD=k, rope=model.rope, start=start)
     assert cache.seq_len == S
 
 

@@ -100,8 +100,8 @@ class KVCache:
         """Bytes allocated by every tensor this cache holds (metadata and capacity included)."""
         return sum(self._layer_nbytes(li) for li in range(self.num_layers))
 
-    def attend(self, layer_idx: int, q_BNTD, k_BGTD, v_BGTD, *, k_pre_BGTD=None, rope=None, start: int = 0,
-               module=None) -> torch.Tensor:
+    def attend(self, layer_idx: int, q_BNTD, k_BGTD, v_BGTD, *, k_pre_BGTD=None, rope=None,
+               start: int = 0) -> torch.Tensor:
         """Append T new tokens (keys after RoPE; pre-RoPE keys for low-rank stores), attend, evict.
         Returns the attention output [B, N, T, D]."""
         li, T = layer_idx, k_BGTD.shape[2]
@@ -114,7 +114,7 @@ class KVCache:
         if self._ring[li] is not None and T > 1:
             self._unring(li)
         at = self._ring[li]
-        store.append(k_BGTD if k_pre_BGTD is None else k_pre_BGTD, k_BGTD, v_BGTD, module, at)
+        store.append(k_BGTD if k_pre_BGTD is None else k_pre_BGTD, k_BGTD, v_BGTD, at)
         B, G = k_BGTD.shape[:2]
         new_meta = sel.new_meta(self, B, 1 if store.joint_heads else G, T, start, k_BGTD.device)
         if new_meta:

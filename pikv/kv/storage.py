@@ -37,7 +37,7 @@ class Store:
         dtype = self.dtype or k_BGTD.dtype
         return {"k": k_BGTD.to(dtype), "v": v_BGTD.to(dtype)}
 
-    def append(self, k_pre_BGTD, k_BGTD, v_BGTD, module, at: Optional[int] = None) -> None:
+    def append(self, k_pre_BGTD, k_BGTD, v_BGTD, at: Optional[int] = None) -> None:
         self.buf.write(self._fields(k_pre_BGTD, k_BGTD, v_BGTD), at)
 
     def read(self, dtype, rope, pos, start: int, T: int):
@@ -120,7 +120,7 @@ class LatentStore(Store):
         self.exact = Buffers(max(W, 1), W)  # wk, wv [B, G, <= W, D]
         self._E = None
 
-    def append(self, k_pre_BGTD, k_BGTD, v_BGTD, module, at=None):
+    def append(self, k_pre_BGTD, k_BGTD, v_BGTD, at=None):
         k_E, v_E = k_pre_BGTD, v_BGTD
         if self.exact.n:
             k_E = torch.cat([self.exact.view("wk").to(k_pre_BGTD.dtype), k_pre_BGTD], 2)

@@ -112,7 +112,7 @@ class Attention(nn.Module):
                               comp.side_attn_error(q_BNTD, k_pre_BGTD, k_BGTD, v_BGTD, o_BNTD, rope, start, rank))
         else:  # the one cache path, whatever its storage and selection (pikv/kv/cache.py)
             o_BNTD = cache.attend(self.layer_idx, q_BNTD, k_BGTD, v_BGTD, k_pre_BGTD=k_pre_BGTD,
-                                  rope=rope, start=start, module=self)
+                                  rope=rope, start=start)
         return self.o_proj(o_BNTD.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 

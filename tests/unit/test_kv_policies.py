@@ -46,7 +46,7 @@ class PlainReference:
     def seq_len(self):
         return self.seen
 
-    def attend(self, li, q, k, v, *, k_pre_BGTD, rope, start, module):
+    def attend(self, li, q, k, v, *, k_pre_BGTD, rope, start):
         self.k[li] = torch.cat([self.k[li], k], 2) if li in self.k else k
         self.v[li] = torch.cat([self.v[li], v], 2) if li in self.v else v
         S, T = self.k[li].shape[2], k.shape[2]
@@ -178,7 +178,7 @@ def test_h2o_equals_naive_reference():
     outs = []
     for t in range(T):
         outs.append(cache.attend(0, q[t][None, :, None], k[t][None, None, None], v[t][None, None, None],
-                                 k_pre_BGTD=None, rope=None, start=t, module=None)[0, :, 0])
+                                 k_pre_BGTD=None, rope=None, start=t)[0, :, 0])
     ref_out, ref_pos = naive_h2o(q, k, v, budget, recent=budget // 2)
     torch.testing.assert_close(torch.stack(outs), ref_out, **REORDERED_FP32)
     assert cache.positions(0)[0, 0].tolist() == ref_pos
@@ -192,7 +192,7 @@ def test_lru_evicts_least_recently_attended():
     for t, key in enumerate(keys):  # every query points at token 0, which stays "recently used"
         q = torch.tensor([[[[1.0, 0.0]]]])
         cache.attend(0, q, torch.tensor([[[key]]]), torch.zeros(1, 1, 1, 2), k_pre_BGTD=None,
-                     rope=None, start=t, module=None)
+                     rope=None, start=t)
         assert cache.length(0) == min(t + 1, 3)  # budget kept after every step
     assert cache.positions(0)[0, 0].tolist() == [0, 3, 4]
 
@@ -206,7 +206,7 @@ def test_quest_reads_less_and_selects_the_matching_page():
     k[:, :, 48:] -= 1.0  # current page" rule selects page 3
     v = torch.randn(1, 1, S, 8)
     cache = selection_cache("quest", 1, [2 * page], KVOptions(quest_page=page))
-    kw = dict(k_pre_BGTD=None, rope=None, module=None)
+    kw = dict(k_pre_BGTD=None, rope=None)
     cache.attend(0, torch.zeros(1, 1, S - 1, 8), k[:, :, :-1], v[:, :, :-1], start=0, **kw)
     q = torch.ones(1, 1, 1, 8)
     o = cache.attend(0, q, k[:, :, -1:], v[:, :, -1:], start=S - 1, **kw)
@@ -276,7 +276,7 @@ def test_quant_measured_ratio_and_fp16_residual(ratio):
     cache = KVCache(1, store=lambda li: KiviStore(bits, 32, R))
     k, v = torch.randn(1, Gk, n_total, Dh), torch.randn(1, Gk, n_total, Dh)
     q = torch.randn(1, 4, n_total, Dh)
-    kw = dict(k_pre_BGTD=None, rope=None, module=None)
+    kw = dict(k_pre_BGTD=None, rope=None)
     o = cache.attend(0, q[:, :, :prefill], k[:, :, :prefill], v[:, :, :prefill], start=0, **kw)
     # the prefill attends to its prompt at full precision (KIVI), then the groups are quantized
     ref, _ = attention(q[:, :, :prefill], k[:, :, :prefill].half(), v[:, :, :prefill].half(),
@@ -389,7 +389,7 @@ def naive_snapkv(q_NSD, k_GSD, window, kernel):
 
 def prefill_selection(cache, q_BNSD, k_BGSD, v_BGSD):
     for li in range(cache.num_layers):
-        cache.attend(li, q_BNSD, k_BGSD, v_BGSD, k_pre_BGTD=None, rope=None, start=0, module=None)
+        cache.attend(li, q_BNSD, k_BGSD, v_BGSD, k_pre_BGTD=None, rope=None, start=0)
 
 
 @pytest.mark.parametrize("S,window,kernel,budget", [(40, 8, 5, 16), (33, 4, 3, 9), (24, 8, 5, 8)])
