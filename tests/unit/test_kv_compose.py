@@ -238,7 +238,11 @@ def test_every_storage_x_selection_equals_the_reference_loop(storage, selection)
     v = torch.randn(B, G, TOTAL, D, generator=seeded(3))
     k = rope(k_pre, 0)
     cache, ref = build(storage, selection, comp, bases), Reference(storage, selection, rope, comp, bases)
-    steps = [(0, PREFILL)] + [(t, t + 1) for t in range(PREFILL, TOTAL)]
+    # a prefill over the budget, decoding (window / StreamingLLM then write into a ring of slots), a
+    # 3-token chunk in the middle (positions out of slot order, a causal mask over kept positions),
+    # decoding again
+    steps = ([(0, PREFILL)] + [(t, t + 1) for t in range(PREFILL, 30)] + [(30, 33)]
+             + [(t, t + 1) for t in range(33, TOTAL)])
     with torch.no_grad():
         for a, e in steps:
             sl = slice(a, e)
