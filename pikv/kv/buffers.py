@@ -69,9 +69,16 @@ class Buffers:
             buf[:, :, :M] = src.gather(2, index)
         self.n = M
 
+    def move_last(self, slot_BH1: torch.Tensor) -> None:
+        """Evict one token per row (batch row, head): the last token takes the evicted slot."""
+        for buf in self.t.values():
+            last = buf[:, :, self.n - 1:self.n]
+            index = slot_BH1.reshape(*slot_BH1.shape, *[1] * (buf.dim() - 3)).expand_as(last)
+            buf.scatter_(2, index, last.clone())
+        self.n -= 1
+
     def keep_slices(self, first: int, last_from: int) -> None:
-        """Keep tokens [0, first) and [last_from, n): the same positions in every row (window /
-        StreamingLLM), moved with plain slices rather than an index gather."""
+        """Keep tokens [0, first) and [last_from, n), the same in every row, with plain slices."""
         tail = self.n - last_from
         for buf in self.t.values():
             buf[:, :, first:first + tail] = buf[:, :, last_from:self.n].clone()  # overlapping ranges

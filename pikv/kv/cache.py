@@ -15,9 +15,10 @@ tokens attend to themselves before anything is evicted (a prefill attends to the
 it is compressed, as SnapKV and kvpress do). The plain cache is `KVCache(num_layers)`: exact
 storage in the model's dtype x keep everything.
 
-Window and StreamingLLM evict the same slot in every row: in steady decoding the new token is
-written into the evicted token's slot (a ring of M + 1 slots; attention does not depend on the
-order of the keys), so a decode step moves no stored token. Scored rules compact in place.
+A decode step evicts one token per row (budget M + 1 -> M): the new token is moved into the evicted
+token's slot (attention does not depend on the order of the slots; recency is read from the stored
+positions), so a step moves one token per row instead of re-gathering the budget. A multi-token step
+(a prefill) compacts the kept tokens in place.
 """
 
 from __future__ import annotations
@@ -67,8 +68,6 @@ class KVCache:
         page = self.opt.quest_page
         self.pages = [Buffers(max(1, self.chunk_size // page), -(-self._capacity[li] // page))  # Quest bounds
                       for li in range(L)]
-        self._ring: list[Optional[int]] = [None] * L  # the slot the next token overwrites
-        self._stale = [0] * L  # 1 while the ring's slot holds an evicted token
         self._evicted = [False] * L  # positions no longer 0..S-1
         self._seen = [0] * L
         self._layer_bytes = [0] * L
@@ -83,7 +82,7 @@ class KVCache:
         return self._seen[0]
 
     def length(self, layer_idx: int) -> int:
-        return self.stores[layer_idx].length() - self._stale[layer_idx]
+        return self.stores[layer_idx].length()
 
     def get(self, layer_idx: int):
         """Stored (k_BGSD, v_BGSD) of one layer (views; exact storage)."""
@@ -111,21 +110,17 @@ class KVCache:
             elif T == 1:
                 self.decode_steps += 1
         store, sel = self.stores[li], self.selection
-        if self._ring[li] is not None and T > 1:
-            self._unring(li)
-        at = self._ring[li]
-        store.append(k_BGTD if k_pre_BGTD is None else k_pre_BGTD, k_BGTD, v_BGTD, at)
+        store.append(k_BGTD if k_pre_BGTD is None else k_pre_BGTD, k_BGTD, v_BGTD)
         B, G = k_BGTD.shape[:2]
         new_meta = sel.new_meta(self, B, 1 if store.joint_heads else G, T, start, k_BGTD.device)
         if new_meta:
-            self.meta[li].write(new_meta, at)
-        self._stale[li] = 0
+            self.meta[li].write(new_meta)
         if self.opt.prefill_only and start > 0 and sel.evicts:
             self.budgets[li] += T
         o_BNTD = self._attend(li, q_BNTD, start, T, rope)
         store.settle()
         if sel.evicts:
-            self._evict(li, T)
+            self._evict(li, start, T)
         self._seen[li] += T
         self._layer_bytes[li] = self._layer_nbytes(li)
         self.peak_nbytes = max(self.peak_nbytes, sum(self._layer_bytes))
@@ -149,7 +144,10 @@ class KVCache:
             sel.update(self, li, p_BNKS, start)
         return o_BNTD
 
-    def _evict(self, li: int, T: int) -> None:
+    def _evict(self, li: int, start: int, T: int) -> None:
+        """Keep the top M tokens of each row by the selection's score; its sinks and recent tokens
+        (and the store's exact tail) by position. A decode step evicts one token per row: the new
+        token moves into its slot (attention does not depend on the order of the slots)."""
         store, meta, sel = self.stores[li], self.meta[li], self.selection
         S, M = store.length(), self.budgets[li]
         if S <= M:
@@ -157,39 +155,17 @@ class KVCache:
         sinks, recent = sel.protect(self, li)
         recent = max(recent, store.tail)
         self._evicted[li] = True
-        if sel.ring and store.ring and T == 1 and S == M + 1:  # overwrite the oldest slot next step
-            r = self._ring[li]
-            self._ring[li] = sinks if r is None else sinks + (r + 1 - sinks) % (M + 1 - sinks)
-            self._stale[li] = 1
+        pos_BHS = self.positions(li)
+        protected_BHS = (pos_BHS < sinks) | (pos_BHS > start + T - 1 - recent)
+        score_BHS = sel.scores(self, li).masked_fill(protected_BHS, float("inf"))
+        if T == 1 and S == M + 1 and store.free_order:
+            victim_BH1 = score_BHS.argmin(dim=-1, keepdim=True)
+            store.move_last(victim_BH1)
+            meta.move_last(victim_BH1)
             return
-        if sel.ring and store.ring:  # same positions in every row: slices, no index gather
-            store.keep_slices(sinks, S - recent)
-            meta.keep_slices(sinks, S - recent)
-        else:
-            keep_BHM = self._keep_set(li, S, M, sinks, recent)
-            store.keep(keep_BHM)
-            meta.keep(keep_BHM)
+        keep_BHM = score_BHS.topk(M, dim=-1).indices.sort(dim=-1).values
+        store.keep(keep_BHM)
+        meta.keep(keep_BHM)
         if T > 1:  # a decode step holds M + 1 tokens at most: free a prefill's transient
             store.shrink(M + 1)
             meta.shrink(M + 1)
-
-    def _keep_set(self, li: int, S: int, M: int, sinks: int, recent: int) -> torch.Tensor:
-        pos_BHS = self.positions(li)
-        idx_S = torch.arange(S, device=pos_BHS.device)
-        if self.selection.ring:  # by position: the sinks and the last tokens
-            keep_M = torch.cat([idx_S[:sinks], idx_S[S - recent:]])
-            return keep_M.expand(*pos_BHS.shape[:2], M)
-        protected_S = (pos_BHS[0, 0] < sinks) | (idx_S >= S - recent)
-        score = self.selection.scores(self, li).masked_fill(protected_S, float("inf"))
-        return score.topk(M, dim=-1).indices.sort(dim=-1).values
-
-    def _unring(self, li: int) -> None:
-        """Back to position order (sinks, then the ring from its oldest live slot) before a
-        multi-token step, whose causal mask and slice eviction assume it."""
-        r, n = self._ring[li], self.stores[li].length()
-        sinks = self.selection.protect(self, li)[0]
-        order = torch.cat([torch.arange(sinks), torch.arange(r + self._stale[li], n), torch.arange(sinks, r)])
-        keep_BHM = order.to(self.positions(li).device).expand(*self.positions(li).shape[:2], len(order))
-        self.stores[li].keep(keep_BHM)
-        self.meta[li].keep(keep_BHM)
-        self._ring[li], self._stale[li] = None, 0

@@ -84,7 +84,7 @@ class KiviStore(Store):
     over the group's tokens, values per token over groups of channels. Buffers: the fp16 residual
     (capacity residual + group), the key codes and scales per group of tokens, the value codes and
     scales per token. Holds every token (no selection evicts from it)."""
-    ring = False
+    free_order = False
 
     def __init__(self, bits: int, group: int, residual: int, dtype=torch.float16, chunk: int = 256, capacity: int = 0):
         super().__init__(dtype or torch.float16, group, residual + group)  # self.buf: the fp16 residual k, v

@@ -28,7 +28,6 @@ class Selection:
     name = "all"
     evicts = False
     needs_probs = False
-    ring = False  # evicts the oldest token of the same slots in every row: a ring of M + 1 slots
 
     def __init__(self, options: KVOptions):
         self.opt = options
@@ -50,7 +49,7 @@ class Selection:
         return 0, cache.budgets[li]
 
     def scores(self, cache, li: int) -> torch.Tensor:
-        """[B, H, S] float64: higher = kept first (ties: the later token)."""
+        """[B, H, S] float64: higher = kept first."""
         raise NotImplementedError
 
     def read_mask(self, cache, li: int, q_BNTD: torch.Tensor, k_BGSD: torch.Tensor, start: int):
@@ -60,10 +59,13 @@ class Selection:
 
 class Window(Selection):
     """The last M tokens (sliding window)."""
-    name, evicts, ring = "window", True, True
+    name, evicts = "window", True
 
     def protect(self, cache, li):
         return 0, cache.budgets[li]
+
+    def scores(self, cache, li):
+        return cache.positions(li).double()  # unprotected: the oldest leave first
 
 
 class Streaming(Window):
@@ -166,9 +168,8 @@ class LRU(H2O):
         return 0, 1
 
     def scores(self, cache, li):
-        used = cache.meta[li].view("used")
-        S = used.shape[-1]
-        return used.double() * (S + 1) + torch.arange(S, device=used.device, dtype=torch.float64)
+        used, pos = cache.meta[li].view("used"), cache.positions(li)  # older first among ties
+        return used.double() * (pos.max().double() + 1) + pos.double()
 
 
 class Quest(Selection):

@@ -26,7 +26,7 @@ from pikv.kv.buffers import Buffers
 class Store:
     """Exact storage: keys after RoPE and values in `dtype` (None: the model's dtype, the plain cache)."""
     joint_heads = False  # True: one keep set for all kv heads (a joint latent cannot drop a head's token alone)
-    ring = True  # a token may be written into the slot of an evicted one (window, StreamingLLM)
+    free_order = True  # slots in any order (a decode step's new token moves into the evicted slot)
     tail = 0  # newest tokens held apart from the rest; selections never evict them
 
     def __init__(self, dtype: Optional[torch.dtype] = None, chunk: int = 256, capacity: int = 0):
@@ -58,8 +58,8 @@ class Store:
     def keep(self, idx_BHM: torch.Tensor) -> None:
         self.buf.keep(idx_BHM)
 
-    def keep_slices(self, first: int, last_from: int) -> None:
-        self.buf.keep_slices(first, last_from)
+    def move_last(self, slot_BH1: torch.Tensor) -> None:
+        self.buf.move_last(slot_BH1)
 
     def shrink(self, capacity: int) -> None:
         self.buf.shrink(capacity)
@@ -111,7 +111,7 @@ class LatentStore(Store):
     (pre-RoPE keys, values: the tail), older ones only as latent codes of all kv heads together
     (one keep set per batch row). E = the held tokens plus the new ones; they are encoded each
     step (as in the training pass), and those leaving the window keep only their codes."""
-    joint_heads, ring = True, False
+    joint_heads, free_order = True, False  # codes, then the exact tail: order matters
 
     def __init__(self, comp, rank: int, dtype, chunk: int = 256, capacity: int = 0):
         W = comp.window

@@ -219,11 +219,7 @@ def build(storage, selection, comp, bases):
 
 
 def cache_positions(cache, b, h):
-    """Live positions of the cache (the ring's stale slot excluded)."""
-    pos = cache.positions(0)[b, h].tolist()
-    if cache._ring[0] is not None and cache._stale[0]:
-        del pos[cache._ring[0]]
-    return sorted(pos)
+    return sorted(cache.positions(0)[b, h].tolist())
 
 
 @pytest.mark.parametrize("selection", SELECTION_NAMES)
@@ -238,8 +234,8 @@ def test_every_storage_x_selection_equals_the_reference_loop(storage, selection)
     v = torch.randn(B, G, TOTAL, D, generator=seeded(3))
     k = rope(k_pre, 0)
     cache, ref = build(storage, selection, comp, bases), Reference(storage, selection, rope, comp, bases)
-    # a prefill over the budget, decoding (window / StreamingLLM then write into a ring of slots), a
-    # 3-token chunk in the middle (positions out of slot order, a causal mask over kept positions),
+    # a prefill over the budget, decoding (each step's token takes the evicted token's slot), a
+    # 3-token chunk in the middle (slots out of position order: a causal mask over kept positions),
     # decoding again
     steps = ([(0, PREFILL)] + [(t, t + 1) for t in range(PREFILL, 30)] + [(30, 33)]
              + [(t, t + 1) for t in range(33, TOTAL)])

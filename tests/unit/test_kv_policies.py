@@ -135,21 +135,18 @@ def test_streaming_keeps_sinks_and_recent(model, tokens):
     cache = make_cache("streaming", model, tokens=12, options=KVOptions(sinks=4))
     decode(model, tokens, cache)
     last = N_TOK - 2  # the last fed token's position
-    for li in range(L):  # a ring of 13 slots: one holds the evicted token the next step overwrites
+    for li in range(L):  # slots in any order: a decode step's token takes the evicted one's slot
         pos = cache.positions(li)
-        live = [p for p in pos[0, 0].tolist() if p != int(pos[0, 0, cache._ring[li]])]
         assert pos[0, 0, :4].tolist() == [0, 1, 2, 3]  # the sinks keep their slots
-        assert sorted(live) == [0, 1, 2, 3] + list(range(last - 7, last + 1))
+        assert sorted(pos[0, 0].tolist()) == [0, 1, 2, 3] + list(range(last - 7, last + 1))
         assert (pos == pos[:1, :1]).all()
 
 
 def test_window_keeps_last_tokens(model, tokens):
     cache = make_cache("window", model, tokens=10)
     decode(model, tokens, cache)
-    pos = cache.positions(0)[1, 1].tolist()
-    stale = pos[cache._ring[0]]  # the ring slot the next token overwrites
-    assert sorted(p for p in pos if p != stale) == list(range(N_TOK - 11, N_TOK - 1))
-    assert stale == N_TOK - 12 and cache.length(0) == 10
+    assert sorted(cache.positions(0)[1, 1].tolist()) == list(range(N_TOK - 11, N_TOK - 1))
+    assert cache.length(0) == 10
 
 
 def naive_h2o(q_steps, k_steps, v_steps, budget, recent):
@@ -181,7 +178,7 @@ def test_h2o_equals_naive_reference():
                                  k_pre_BGTD=None, rope=None, start=t)[0, :, 0])
     ref_out, ref_pos = naive_h2o(q, k, v, budget, recent=budget // 2)
     torch.testing.assert_close(torch.stack(outs), ref_out, **REORDERED_FP32)
-    assert cache.positions(0)[0, 0].tolist() == ref_pos
+    assert sorted(cache.positions(0)[0, 0].tolist()) == ref_pos  # slots in any order
 
 
 def test_lru_evicts_least_recently_attended():
@@ -194,7 +191,7 @@ def test_lru_evicts_least_recently_attended():
         cache.attend(0, q, torch.tensor([[[key]]]), torch.zeros(1, 1, 1, 2), k_pre_BGTD=None,
                      rope=None, start=t)
         assert cache.length(0) == min(t + 1, 3)  # budget kept after every step
-    assert cache.positions(0)[0, 0].tolist() == [0, 3, 4]
+    assert sorted(cache.positions(0)[0, 0].tolist()) == [0, 3, 4]
 
 
 def test_quest_reads_less_and_selects_the_matching_page():
@@ -444,7 +441,7 @@ def test_snapkv_decode_keeps_budget_and_recent_window(model, tokens):
     for li in range(L):
         pos = cache.positions(li)
         assert pos.shape[2] == 16
-        assert (pos[:, :, -8:] == torch.arange(last - 7, last + 1, dtype=pos.dtype)).all()
+        assert (pos.sort(dim=-1).values[:, :, -8:] == torch.arange(last - 7, last + 1, dtype=pos.dtype)).all()
 
 
 def test_generate_with_policy_runs_and_full_equals_plain(model, tokens):
