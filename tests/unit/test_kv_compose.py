@@ -348,3 +348,15 @@ def test_buffers_are_not_reallocated_while_decoding():
             for t in range(64, 127):
                 model(x[:, t:t + 1], cache)
         assert [t.data_ptr() for b in cache.stores + cache.meta for t in getattr(b, "buf", b).t.values()] == ptrs, method
+
+
+def test_composed_names_work_wherever_a_method_name_does():
+    from pikv.eval.kv import parse_specs
+    assert parse_specs("KIVI+SnapKV, h2o", "4,8") == [("quant+snapkv", 4.0), ("quant+snapkv", 8.0), ("h2o", 4.0),
+                                                     ("h2o", 8.0)]
+    with pytest.raises(ValueError, match=r"unknown kv policy 'h3o' in 'quant\+h3o'"):
+        parse_specs("quant+h3o", "4")
+    model = tiny_model()
+    prompt = torch.randint(0, 96, (2, 8), generator=seeded(6))
+    out = model.generate(prompt, 40, kv_policy="learned+h2o", kv_ratio=4)
+    assert out.shape == (2, 48) and torch.equal(out[:, :8], prompt)
