@@ -13,7 +13,6 @@ from pikv.kv.budgets import pyramid_budgets, quant_nbytes_per_head, quant_plan
 from pikv.kv.learned import KVTrainState
 from pikv.kv.quant import KiviStore, dequantize, pack, quantize, unpack
 from pikv.kv.selection import SELECTIONS, SnapKV
-from pikv.kv.storage import Store
 from pikv.models import Transformer
 from pikv.models.generation import generate
 from tests.helpers import REORDERED_FP32, seeded
