@@ -132,7 +132,7 @@ class KVCache:
         k_BGKD, v_BGKD, token_of_key = store.read(q_BNTD.dtype, rope, pos, start, T)
         q_pos_T = torch.arange(start, start + T, device=q_BNTD.device)
         mask = store.mask(q_pos_T, pos, start, T)
-        S = store.length() if token_of_key is None else int(token_of_key[-1]) + 1
+        S = store.tokens_read()
         extra = sel.read_mask(self, li, q_BNTD, k_BGKD[:, :, :S], start)
         if extra is not None:
             extra = extra if token_of_key is None else extra.index_select(-1, token_of_key)

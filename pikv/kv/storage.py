@@ -67,6 +67,10 @@ class Store:
     def length(self) -> int:
         return self.buf.n
 
+    def tokens_read(self) -> int:
+        """Stored tokens a step reads, new ones included (the first keys of `read`, one per token)."""
+        return self.length()
+
     def final_tokens(self) -> int:
         """Leading stored tokens whose keys, as read, will not change (page bounds of them stay valid)."""
         return self.length()
@@ -173,6 +177,9 @@ class LatentStore(Store):
 
     def length(self):
         return self.buf.n + self.exact.n
+
+    def tokens_read(self):
+        return self.buf.n + self._E[0].shape[2]  # codes, then the window + new tokens (encoded this step)
 
     def nbytes(self):
         return self.buf.nbytes() + self.exact.nbytes()
