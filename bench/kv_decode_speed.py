@@ -6,7 +6,7 @@
 
 The model is the default configuration (pikv/config.py) with max_seq_len raised to the longest
 context, random weights (speed does not depend on them). The cache of each method is filled to
-the context length by feeding random keys/values through `PolicyCache.attend` layer by layer in
+the context length by feeding random keys/values through `KVCache.attend` layer by layer in
 chunks (the prefill's MoE/FFN work is skipped: it is the same for every method and is not what
 is measured), then `--steps` real decode steps of the whole model are timed. The "no-attention
 floor" row is a decode step over a 1-token cache: the FFN/MoE + projections share of a step,
@@ -45,11 +45,11 @@ def fill(model, cache, B: int, S: int, chunk: int = 512) -> None:
     g = torch.Generator().manual_seed(0)
     for start in range(0, S, chunk):
         T = min(chunk, S - start)
-        for li, block in enumerate(model.layers):
+        for li in range(cfg.num_layers):
             q = torch.randn(B, N, T, D, generator=g)
             k = torch.randn(B, G, T, D, generator=g)
             v = torch.randn(B, G, T, D, generator=g)
-            cache.attend(li, q, k, v, k_pre_BGTD=k, rope=model.rope, start=start, module=block.self_attn)
+            cache.attend(li, q, k, v, k_pre_BGTD=k, rope=model.rope, start=start)
     assert cache.seq_len == S
 
 

@@ -13,7 +13,7 @@ context + score tokens. Protocol (kvpress's): prefill the context with compressi
 the continuation in one teacher-forced pass over the compressed cache (generated tokens are not
 evicted). kvpress runs on the HF model (eager attention, DynamicCache); PiKV's policies run on the
 same weights loaded into a pikv Transformer (`pikv.eval.hf_llama`, port checked to 1e-3 on
-logits) with `PolicyOptions(prefill_only=True)`. Each side's extra perplexity is relative to its
+logits) with `KVOptions(prefill_only=True)`. Each side's extra perplexity is relative to its
 own full-cache baseline on the same sequences; the 95% interval is a bootstrap over sequences.
 """
 

@@ -35,6 +35,7 @@ from pikv.distributed import DistContext  # noqa: E402
 from pikv.eval import evaluate_lm  # noqa: E402
 from pikv.eval.kv import log_to_wandb, parse_specs, run_kv_evaluation  # noqa: E402
 from pikv.eval.kv import markdown_table as kv_markdown_table  # noqa: E402
+from pikv.kv import parse_method  # noqa: E402
 from pikv.models import Transformer  # noqa: E402
 from pikv.tasks import build_task, check_job  # noqa: E402
 from pikv.training.checkpoint import load_model_weights, read_trainer_state, resolve_checkpoint  # noqa: E402
@@ -56,8 +57,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--text-field", default="text", help="text column for JSONL/hub data")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default <run>/eval)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--kv", default=None, help="kv policies, comma separated (default: the config's "
-                        "kv.eval_policies; 'none' skips the KV evaluation)")
+    parser.add_argument("--kv", default=None, help="kv methods, comma separated: single names (h2o, quant, "
+                        "learned) or STORAGE[@SHARE]+SELECTION (quant+snapkv, learned@2+h2o; docs/kv.md) "
+                        "(default: the config's kv.eval_policies; 'none' skips the KV evaluation)")
     parser.add_argument("--ratio", default=None, help="compression ratios, comma separated (default kv.eval_ratio)")
     parser.add_argument("--prefill", type=int, default=None, help="context tokens (default seq_len / 2)")
     parser.add_argument("--max-sequences", type=int, default=None,
@@ -155,8 +157,8 @@ def main(argv: list[str]) -> int:
         load_model_weights(ckpt, model)
         kv_specs = []
         if (args.kv or "").lower() != "none":
-            policies = args.kv or ",".join(p for p in cfg.kv.eval_policies
-                                           if p != "learned" or cfg.kv.compressor == "learned")
+            policies = args.kv or ",".join(p for p in cfg.kv.eval_policies  # learned storage: trained models only
+                                           if parse_method(p).storage != "learned" or cfg.kv.compressor == "learned")
             kv_specs = parse_specs(policies, args.ratio or str(cfg.kv.eval_ratio))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -3,7 +3,7 @@
 Protocol (kvpress's): prefill the context with compression, then score the continuation in one
 teacher-forced pass over the compressed cache (generated tokens are not evicted). kvpress runs on
 the HF model (eager attention, DynamicCache); PiKV's policies on the same weights loaded into a
-pikv Transformer (`pikv.eval.hf_llama`) with `PolicyOptions(prefill_only=True)`. Needs kvpress and
+pikv Transformer (`pikv.eval.hf_llama`) with `KVOptions(prefill_only=True)`. Needs kvpress and
 transformers (the `anchors` extra) only when the HF side runs.
 """
 
@@ -15,13 +15,14 @@ import numpy as np
 import torch
 
 from pikv.eval.kv import bootstrap_ci
-from pikv.kv.policies import PolicyOptions, make_cache
+from pikv.kv import KVOptions, make_cache, parse_method
 
 KVPRESS = {"ObservedAttention (H2O)": "ObservedAttentionPress", "SnapKV": "SnapKVPress",
            "PyramidKV": "PyramidKVPress", "StreamingLLM": "StreamingLLMPress",
            "ExpectedAttention": "ExpectedAttentionPress", "TOVA": "TOVAPress", "Knorm": "KnormPress"}
 # `quant` picks its bits and fp16 residual for the ratio (pikv.kv.budgets.quant_plan);
-# `quant@R` forces a residual of R tokens (its measured ratio may then miss the requested one).
+# `quant:R` forces a residual of R tokens (its measured ratio may then miss the requested one; before
+# the storage x selection names, whose `@` is a storage share, this bench spelled it `quant@R`).
 PIKV = ["h2o", "snapkv", "streaming", "pyramid", "window", "quant"]
 
 
@@ -66,17 +67,15 @@ def run_hf(model, seq_N, ctx: int, press=None) -> tuple[float, float, int]:
 @torch.no_grad()
 def run_pikv(model, seq_N, ctx: int, policy: str, ratio: float) -> tuple[float, float, int]:
     """(NLL, kept context tokens in layer 0, peak nbytes() of the cache)."""
-    if policy == "full":
-        cache = make_cache("full", model)
-    elif policy.startswith("quant"):  # holds every token: the ratio is over the whole sequence
-        residual = int(policy.split("@")[1]) if "@" in policy else None
-        cache = make_cache("quant", model, ratio=ratio, total_tokens=seq_N.shape[0],
-                           options=PolicyOptions(quant_residual=residual))
-    else:  # kvpress compresses the prompt: the budget and pyramid's length are the context
-        cache = make_cache(policy, model, tokens=math.ceil(ctx / ratio), total_tokens=ctx,
-                           options=PolicyOptions(prefill_only=True))
+    name, _, residual = policy.partition(":")
+    method = parse_method(name)
+    if method.selection == "all":  # holds every token: the ratio is over the whole sequence
+        cache = make_cache(name, model, ratio=None if name == "full" else ratio, total_tokens=seq_N.shape[0],
+                           options=KVOptions(quant_residual=int(residual) if residual else None))
+    else:  # kvpress compresses the prompt: the budget (split with a storage) and pyramid's length are the context
+        cache = make_cache(name, model, ratio=ratio, total_tokens=ctx, options=KVOptions(prefill_only=True))
     first = model(seq_N[None, :ctx], cache)[:, -1:]
-    kept = cache.length(0) if not policy.startswith("quant") else ctx
+    kept = cache.length(0) if method.selection != "all" else ctx
     if cache.budgets is not None:
         kept = sum(cache.length(i) for i in range(cache.num_layers)) / cache.num_layers  # pyramid: mean
     rest = model(seq_N[None, ctx:-1], cache)
@@ -95,14 +94,14 @@ def kept_agreement(hf, ours, seq_N, ctx: int, press, policy: str, ratio: float) 
     with press(hf):
         hf.model(c, past_key_values=pressed)
     cache = make_cache(policy, ours, tokens=math.ceil(ctx / ratio), total_tokens=ctx,
-                       options=PolicyOptions(prefill_only=True))
+                       options=KVOptions(prefill_only=True))
     ours(c, cache)
     agree = []
     for li, (fl, pl) in enumerate(zip(full.layers, pressed.layers)):
         # kvpress gathers exact rows of the full keys: recover their positions by equality
         match = (pl.keys[0][:, :, None, :] == fl.keys[0][:, None, :, :]).all(-1)  # [G, M, S]
         theirs = [set(match[g].float().argmax(-1).tolist()) for g in range(match.shape[0])]
-        mine = [set(cache.state[li]["pos"][0, g].tolist()) for g in range(match.shape[0])]
+        mine = [set(cache.positions(li)[0, g].tolist()) for g in range(match.shape[0])]
         agree += [len(a & b) / max(1, len(a)) for a, b in zip(theirs, mine)]
     return float(np.mean(agree))
 

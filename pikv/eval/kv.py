@@ -13,7 +13,7 @@ every number comes from the decoding loop itself.
 Per method and budget: NLL and perplexity; change vs full with a bootstrap 95% interval over
 sequences; KL(full || method) per token; top-1 agreement with full; measured compression ratio
 = peak resident bytes of the full fp16 cache / peak resident bytes of the method's cache (both
-`PolicyCache.nbytes()`, metadata included); Quest's read ratio (bytes of K/V read per decode
+`KVCache.nbytes()`: allocated bytes, metadata included); Quest's read ratio (bytes of K/V read per decode
 step, full / Quest); decode tokens/s; peak KV bytes.
 """
 
@@ -32,7 +32,7 @@ import torch
 from pikv.eval import probe as probe_eval
 from pikv.eval.decode import decode_logprobs
 from pikv.kv.fit import calibrate_svd
-from pikv.kv.policies import make_cache, resolve_policy
+from pikv.kv import make_cache, parse_method, resolve_policy
 
 
 @dataclass
@@ -96,7 +96,7 @@ def _score_batch(model, seq_BN: torch.Tensor, prefill: int, rows: dict, acc: dic
     """Decode one batch with the full cache and with every spec's cache; add each spec's NLL, KL,
     top-1 agreement, time, peak and read bytes to `acc`. Returns the full cache's (peak, read) bytes."""
     B, N = seq_BN.shape
-    full_cache = make_cache("full", model)
+    full_cache = make_cache("full", model, total_tokens=N)
     ref, ref_secs = decode_logprobs(model, seq_BN, prefill, full_cache)
     tgt, ref_top1 = seq_BN[:, prefill:], ref.argmax(-1)
     for spec, row in rows.items():
@@ -133,7 +133,7 @@ def _finish_row(row: KVEvalRow, a: dict, full_nll_X: np.ndarray, full_peak: int,
     row.tokens_per_s = X * (C - 1) / a["time"] if a["time"] > 0 else None
     row.kv_peak_bytes = int(a["peak"] / batches)
     row.compression_ratio = full_peak / a["peak"]
-    if row.policy == "quest" and a["read"]:
+    if parse_method(row.policy).selection == "quest" and a["read"]:
         row.read_ratio = full_read / a["read"]
     row.sequences, row.scored_tokens = X, X * C
     row.nll_per_sequence = [float(x) for x in nll_X]
@@ -250,7 +250,8 @@ def write_results(rows: list[KVEvalRow], out: Path, meta: dict, probe_md: str = 
 
 
 def parse_specs(policies: str, ratios: str) -> list[tuple[str, float]]:
-    """'h2o,learned' x '2,4,8' -> [(canonical policy, ratio)]; ValueError on a bad name or ratio."""
+    """'h2o,learned,quant+snapkv' x '2,4,8' -> [(canonical method name, ratio)] (names: pikv.kv.registry,
+    STORAGE[@SHARE]+SELECTION or a single name); ValueError on a bad name or ratio."""
     names = [resolve_policy(p) for p in policies.split(",") if p.strip()]
     try:
         rs = [float(r) for r in ratios.split(",") if r.strip()]
@@ -269,7 +270,7 @@ def run_kv_evaluation(model, tokenizer, docs, calib_docs, specs, out: Path, leng
     trained on it) is given, results.json / results.md / results.png under `out`."""
     seq = heldout_sequences(tokenizer, docs, length, max_sequences)
     bases = None
-    if any(p == "svd" for p, _ in specs):
+    if any(parse_method(p).storage == "svd" for p, _ in specs):
         bases = calibrate_svd(model, heldout_sequences(tokenizer, calib_docs, length, 8))
     t0 = time.perf_counter()
     rows = evaluate_kv(model, seq, prefill, specs, batch_size, svd_bases=bases)

@@ -20,7 +20,7 @@ import torch
 
 from pikv.data.probe import PasskeyProbe
 from pikv.eval.decode import decode_logprobs
-from pikv.kv.policies import make_cache
+from pikv.kv import make_cache
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 VALID_FULL_ACCURACY = 0.95
@@ -43,7 +43,7 @@ def evaluate_probe(model, probe: PasskeyProbe, fillers_XN: torch.Tensor,
         try:
             for b0 in range(0, X, batch_size):
                 seq = seq_XN[b0:b0 + batch_size]
-                cache = (make_cache("full", model) if policy == "full" else
+                cache = (make_cache("full", model, total_tokens=N) if policy == "full" else
                          make_cache(policy, model, ratio=ratio, total_tokens=N, svd_bases=svd_bases))
                 lp, _ = decode_logprobs(model, seq, N - K, cache)
                 hit_X[b0:b0 + batch_size] = (lp.argmax(-1) == seq[:, N - K:]).all(1)

@@ -6,10 +6,35 @@ budgets (`check_latent_budgets`)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 from pikv.config import OptionError
 from pikv.kv.learned import LATENT_BITS, latent_rank
+
+
+@dataclass
+class KVOptions:
+    """Settings of the storage formats and selection rules (defaults: their papers' / kvpress's)."""
+    sinks: int = 4  # StreamingLLM attention sinks
+    h2o_recent_fraction: float = 0.5  # H2O: half heavy hitters, half recent tokens
+    # SnapKV / PyramidKV as kvpress 0.5.5 computes them (SnapKVPress / PyramidKVPress defaults):
+    # observation window of the last 64 prompt queries (kept, as part of the budget), average pool
+    # of kernel 5 over key positions. A budget M <= the window cannot hold it: make_cache then
+    # uses a window of M // 2 (`snap_window_for`); kvpress asserts instead.
+    snap_window: int = 64
+    snap_kernel: int = 5
+    pyramid_beta: float = 20.0  # PyramidKV: kvpress's beta (budget of the last layer = mean / beta)
+    lru_hit_fraction: float = 0.125  # LRU: the top fraction of the budget by attention counts as "used"
+    quest_page: int = 16
+    quant_group: int = 32  # tokens per key group (per channel) and channels per value group
+    # Recent tokens kept in fp16 beyond the group being filled (KIVI's residual; KIVI uses 128 on
+    # 4k-token contexts). None = auto (`quant_plan`): the largest multiple of quant_group up to 128
+    # whose bytes still meet the requested ratio at total_tokens (0 when total_tokens is unknown).
+    quant_residual: Optional[int] = None
+    # Compress the prefill only and let generated tokens accumulate (kvpress's protocol, for the
+    # side-by-side bench); the default enforces the budget after every step.
+    prefill_only: bool = False
 
 
 def token_budget(ratio: Optional[float], tokens: Optional[int], total_tokens: Optional[int]) -> int:
@@ -67,13 +92,19 @@ def quant_bits_for_ratio(ratio: float) -> int:
 
 
 def quant_nbytes_per_head(tokens: int, head_dim: int, bits: int, group: int, residual: int) -> int:
-    """Bytes the quant cache holds per kv head for `tokens` tokens (what nbytes() measures): fp16
-    tokens wait until residual + group of them exist, then the oldest group is quantized (packed
-    codes, fp16 scale + zero point per key channel per group, per value token per channel group)."""
+    """Bytes the KIVI store allocates per kv head for `tokens` tokens (what nbytes() measures):
+    fp16 tokens wait until residual + group of them exist, then the oldest groups are quantized
+    (packed codes, fp16 scale + zero point per key channel per group, per value token per channel
+    group); the fp16 residual buffer holds residual + group tokens (its capacity, allocated)."""
     fp16 = tokens if tokens < residual + group else residual + (tokens - residual) % group
     nq = tokens - fp16
     per_token = head_dim * bits // 4 + 4 * (head_dim // min(group, head_dim))  # K+V codes, value scale/zero
-    return nq * per_token + (nq // group) * 4 * head_dim + fp16 * 4 * head_dim
+    return nq * per_token + (nq // group) * 4 * head_dim + max(fp16, residual + group) * 4 * head_dim
+
+
+def quant_token_ratio(head_dim: int, bits: int, group: int) -> float:
+    """Nominal ratio of the per-token quantized store (fp16 K+V bytes / codes + scales + zero points)."""
+    return 4 * head_dim / (head_dim * bits / 4 + 8 * (head_dim // min(group, head_dim)))
 
 
 def quant_plan(ratio: float, head_dim: int, total_tokens: Optional[int] = None, group: int = 32,

@@ -33,7 +33,8 @@ def generate(model, prompt_BT: torch.Tensor, max_new_tokens: int, temperature: f
              kv_ratio: Optional[float] = None, kv_tokens: Optional[int] = None) -> torch.Tensor:
     """prompt_BT -> tokens [B, T + max_new_tokens]. Reproducible with a seeded torch.Generator
     (on the model's device). The output may not exceed model.cfg.max_seq_len.
-    kv_policy (+ kv_ratio or kv_tokens) decodes with a compressed cache (pikv.kv.make_cache)."""
+    kv_policy (a method name: `h2o`, `quant`, `quant+snapkv`, `learned@2+h2o`; + kv_ratio or
+    kv_tokens) decodes with a compressed cache (pikv.kv.make_cache)."""
     B, T = prompt_BT.shape
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
@@ -49,7 +50,7 @@ def generate(model, prompt_BT: torch.Tensor, max_new_tokens: int, temperature: f
     if max_new_tokens == 0:
         return prompt_BT
     if kv_policy is not None and cache is None:
-        from pikv.kv.policies import make_cache
+        from pikv.kv.registry import make_cache
         cache = make_cache(kv_policy, model, ratio=kv_ratio, tokens=kv_tokens, total_tokens=T + max_new_tokens)
     cache = cache if cache is not None else KVCache(model.cfg.num_layers)
     logits_BTV = model(prompt_BT, cache)

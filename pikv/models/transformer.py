@@ -110,20 +110,9 @@ class Attention(nn.Module):
                     # distillation-only step: the model used the full K/V, the latent learns on the side
                     kv.record(self.layer_idx,
                               comp.side_attn_error(q_BNTD, k_pre_BGTD, k_BGTD, v_BGTD, o_BNTD, rope, start, rank))
-        elif hasattr(cache, "attend"):  # policy caches (pikv/kv/policies.py) own the attention
+        else:  # the one cache path, whatever its storage and selection (pikv/kv/cache.py)
             o_BNTD = cache.attend(self.layer_idx, q_BNTD, k_BGTD, v_BGTD, k_pre_BGTD=k_pre_BGTD,
-                                  rope=rope, start=start, module=self)
-        else:
-            k_BGSD, v_BGSD = cache.update(self.layer_idx, k_BGTD, v_BGTD)
-            S = k_BGSD.shape[2]
-            # New query i sees every earlier stored key and the new keys up to itself. SDPA's
-            # is_causal aligns the mask top-left, which is wrong when S > T, hence explicit.
-            mask_TS = None
-            if T > 1:
-                q_pos_T = torch.arange(S - T, S, device=x_BTH.device)
-                mask_TS = torch.arange(S, device=x_BTH.device)[None, :] <= q_pos_T[:, None]
-            o_BNTD = F.scaled_dot_product_attention(q_BNTD, k_BGSD, v_BGSD, attn_mask=mask_TS,
-                                                    enable_gqa=True)
+                                  rope=rope, start=start)
         return self.o_proj(o_BNTD.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 

@@ -8,7 +8,7 @@ from pikv.config import KVConfig, ModelConfig, MoEConfig
 from pikv.kv.fit import calibrate_svd, fit_compressors, load_compressors, pca_init_, save_compressors
 from pikv.config import TrainConfig
 from pikv.kv.learned import KVTrainState
-from pikv.kv.policies import make_cache
+from pikv.kv import make_cache
 from pikv.models import Transformer
 from pikv.training.schedule import lr_at
 

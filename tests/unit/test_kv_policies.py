@@ -1,4 +1,5 @@
-"""KV-cache policies: exact bytes, budgets at every step, what is kept, naive references, errors."""
+"""KV-cache methods (single storages and selections): exact bytes, budgets at every step, what is
+kept, naive references, errors. Compositions: test_kv_compose.py."""
 
 import math
 
@@ -6,17 +7,54 @@ import pytest
 import torch
 
 from pikv.config import KVConfig, ModelConfig, MoEConfig
-from pikv.kv import KVCache, PolicyCache, calibrate_svd, make_cache, resolve_policy
-from pikv.kv.learned import KVTrainState
+from pikv.kv import KVCache, KVOptions, calibrate_svd, make_cache, resolve_policy
+from pikv.kv.attention import attention
 from pikv.kv.budgets import pyramid_budgets, quant_nbytes_per_head, quant_plan
-from pikv.kv.policies import EVICTING, PolicyOptions, attention
-from pikv.kv.quant import dequantize, pack, quantize, unpack
+from pikv.kv.learned import KVTrainState
+from pikv.kv.quant import KiviStore, dequantize, pack, quantize, unpack
+from pikv.kv.selection import SELECTIONS, SnapKV
 from pikv.models import Transformer
 from pikv.models.generation import generate
 from tests.helpers import REORDERED_FP32, seeded
 
 L, G, D, N_HEADS = 3, 2, 16, 4
 N_TOK, PREFILL = 64, 24
+EVICTING = tuple(name for name, cls in SELECTIONS.items() if cls.evicts)
+
+
+def causal_TS(S, T):
+    """Query i of the last T (at position S - T + i) sees keys 0..S - T + i."""
+    return torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None]
+
+
+def selection_cache(name, num_layers, budgets, options=None, store=None, dtype=torch.float32):
+    """A cache of one selection over exact storage (or `store`), built without a model."""
+    opt = options or KVOptions()
+    return KVCache(num_layers, selection=SELECTIONS[name](opt), budgets=budgets, options=opt, store_dtype=dtype,
+                   store=store)
+
+
+class PlainReference:
+    """Today's plain-cache path before the redesign, written out: concatenate the new keys/values,
+    SDPA with the explicit causal mask (None for one query)."""
+
+    def __init__(self):
+        self.k, self.v, self.seen = {}, {}, 0
+
+    @property
+    def seq_len(self):
+        return self.seen
+
+    def attend(self, li, q, k, v, *, k_pre_BGTD, rope, start):
+        self.k[li] = torch.cat([self.k[li], k], 2) if li in self.k else k
+        self.v[li] = torch.cat([self.v[li], v], 2) if li in self.v else v
+        S, T = self.k[li].shape[2], k.shape[2]
+        if li == L - 1:  # positions of the next forward continue after this one's tokens
+            self.seen += T
+        mask = causal_TS(S, T) if T > 1 else None
+        return torch.nn.functional.scaled_dot_product_attention(q, self.k[li], self.v[li], attn_mask=mask,
+                                                                enable_gqa=True)
+
 
 
 def tiny_model(learned: bool = True, latent_bits: int = 8, latent_window: int = 0) -> Transformer:
@@ -51,7 +89,8 @@ def tokens():
 
 @pytest.mark.parametrize("policy,tokens_budget", [("full", None), ("window", N_TOK), ("streaming", N_TOK)])
 def test_keep_everything_is_bit_identical_to_plain_cache(model, tokens, policy, tokens_budget):
-    ref = decode(model, tokens, KVCache(L))
+    ref = decode(model, tokens, PlainReference())
+    assert torch.equal(decode(model, tokens, KVCache(L)), ref)  # the plain cache: exact (model dtype) x all
     kw = {} if policy == "full" else {"tokens": tokens_budget}
     got = decode(model, tokens, make_cache(policy, model, store_dtype=torch.float32, **kw))
     assert torch.equal(ref, got)
@@ -59,7 +98,7 @@ def test_keep_everything_is_bit_identical_to_plain_cache(model, tokens, policy, 
 
 @pytest.mark.parametrize("policy", ["h2o", "snapkv", "lru", "quest"])
 def test_keep_everything_matches_plain_cache(model, tokens, policy):
-    ref = decode(model, tokens, KVCache(L))
+    ref = decode(model, tokens, PlainReference())
     got = decode(model, tokens, make_cache(policy, model, tokens=N_TOK, store_dtype=torch.float32))
     torch.testing.assert_close(got, ref, **REORDERED_FP32)  # the policy's own attention kernel
 
@@ -73,38 +112,40 @@ def test_budget_kept_every_step_and_bytes_really_freed(model, tokens, policy, ra
 
     def check(c):
         for li in range(L):
-            st = c.state[li]
             S = c.length(li)
             assert S <= c.budgets[li] or c.seq_len <= c.budgets[li]
             assert S == min(c.seq_len, c.budgets[li])
-            # exact storage: fp16 K and V + int32 positions (+ fp32 scores / int32 last-use)
+            # exact storage: fp16 K and V + int32 positions (+ fp32 scores / int32 last-use), in
+            # buffers of budget + 1 tokens (a decode step's new token before eviction)
             per_token = 2 * D * 2 + 4 + (4 if policy in ("h2o", "snapkv", "pyramid", "lru") else 0)
-            layer_bytes = sum(t.untyped_storage().nbytes() for t in st.values())
-            assert layer_bytes == B * G * S * per_token
+            layer_bytes = c.stores[li].nbytes() + c.meta[li].nbytes()
+            assert layer_bytes == B * G * (c.budgets[li] + 1) * per_token
         seen.append(c.nbytes())
 
     decode(model, tokens, cache, check)
     assert cache.peak_nbytes == max(seen)
-    full = make_cache("full", model)
+    full = make_cache("full", model, total_tokens=N_TOK)
     decode(model, tokens, full)
     if policy != "pyramid":
         assert full.peak_nbytes / cache.peak_nbytes > ratio * 0.8
 
 
 def test_streaming_keeps_sinks_and_recent(model, tokens):
-    cache = make_cache("streaming", model, tokens=12, options=PolicyOptions(sinks=4))
+    cache = make_cache("streaming", model, tokens=12, options=KVOptions(sinks=4))
     decode(model, tokens, cache)
     last = N_TOK - 2  # the last fed token's position
-    for li in range(L):
-        pos = cache.state[li]["pos"][0, 0].tolist()
-        assert pos == [0, 1, 2, 3] + list(range(last - 7, last + 1))
-        assert (cache.state[li]["pos"] == cache.state[li]["pos"][:1, :1]).all()
+    for li in range(L):  # slots in any order: a decode step's token takes the evicted one's slot
+        pos = cache.positions(li)
+        assert pos[0, 0, :4].tolist() == [0, 1, 2, 3]  # the sinks keep their slots
+        assert sorted(pos[0, 0].tolist()) == [0, 1, 2, 3] + list(range(last - 7, last + 1))
+        assert (pos == pos[:1, :1]).all()
 
 
 def test_window_keeps_last_tokens(model, tokens):
     cache = make_cache("window", model, tokens=10)
     decode(model, tokens, cache)
-    assert cache.state[0]["pos"][1, 1].tolist() == list(range(N_TOK - 11, N_TOK - 1))
+    assert sorted(cache.positions(0)[1, 1].tolist()) == list(range(N_TOK - 11, N_TOK - 1))
+    assert cache.length(0) == 10
 
 
 def naive_h2o(q_steps, k_steps, v_steps, budget, recent):
@@ -129,28 +170,27 @@ def test_h2o_equals_naive_reference():
     T, n_per_g, budget = 20, 2, 6
     q = torch.randn(T, n_per_g, D)
     k, v = torch.randn(T, D), torch.randn(T, D)
-    cache = PolicyCache("h2o", 1, 1, D, budgets=[budget], store_dtype=torch.float32)
+    cache = selection_cache("h2o", 1, [budget])
     outs = []
     for t in range(T):
         outs.append(cache.attend(0, q[t][None, :, None], k[t][None, None, None], v[t][None, None, None],
-                                 k_pre_BGTD=None, rope=None, start=t, module=None)[0, :, 0])
+                                 k_pre_BGTD=None, rope=None, start=t)[0, :, 0])
     ref_out, ref_pos = naive_h2o(q, k, v, budget, recent=budget // 2)
     torch.testing.assert_close(torch.stack(outs), ref_out, **REORDERED_FP32)
-    assert cache.state[0]["pos"][0, 0].tolist() == ref_pos
+    assert sorted(cache.positions(0)[0, 0].tolist()) == ref_pos  # slots in any order
 
 
 def test_lru_evicts_least_recently_attended():
     # one kv head, budget 3, hits = 1 per step: the most attended stored token is "used"
-    cache = PolicyCache("lru", 1, 1, 2, budgets=[3], store_dtype=torch.float32,
-                        options=PolicyOptions(lru_hit_fraction=0.34))
+    cache = selection_cache("lru", 1, [3], KVOptions(lru_hit_fraction=0.34))
     big = 30.0
     keys = [[big, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
     for t, key in enumerate(keys):  # every query points at token 0, which stays "recently used"
         q = torch.tensor([[[[1.0, 0.0]]]])
         cache.attend(0, q, torch.tensor([[[key]]]), torch.zeros(1, 1, 1, 2), k_pre_BGTD=None,
-                     rope=None, start=t, module=None)
+                     rope=None, start=t)
         assert cache.length(0) == min(t + 1, 3)  # budget kept after every step
-    assert cache.state[0]["pos"][0, 0].tolist() == [0, 3, 4]
+    assert sorted(cache.positions(0)[0, 0].tolist()) == [0, 3, 4]
 
 
 def test_quest_reads_less_and_selects_the_matching_page():
@@ -161,9 +201,8 @@ def test_quest_reads_less_and_selects_the_matching_page():
     k[:, :, :16] += 0.5  # page 0 beats the current page on its bound: only the "always read the
     k[:, :, 48:] -= 1.0  # current page" rule selects page 3
     v = torch.randn(1, 1, S, 8)
-    cache = PolicyCache("quest", 1, 1, 8, budgets=[2 * page], store_dtype=torch.float32,
-                        options=PolicyOptions(quest_page=page))
-    kw = dict(k_pre_BGTD=None, rope=None, module=None)
+    cache = selection_cache("quest", 1, [2 * page], KVOptions(quest_page=page))
+    kw = dict(k_pre_BGTD=None, rope=None)
     cache.attend(0, torch.zeros(1, 1, S - 1, 8), k[:, :, :-1], v[:, :, :-1], start=0, **kw)
     q = torch.ones(1, 1, 1, 8)
     o = cache.attend(0, q, k[:, :, -1:], v[:, :, -1:], start=S - 1, **kw)
@@ -189,17 +228,17 @@ def test_quant_pack_roundtrip_and_error_bound(bits):
 
 
 def test_quant_cache_bytes_and_accuracy(model, tokens):
-    ref = decode(model, tokens, KVCache(L))
+    ref = decode(model, tokens, PlainReference())
     for ratio, bits in ((2, 4), (4, 2)):
         cache = make_cache("quant", model, ratio=ratio)
         got = decode(model, tokens, cache)
-        assert cache.bits == bits
+        assert cache.info["bits"] == bits
         B, S = tokens.shape[0], N_TOK - 1
         nq = (S // 32) * 32  # quantized tokens (residual 0: full groups of 32 only)
         expect = B * G * (nq * D * bits // 8 * 2          # K and V codes
                           + (nq // 32) * D * 2 * 2         # key scale + zero per channel per group
                           + nq * (D // min(32, D)) * 2 * 2  # value scale + zero per token group
-                          + (S - nq) * D * 2 * 2)           # fp16 residual
+                          + 32 * D * 2 * 2)                 # the fp16 residual buffer: residual + group = 32 tokens
         assert cache.nbytes() == L * expect
         assert (got - ref).abs().max() < (0.05 if bits == 4 else 0.5)
 
@@ -208,7 +247,8 @@ def test_quant_plan_meets_the_requested_ratio_with_kivi_residual():
     # SmolLM2 (head dim 64), 1024-token sequences: 4-bit + 128 fp16 tokens at 2x, 2-bit + 32 at 4x
     assert quant_plan(2, 64, 1024) == (4, 128)
     assert quant_plan(4, 64, 1024) == (2, 32)
-    assert quant_plan(3, 64, 1024)[0] == 4 and quant_plan(3.5, 64, 1024)[0] == 2
+    # 3x: 4-bit codes (3.2x alone) no longer meet it once the fp16 buffer of a group is counted
+    assert quant_plan(3, 64, 1024)[0] == 2 and quant_plan(2.9, 64, 1024)[0] == 4
     assert quant_plan(4, 64) == (2, 0) and quant_plan(2, 64, None, 32, 64) == (4, 64)
     # 5x is not reachable at 1023 tokens (the partial group waits in fp16): the plan is 2-bit without
     # a residual and the measured ratio (4.7x) is what the evaluation reports
@@ -229,27 +269,27 @@ def test_quant_measured_ratio_and_fp16_residual(ratio):
     Gk, Dh, n_total, prefill = 2, 32, 1024, 900
     bits, R = quant_plan(ratio, Dh, n_total)
     assert R > 0
-    cache = PolicyCache("quant", 1, Gk, Dh, bits=bits, options=PolicyOptions(quant_residual=R))
+    cache = KVCache(1, store=lambda li: KiviStore(bits, 32, R))
     k, v = torch.randn(1, Gk, n_total, Dh), torch.randn(1, Gk, n_total, Dh)
     q = torch.randn(1, 4, n_total, Dh)
-    kw = dict(k_pre_BGTD=None, rope=None, module=None)
+    kw = dict(k_pre_BGTD=None, rope=None)
     o = cache.attend(0, q[:, :, :prefill], k[:, :, :prefill], v[:, :, :prefill], start=0, **kw)
     # the prefill attends to its prompt at full precision (KIVI), then the groups are quantized
     ref, _ = attention(q[:, :, :prefill], k[:, :, :prefill].half(), v[:, :, :prefill].half(),
-                       PolicyCache._causal_TS(prefill, prefill, None), need_probs=False)
+                       causal_TS(prefill, prefill), need_probs=False)
     torch.testing.assert_close(o, ref)
     for t in range(prefill, n_total - 1):
         cache.attend(0, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], start=t, **kw)
-        fp16 = cache.state[0]["k"].shape[2]
-        assert R <= fp16 < R + 32  # KIVI's residual: the newest R..R+31 tokens stay fp16
-        assert torch.equal(cache.state[0]["k"][0, :, -1], k[0, :, t].half())
+        fp16 = cache.stores[0].buf.view("k")
+        assert R <= fp16.shape[2] < R + 32  # KIVI's residual: the newest R..R+31 tokens stay fp16
+        assert torch.equal(fp16[0, :, -1], k[0, :, t].half())
     S = n_total - 1
     assert cache.nbytes() == Gk * quant_nbytes_per_head(S, Dh, bits, 32, R)
     assert Gk * S * 4 * Dh / cache.peak_nbytes >= ratio  # measured ratio meets the requested one
 
 
 def test_svd_full_rank_is_lossless(model, tokens):
-    ref = decode(model, tokens, KVCache(L))
+    ref = decode(model, tokens, PlainReference())
     bases = calibrate_svd(model, tokens)
     svd = decode(model, tokens, make_cache("svd", model, ratio=1, svd_bases=bases, store_dtype=torch.float32))
     # a full-rank basis from an fp32 SVD is orthogonal to ~1e-6; three layers amplify that in the logits
@@ -265,7 +305,7 @@ def test_learned_decode_equals_single_pass_and_bytes_fill_the_budget(tokens, bit
     widths = []
     seq = decode(model, tokens, cache, check=lambda c: widths.append(c.length(0)))
     kv = KVTrainState.attach(model)
-    kv.set(cache.rank)
+    kv.set(cache.info["rank"])
     try:
         with torch.no_grad():
             one_pass = model(tokens[:, :-1])[:, PREFILL - 1:]
@@ -278,17 +318,19 @@ def test_learned_decode_equals_single_pass_and_bytes_fill_the_budget(tokens, bit
     assert float((seq - full).abs().max().detach()) > 1e-3  # the latent is really read
     assert widths == list(range(PREFILL, N_TOK))  # every token kept, as codes or exactly
     C, seen = 2 * G * D, N_TOK - 1
-    per_token = cache.rank * 4 if bits == 16 else cache.rank + 2  # fp32 codes here / int8 codes + fp16 scale
+    rank = cache.info["rank"]
+    per_token = rank * 4 if bits == 16 else rank + 2  # fp32 codes here / int8 codes + fp16 scale
     exact = window * C * 4  # the window's fp32 keys + values here
-    assert cache.nbytes() == L * tokens.shape[0] * ((seen - window) * per_token + exact)
+    # the codes' buffers are allocated for the N_TOK tokens the cache was made for (seen = N_TOK - 1)
+    assert seen < N_TOK and cache.nbytes() == L * tokens.shape[0] * ((N_TOK - window) * per_token + exact)
     if window == 0:  # the rank fills the 4x budget of 2C bytes per token: fp16 codes C/4, int8 C/2 - 2
-        assert cache.rank == (C // 4 if bits == 16 else C // 2 - 2)
+        assert rank == (C // 4 if bits == 16 else C // 2 - 2)
     else:  # the window takes its fp16 bytes off the budget of N_TOK tokens; the codes get the rest
-        assert cache.rank == (N_TOK * 2 * C // 4 - window * 2 * C) // (N_TOK - window) - 2
-    if bits == 8:  # measured in the fp16 cache the evaluation uses
+        assert rank == (N_TOK * 2 * C // 4 - window * 2 * C) // (N_TOK - window) - 2
+    if bits == 8:  # measured in the fp16 cache the evaluation uses, against an fp16 full cache of N_TOK tokens
         fp16 = make_cache("learned", model, ratio=4, total_tokens=N_TOK)
         decode(model, tokens, fp16)
-        assert L * tokens.shape[0] * seen * 2 * C * 2 / fp16.nbytes() >= 4.0
+        assert L * tokens.shape[0] * N_TOK * 2 * C * 2 / fp16.nbytes() >= 4.0
 
 
 def kvpress_pyramid_budget(layer, num_layers, q_len, compression_ratio, window, beta):
@@ -341,9 +383,9 @@ def naive_snapkv(q_NSD, k_GSD, window, kernel):
     return [row + [top] * window for row in scores]
 
 
-def prefill_policy(cache, q_BNSD, k_BGSD, v_BGSD):
+def prefill_selection(cache, q_BNSD, k_BGSD, v_BGSD):
     for li in range(cache.num_layers):
-        cache.attend(li, q_BNSD, k_BGSD, v_BGSD, k_pre_BGTD=None, rope=None, start=0, module=None)
+        cache.attend(li, q_BNSD, k_BGSD, v_BGSD, k_pre_BGTD=None, rope=None, start=0)
 
 
 @pytest.mark.parametrize("S,window,kernel,budget", [(40, 8, 5, 16), (33, 4, 3, 9), (24, 8, 5, 8)])
@@ -351,18 +393,18 @@ def test_snapkv_scores_and_kept_equal_kvpress_reference(S, window, kernel, budge
     torch.manual_seed(S)
     N, Gk, Dh = 6, 2, 8
     q, k, v = torch.randn(1, N, S, Dh) * 2, torch.randn(1, Gk, S, Dh), torch.randn(1, Gk, S, Dh)
-    cache = PolicyCache("snapkv", 1, Gk, Dh, budgets=[budget], store_dtype=torch.float32,
-                        options=PolicyOptions(snap_window=window, snap_kernel=kernel))
+    opt = KVOptions(snap_window=window, snap_kernel=kernel)
+    cache = selection_cache("snapkv", 1, [budget], opt)
     ref = naive_snapkv(q[0], k[0], window, kernel)
-    score = cache._snap_scores(attention(q, k, v, PolicyCache._causal_TS(S, S, None), True)[1], Gk, 0)
+    score = SnapKV(opt).snap_scores(attention(q, k, v, causal_TS(S, S), True)[1], Gk, cache.selection.window(cache, 0))
     # fp32 pooled attention probabilities vs the float64 reference: a few ulps of values <= 1
     torch.testing.assert_close(score[0].double(), torch.tensor(ref, dtype=torch.float64), atol=1e-6, rtol=1e-5)
-    prefill_policy(cache, q, k, v)
+    prefill_selection(cache, q, k, v)
     for g in range(Gk):  # kvpress: topk(budget) of the scores (the window's max + 1 keeps it)
         kept = sorted(torch.tensor(ref[g]).topk(budget).indices.tolist())
-        assert cache.state[0]["pos"][0, g].tolist() == kept
+        assert cache.positions(0)[0, g].tolist() == kept
         assert set(range(S - window, S)) <= set(kept)
-        torch.testing.assert_close(cache.state[0]["k"][0, g], k[0, g, kept])
+        torch.testing.assert_close(cache.get(0)[0][0, g], k[0, g, kept])
 
 
 def test_pyramid_kept_equal_kvpress_reference_per_layer():
@@ -371,15 +413,14 @@ def test_pyramid_kept_equal_kvpress_reference_per_layer():
     budgets = pyramid_budgets(S / ratio, L_, 20, window, S)
     assert budgets == [kvpress_pyramid_budget(i, L_, S, 1 - 1 / ratio, window, 20) for i in range(L_)]
     assert budgets[0] > budgets[-1] >= window
-    cache = PolicyCache("pyramid", L_, Gk, Dh, budgets=list(budgets), store_dtype=torch.float32,
-                        options=PolicyOptions(snap_window=window, prefill_only=True))
+    cache = selection_cache("pyramid", L_, list(budgets), KVOptions(snap_window=window, prefill_only=True))
     q, k, v = torch.randn(1, N, S, Dh) * 2, torch.randn(1, Gk, S, Dh), torch.randn(1, Gk, S, Dh)
-    prefill_policy(cache, q, k, v)
+    prefill_selection(cache, q, k, v)
     ref = naive_snapkv(q[0], k[0], window, 5)
     for li in range(L_):
         assert cache.length(li) == budgets[li]
         for g in range(Gk):
-            assert cache.state[li]["pos"][0, g].tolist() == sorted(torch.tensor(ref[g]).topk(budgets[li]).indices.tolist())
+            assert cache.positions(li)[0, g].tolist() == sorted(torch.tensor(ref[g]).topk(budgets[li]).indices.tolist())
 
 
 def test_make_cache_resolves_snap_window_and_pyramid_from_the_mean_budget(model):
@@ -397,9 +438,9 @@ def test_snapkv_decode_keeps_budget_and_recent_window(model, tokens):
     decode(model, tokens, cache)
     last = N_TOK - 2
     for li in range(L):
-        pos = cache.state[li]["pos"]
+        pos = cache.positions(li)
         assert pos.shape[2] == 16
-        assert (pos[:, :, -8:] == torch.arange(last - 7, last + 1, dtype=pos.dtype)).all()
+        assert (pos.sort(dim=-1).values[:, :, -8:] == torch.arange(last - 7, last + 1, dtype=pos.dtype)).all()
 
 
 def test_generate_with_policy_runs_and_full_equals_plain(model, tokens):

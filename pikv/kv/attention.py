@@ -1,0 +1,65 @@
+"""Attention over what a KV cache holds: GQA softmax attention (with the probabilities when a
+selection rule scores by them), the visibility mask of stored positions, and RoPE at stored
+positions.
+
+Shapes: B batch, N query heads, G kv heads, H heads of a keep set (G, or 1 when the kv heads share
+one), T queries, S stored tokens, K keys read (S, or more when a storage reads a token twice: the
+learned latent's exact window), D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def attention(q_BNTD, k_BGSD, v_BGSD, keep, need_probs: bool):
+    """Softmax attention with GQA (kv head g serves query heads g*N/G .. (g+1)*N/G - 1, as HF
+    repeat_kv, without the copies). keep: bool [T,S] or [B,H,T,S] with H in (1, G) (True = may
+    attend) or None. Returns (o_BNTD, probs_BNTS or None)."""
+    B, N, T, D = q_BNTD.shape
+    G, S = k_BGSD.shape[1], k_BGSD.shape[2]
+    k_BGSD, v_BGSD = k_BGSD.to(q_BNTD.dtype), v_BGSD.to(q_BNTD.dtype)
+    if not need_probs:
+        if keep is not None and keep.dim() == 4:
+            keep = keep.repeat_interleave(N // G, dim=1) if keep.shape[1] == G else keep
+        return F.scaled_dot_product_attention(q_BNTD, k_BGSD, v_BGSD, attn_mask=keep, enable_gqa=True), None
+    # Each kv head's N/G query heads as one [N/G*T, D] block: one batched matmul per kv head,
+    # without materialising repeated keys/values (measured: the copies dominated a decode step).
+    q_BGMD = q_BNTD.reshape(B, G, N // G * T, D)
+    s_BGHTS = ((q_BGMD @ k_BGSD.transpose(-1, -2)) / math.sqrt(D)).view(B, G, N // G, T, S)
+    if keep is not None:
+        keep = keep[:, :, None] if keep.dim() == 4 else keep
+        s_BGHTS = s_BGHTS.masked_fill(~keep, float("-inf"))
+    p_BGHTS = torch.softmax(s_BGHTS.float(), dim=-1).to(q_BNTD.dtype)
+    o_BNTD = (p_BGHTS.view(B, G, N // G * T, S) @ v_BGSD).view(B, N, T, D)
+    return o_BNTD, p_BGHTS.view(B, N, T, S)
+
+
+def group_sum(p_BNTS: torch.Tensor, H: int) -> torch.Tensor:
+    """Attention mass per stored token and keep-set head, summed over the head's query heads and
+    the queries: [B,H,S] (H = G: per kv head; H = 1: over all heads)."""
+    B, N, T, S = p_BNTS.shape
+    return p_BNTS.reshape(B, H, N // H, T, S).sum(dim=(2, 3))
+
+
+def visible(q_pos_T: torch.Tensor, key_pos, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+    """Which keys each query may read: lo <= q_pos - key_pos (< hi). key_pos: [K] or [B,H,K];
+    returns [T,K] or [B,H,T,K]."""
+    d = q_pos_T[:, None] - (key_pos if key_pos.dim() == 1 else key_pos[:, :, None, :])
+    ok = d >= lo
+    return ok if hi is None else ok & (d < hi)
+
+
+def rotate_at(rope, x_BHSD: torch.Tensor, pos) -> torch.Tensor:
+    """RoPE of `rope` (pikv.models.transformer.RotaryEmbedding) applied at stored positions: an int
+    (contiguous from it: the module itself) or a [B,H',S] tensor (tokens kept after evictions)."""
+    if isinstance(pos, int):
+        return rope(x_BHSD, pos)
+    cos, sin = rope.cos_TD[pos].to(x_BHSD.dtype), rope.sin_TD[pos].to(x_BHSD.dtype)  # [B,H',S,D]
+    half = x_BHSD.shape[-1] // 2
+    rotated = torch.cat((-x_BHSD[..., half:], x_BHSD[..., :half]), dim=-1)  # rotate_half, the HF layout
+    return x_BHSD * cos + rotated * sin

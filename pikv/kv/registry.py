@@ -1,0 +1,263 @@
+"""The registry of KV methods: names -> (storage, selection), the byte-budget split, `make_cache`.
+
+A method name is `STORAGE[@SHARE]+SELECTION` (`quant+snapkv`, `learned@2+h2o`, `svd+window`); a
+single name is that part with the other at its neutral value (`h2o` = exact+h2o, `quant` =
+quant+all, `full` = exact+all). Canonical names drop the neutral parts, so every single method keeps
+its name. The budget rule (docs/kv.md, "One byte budget"): `ratio` is against an fp16 full cache of
+the same tokens. A single storage takes all of it; a single selection keeps ceil(total / ratio)
+tokens per layer; a composition gives the storage its share (SHARE, else the default: 4-bit codes
+for quant, the geometric split sqrt(ratio) for svd / learned) and the selection keeps
+ceil(total / (ratio / storage ratio)) tokens. The measured ratio (peak bytes, metadata and capacity
+included) is what the evaluation reports.
+
+To add a method: a `Selection` subclass in selection.py (a score and a protect rule) and its
+name in SELECTIONS, or a `Store` subclass (append / read / settle / keep) and a branch in
+`_store_factory`; every existing storage / selection then composes with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+
+from pikv.kv.budgets import (KVOptions, pyramid_budgets, quant_plan, quant_token_ratio, snap_window_for,
+                             token_budget)
+from pikv.kv.cache import KVCache
+from pikv.kv.learned import latent_rank
+from pikv.kv.quant import KiviStore, TokenQuantStore
+from pikv.kv.selection import SELECTIONS
+from pikv.kv.storage import LatentStore, Store, SVDStore
+
+STORAGES = ("exact", "quant", "svd", "learned")
+SELECTION_NAMES = tuple(SELECTIONS)  # all, window, streaming, h2o, snapkv, pyramid, lru, quest
+# Every single name a user may give: the full cache, each selection (exact storage), each storage (all kept).
+POLICIES = ("full",) + SELECTION_NAMES[1:] + STORAGES[1:]
+# Names users of the original PiKV know (Pyramid / SVD / Quantization compressors, LRU / H2O / QUEST
+# caches) and common spellings.
+ALIASES = {"quantized": "quant", "quantization": "quant", "kivi": "quant", "fp16": "exact",
+           "sliding": "window", "streamingllm": "streaming", "sink": "streaming", "pyramidkv": "pyramid"}
+# Names that meant something else here: 'lora' was the learned latent, while LoRA in PiKV means the
+# LoRA experts of moe.kind=pikv (one word, one meaning).
+RETIRED = {"lora": "'learned' (the jointly trained KV latent; LoRA experts are moe.kind=pikv)"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    storage: str = "exact"
+    selection: str = "all"
+    share: Optional[float] = None  # the storage's ratio in a composition (None: the default split)
+
+    @property
+    def name(self) -> str:
+        """Canonical name: neutral parts dropped (`h2o`, `quant`, `quant@4+h2o`, `full`)."""
+        store = self.storage + (f"@{self.share:g}" if self.share is not None else "")
+        if self.selection == "all":
+            return "full" if self.storage == "exact" else store
+        return self.selection if self.storage == "exact" else f"{store}+{self.selection}"
+
+
+def _one(part: str, name: str) -> str:
+    key = part.strip().lower()
+    if key in RETIRED:
+        raise ValueError(f"kv policy {part!r} is retired: use {RETIRED[key]}")
+    key = ALIASES.get(key, key)
+    if key == "full":
+        return "exact"
+    if key not in STORAGES and key not in SELECTIONS:
+        raise ValueError(f"unknown kv policy {part!r}" + (f" in {name!r}" if part != name else "")
+                         + f": allowed are {', '.join(POLICIES)}, or STORAGE[@SHARE]+SELECTION with storage in "
+                         f"{', '.join(STORAGES)} and selection in {', '.join(SELECTION_NAMES)} "
+                         f"(aliases: {', '.join(f'{a}={b}' for a, b in ALIASES.items())})")
+    return key
+
+
+def parse_method(name: str) -> Method:
+    """'quant@4+h2o' -> Method('quant', 'h2o', 4.0); ValueError naming the bad part and what is allowed."""
+    parts = str(name).split("+")
+    if len(parts) > 2 or not all(p.strip() for p in parts):
+        raise ValueError(f"kv method {name!r} must be one name or STORAGE[@SHARE]+SELECTION")
+    share = None
+    first = parts[0]
+    if "@" in first:
+        first, raw = first.split("@", 1)
+        try:
+            share = float(raw)
+        except ValueError:
+            raise ValueError(f"kv method {name!r}: storage share {raw!r} must be a number >= 1") from None
+        if not share >= 1:
+            raise ValueError(f"kv method {name!r}: storage share {share:g} must be >= 1")
+    a = _one(first, name)
+    if len(parts) == 1:
+        if share is not None:
+            raise ValueError(f"kv method {name!r}: a storage share needs a selection (STORAGE@SHARE+SELECTION)")
+        return Method(a, "all") if a in STORAGES else Method("exact", a)
+    b = _one(parts[1], name)
+    if a not in STORAGES or b not in SELECTIONS:
+        raise ValueError(f"kv method {name!r} must be STORAGE+SELECTION: storage one of {', '.join(STORAGES)}, "
+                         f"selection one of {', '.join(SELECTION_NAMES)}")
+    if share is not None and a == "exact":
+        raise ValueError(f"kv method {name!r}: exact storage takes no share (it is 1x)")
+    return Method(a, b, share)
+
+
+def resolve_policy(name: str) -> str:
+    """Canonical method name; ValueError naming the value and the allowed names."""
+    return parse_method(name).name
+
+
+def _dims(model) -> tuple[int, int, int]:
+    cfg = model.cfg
+    return cfg.num_layers, cfg.num_kv_heads, cfg.hidden_size // cfg.num_heads
+
+
+def _compressor(model, method: Method):
+    comp = model.layers[0].self_attn.kv_compressor
+    if comp is None:
+        raise ValueError(f"kv method {method.name!r}: storage 'learned' needs a model trained with "
+                         f"kv.compressor=learned (this model has no KV compressor); allowed storages here: "
+                         "exact, quant, svd")
+    return comp
+
+
+def _storage_ratio(method: Method, ratio: float, model, D: int, opt: KVOptions) -> tuple[float, dict]:
+    """(the storage's nominal ratio, its parameters) in a composition at `ratio`."""
+    s = method.share
+    if method.storage == "quant":
+        ratios = {b: quant_token_ratio(D, b, opt.quant_group) for b in (2, 4)}
+        if s is None:
+            bits = 4  # KIVI's main setting; the selection takes the rest
+        else:
+            bits = next((b for b in (2, 4) if s >= ratios[b] - 1e-9), None)
+            if bits is None:
+                raise ValueError(f"kv method {method.name!r}: quant share {s:g} is below its mildest format "
+                                 f"(4-bit, {ratios[4]:.2f}x); allowed shares >= {ratios[4]:.2f}")
+        return ratios[bits], {"bits": bits}
+    s = math.sqrt(ratio) if s is None else s
+    if method.storage == "svd":
+        rank = int(D // s)
+        if rank < 1:
+            raise ValueError(f"kv method {method.name!r}: svd share {s:g} leaves no rank >= 1 (head dim {D})")
+        return D / rank, {"rank": rank}
+    return s, {"share": s}  # learned: the rank is sized once the selection's budget is known
+
+
+def _split(method: Method, ratio: float, model, D: int, opt: KVOptions) -> tuple[float, dict]:
+    """(the selection's ratio, the storage's parameters) of a composition; ValueError naming both
+    parts when the storage alone exceeds the ratio."""
+    s, params = _storage_ratio(method, ratio, model, D, opt)
+    if ratio < s - 1e-9:
+        raise ValueError(f"kv ratio {ratio:g} is impossible for {method.name!r}: storage {method.storage!r} alone "
+                         f"takes {s:.2f}x, leaving {ratio / s:.2f}x (< 1) for selection {method.selection!r}; "
+                         f"allowed: ratio >= {s:.2f}, or an explicit split {method.storage}@SHARE+{method.selection} "
+                         f"with SHARE <= ratio")
+    return ratio / s, params
+
+
+def _alone(method: Method, model, ratio, tokens, total_tokens, opt: KVOptions, svd_bases) -> dict:
+    """A storage that holds every token takes the whole ratio: its parameters."""
+    L, G, D = _dims(model)
+    if tokens is not None or ratio is None:
+        raise ValueError(f"kv policy {method.storage!r} takes a compression ratio, not a token budget (tokens={tokens})")
+    if not ratio >= 1:
+        raise ValueError(f"kv compression ratio {ratio} is impossible: must be >= 1")
+    if method.storage == "quant":
+        bits, residual = quant_plan(ratio, D, total_tokens, opt.quant_group, opt.quant_residual)
+        return {"bits": bits, "residual": residual}
+    if method.storage == "svd":
+        rank = int(D // ratio)
+        if rank < 1:
+            raise ValueError(f"kv compression ratio {ratio} is impossible for svd: rank D/ratio < 1 (D={D})")
+        return {"rank": rank}
+    comp = _compressor(model, method)
+    return {"rank": comp.check_rank(latent_rank(G, D, ratio, comp.bits, comp.window, total_tokens))}
+
+
+def _composed(method: Method, model, ratio, tokens, total_tokens, opt: KVOptions) -> tuple[int, dict]:
+    """(the selection's token budget per layer, the storage's parameters) of any other method."""
+    L, G, D = _dims(model)
+    if method.storage == "exact":
+        return token_budget(ratio, tokens, total_tokens), {}
+    if ratio is not None and not ratio >= 1:
+        raise ValueError(f"kv compression ratio {ratio} is impossible: must be >= 1")
+    if tokens is not None:  # the selection's budget given; the storage takes its share
+        if method.share is None and method.storage != "quant":
+            raise ValueError(f"kv method {method.name!r} with a token budget needs an explicit storage share "
+                             f"({method.storage}@SHARE+{method.selection})")
+        params = _storage_ratio(method, method.share or 1.0, model, D, opt)[1]
+        M = token_budget(None, tokens, None)
+    else:
+        sel_ratio, params = _split(method, ratio, model, D, opt)
+        M = token_budget(sel_ratio, None, total_tokens)
+    if method.storage == "quant" and not SELECTIONS[method.selection].evicts:
+        params["residual"] = opt.quant_residual or 0
+    if method.storage == "learned":
+        comp = _compressor(model, method)
+        if M <= comp.window:
+            raise ValueError(f"kv method {method.name!r}: selection {method.selection!r} keeps {M} tokens per layer, "
+                             f"not more than the learned latent's exact window of {comp.window}; allowed: a "
+                             f"budget above {comp.window} tokens (a smaller ratio or storage share)")
+        share = params.pop("share")
+        try:
+            params = {"rank": comp.check_rank(latent_rank(G, D, share, comp.bits, comp.window, M if comp.window else None))}
+        except ValueError as err:
+            raise ValueError(f"kv method {method.name!r} at ratio {ratio}: storage 'learned' at share {share:.2f}x "
+                             f"beside selection {method.selection!r} keeping {M} tokens: {err}; allowed: another "
+                             f"split, learned@SHARE+{method.selection}") from None
+    return M, params
+
+
+def _store_factory(method: Method, model, params: dict, capacity: list[int], store_dtype, opt: KVOptions,
+                   svd_bases, evicts: bool):
+    def build(li: int) -> Store:
+        cap = capacity[li]
+        if method.storage == "quant":
+            if evicts:
+                return TokenQuantStore(params["bits"], opt.quant_group, None, 256, cap)
+            return KiviStore(params["bits"], opt.quant_group, params["residual"], store_dtype)
+        if method.storage == "svd":
+            return SVDStore(svd_bases[li], params["rank"], store_dtype, 256, cap)
+        if method.storage == "learned":
+            return LatentStore(model.layers[li].self_attn.kv_compressor, params["rank"], store_dtype, 256, cap)
+        return Store(store_dtype, 256, cap)
+    return build
+
+
+def make_cache(policy: str, model, *, ratio: Optional[float] = None, tokens: Optional[int] = None,
+               total_tokens: Optional[int] = None, store_dtype: Optional[torch.dtype] = torch.float16,
+               options: Optional[KVOptions] = None, svd_bases=None) -> KVCache:
+    """A KVCache of method `policy` (STORAGE[@SHARE]+SELECTION or a single name) for `model` (a pikv
+    Transformer) at a budget: `ratio` (fp16 full bytes / kept bytes, split by the module's rule) or
+    `tokens` (the selection's tokens per layer). total_tokens: the sequence length the cache will
+    hold (ratios of token budgets, KIVI's plan, the buffers' preallocation). ValueError for an
+    unknown name or an impossible budget, naming both parts."""
+    method = parse_method(policy)
+    L, G, D = _dims(model)
+    opt = options or KVOptions()
+    selection_cls = SELECTIONS[method.selection]
+    if method.storage == "svd" and svd_bases is None:
+        raise ValueError(f"kv method {method.name!r}: storage 'svd' needs calibration bases: "
+                         "svd_bases=calibrate_svd(model, tokens)")
+    budgets = None
+    if method.selection == "all":
+        params = {} if method.storage == "exact" else _alone(method, model, ratio, tokens, total_tokens, opt, svd_bases)
+    else:
+        M, params = _composed(method, model, ratio, tokens, total_tokens, opt)
+        lo = selection_cls(opt).min_budget()
+        if M < lo:
+            raise ValueError(f"kv budget of {M} tokens per layer is impossible for {method.name!r}: "
+                             f"selection {method.selection!r} needs >= {lo}")
+        budgets = [M] * L
+        if method.selection in ("snapkv", "pyramid"):  # the observation window, resolved from the mean budget
+            opt = dataclasses.replace(opt, snap_window=snap_window_for(opt.snap_window, M))
+            if method.selection == "pyramid":  # length: the tokens a layer sees (kvpress: the prompt)
+                budgets = pyramid_budgets(M, L, opt.pyramid_beta, opt.snap_window, total_tokens, lo)
+    evicts = selection_cls.evicts
+    capacity = [b + 1 for b in budgets] if evicts else [total_tokens or 0] * L
+    build = _store_factory(method, model, params, capacity, store_dtype, opt, svd_bases, evicts)
+    cache = KVCache(L, name=method.name, store=build, selection=selection_cls(opt), budgets=budgets,
+                    options=opt, capacity=capacity, store_dtype=store_dtype)
+    cache.info = params
+    return cache

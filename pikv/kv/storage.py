@@ -1,0 +1,185 @@
+"""Storage formats: how one layer's kept tokens are held. Exact (the model dtype or fp16), SVD
+low rank, the learned latent here; KIVI quantization in pikv/kv/quant.py.
+
+Shapes: B batch, G kv heads, T new tokens, S stored tokens, E the learned latent's exact tokens
+(its window + the new ones), K keys read, M kept tokens, D head dim, R rank.
+
+A store writes the new tokens (`append`), gives attention its keys and values (`read`: post-RoPE
+keys; the first S keys are one per stored token in stored order, extra keys name their token in
+`token_of_key`), finishes a step (`settle`: e.g. quantize the groups leaving KIVI's residual) and
+compacts to the tokens a selection keeps (`keep`). Positions are an int (tokens 0..S-1, nothing
+evicted) or a [B, H, S] tensor (the selection's `pos`); a low-rank store re-applies RoPE at them.
+Fixed weights that do not grow with tokens (SVD bases, the learned compressor) are model
+parameters and are not counted in nbytes().
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from pikv.kv.attention import rotate_at, visible
+from pikv.kv.buffers import Buffers
+
+
+class Store:
+    """Exact storage: keys after RoPE and values in `dtype` (None: the model's dtype, the plain cache)."""
+    joint_heads = False  # True: one keep set for all kv heads (a joint latent cannot drop a head's token alone)
+    free_order = True  # slots in any order (a decode step's new token moves into the evicted slot)
+    tail = 0  # newest tokens held apart from the rest; selections never evict them
+
+    def __init__(self, dtype: Optional[torch.dtype] = None, chunk: int = 256, capacity: int = 0):
+        self.dtype = dtype
+        self.buf = Buffers(chunk, capacity)
+
+    def _fields(self, k_pre_BGTD, k_BGTD, v_BGTD) -> dict[str, torch.Tensor]:
+        dtype = self.dtype or k_BGTD.dtype
+        return {"k": k_BGTD.to(dtype), "v": v_BGTD.to(dtype)}
+
+    def append(self, k_pre_BGTD, k_BGTD, v_BGTD, at: Optional[int] = None) -> None:
+        self.buf.write(self._fields(k_pre_BGTD, k_BGTD, v_BGTD), at)
+
+    def read(self, dtype, rope, pos, start: int, T: int):
+        """(k_BGKD after RoPE, v_BGKD, token_of_key [K] or None when K = S)."""
+        return self.buf.view("k"), self.buf.view("v"), None
+
+    def mask(self, q_pos_T, pos, start: int, T: int):
+        """Which keys each query reads: causal over stored positions (None when every key is
+        visible: one query after all stored tokens, SDPA's unmasked fast path)."""
+        if T == 1:
+            return None
+        # nothing evicted yet (pos an int): the stored positions are 0..start + T - 1
+        return visible(q_pos_T, torch.arange(start + T, device=q_pos_T.device) if isinstance(pos, int) else pos)
+
+    def settle(self) -> None:
+        """After attention: move tokens between the store's forms (nothing for exact storage)."""
+
+    def keep(self, idx_BHM: torch.Tensor) -> None:
+        self.buf.keep(idx_BHM)
+
+    def move_last(self, slot_BH1: torch.Tensor) -> None:
+        self.buf.move_last(slot_BH1)
+
+    def shrink(self, capacity: int) -> None:
+        self.buf.shrink(capacity)
+
+    def length(self) -> int:
+        return self.buf.n
+
+    def tokens_read(self) -> int:
+        """Stored tokens a step reads, new ones included (the first keys of `read`, one per token)."""
+        return self.length()
+
+    def final_tokens(self) -> int:
+        """Leading stored tokens whose keys, as read, will not change (page bounds of them stay valid)."""
+        return self.length()
+
+    def nbytes(self) -> int:
+        return self.buf.nbytes()
+
+    def token_bytes(self) -> int:
+        """Bytes one stored token of one kv head occupies (what a read of it costs)."""
+        return sum(x[0, 0, 0].numel() * x.element_size() for x in self.buf.t.values())
+
+    def get(self):
+        """Stored (k_BGSD, v_BGSD) views (exact storage)."""
+        return self.buf.view("k"), self.buf.view("v")
+
+
+class SVDStore(Store):
+    """Pre-RoPE keys and values projected on calibrated per-head bases (Palu, arXiv:2407.21118;
+    Eigen Attention, arXiv:2408.05646): codes [B, G, S, rank] in `dtype`, decoded and rotated at
+    their positions when read."""
+
+    def __init__(self, bases, rank: int, dtype, chunk: int = 256, capacity: int = 0):
+        super().__init__(dtype, chunk, capacity)
+        self.Uk_GDD, self.Uv_GDD = bases
+        self.rank = rank
+
+    def _fields(self, k_pre_BGTD, k_BGTD, v_BGTD):
+        Uk, Uv = (u.to(k_pre_BGTD.dtype)[..., :self.rank] for u in (self.Uk_GDD, self.Uv_GDD))
+        dtype = self.dtype or k_BGTD.dtype
+        return {"ck": torch.einsum("bgtd,gdr->bgtr", k_pre_BGTD, Uk).to(dtype),
+                "cv": torch.einsum("bgtd,gdr->bgtr", v_BGTD, Uv).to(dtype)}
+
+    def read(self, dtype, rope, pos, start, T):
+        Uk, Uv = (u.to(dtype)[..., :self.rank] for u in (self.Uk_GDD, self.Uv_GDD))
+        k_pre = torch.einsum("bgsr,gdr->bgsd", self.buf.view("ck").to(dtype), Uk)
+        v = torch.einsum("bgsr,gdr->bgsd", self.buf.view("cv").to(dtype), Uv)
+        return rotate_at(rope, k_pre, pos), v, None
+
+
+class LatentStore(Store):
+    """The jointly trained latent (pikv/kv/learned.py): the last `window` tokens held exactly
+    (pre-RoPE keys, values: the tail), older ones only as latent codes of all kv heads together
+    (one keep set per batch row). E = the held tokens plus the new ones; they are encoded each
+    step (as in the training pass), and those leaving the window keep only their codes."""
+    joint_heads, free_order = True, False  # codes, then the exact tail: order matters
+
+    def __init__(self, comp, rank: int, dtype, chunk: int = 256, capacity: int = 0):
+        W = comp.window
+        super().__init__(dtype, chunk, max(0, capacity - W))  # self.buf: the codes [B, 1, S - W, R]
+        self.comp, self.rank, self.tail = comp, rank, W
+        self.exact = Buffers(max(W, 1), W)  # wk, wv [B, G, <= W, D]
+        self._E = None
+
+    def append(self, k_pre_BGTD, k_BGTD, v_BGTD, at=None):
+        k_E, v_E = k_pre_BGTD, v_BGTD
+        if self.exact.n:
+            k_E = torch.cat([self.exact.view("wk").to(k_pre_BGTD.dtype), k_pre_BGTD], 2)
+            v_E = torch.cat([self.exact.view("wv").to(v_BGTD.dtype), v_BGTD], 2)
+        codes = self.comp.store(self.comp.encode(k_E, v_E, self.rank), self.dtype or k_BGTD.dtype)
+        self._E = (k_E, v_E, {name: c[:, None] for name, c in codes.items()})  # [B, 1, E, .]
+
+    def _latent(self, dtype) -> torch.Tensor:
+        codes_E = {name: c[:, 0] for name, c in self._E[2].items()}
+        latent_E = self.comp.load(codes_E, dtype)
+        if not self.buf.n:
+            return latent_E
+        return torch.cat([self.comp.load({name: self.buf.view(name)[:, 0] for name in codes_E}, dtype), latent_E], 1)
+
+    def read(self, dtype, rope, pos, start, T):
+        k_E, v_E, _ = self._E
+        k_lat, v_lat = self.comp.decode(self._latent(dtype))
+        k_lat = rotate_at(rope, k_lat, pos)
+        if not self.tail:
+            return k_lat, v_lat, None
+        S, E = k_lat.shape[2], k_E.shape[2]
+        token_of_key = torch.cat([torch.arange(S), torch.arange(S - E, S)]).to(k_lat.device)
+        return (torch.cat([k_lat, rope(k_E, start + T - E)], 2), torch.cat([v_lat, v_E], 2), token_of_key)
+
+    def mask(self, q_pos_T, pos, start, T):
+        """A query at p reads token j exactly when p - window < j <= p, through the latent when
+        j <= p - window (LatentKVCompressor.attention, the training pass)."""
+        if not self.tail:
+            return super().mask(q_pos_T, pos, start, T)
+        E = self._E[0].shape[2]
+        pos_S = torch.arange(start + T, device=q_pos_T.device) if isinstance(pos, int) else pos
+        exact_TE = visible(q_pos_T, torch.arange(start + T - E, start + T, device=q_pos_T.device), 0, self.tail)
+        latent = visible(q_pos_T, pos_S, self.tail)
+        return torch.cat([latent, exact_TE.expand(*latent.shape[:-1], E)], -1)
+
+    def settle(self):
+        k_E, v_E, codes_E = self._E
+        leaving = max(k_E.shape[2] - self.tail, 0)
+        if leaving:
+            self.buf.write({name: c[:, :, :leaving] for name, c in codes_E.items()})
+        if self.tail:
+            dtype = self.dtype or k_E.dtype
+            self.exact.n = 0
+            self.exact.write({"wk": k_E[:, :, leaving:].to(dtype), "wv": v_E[:, :, leaving:].to(dtype)})
+        self._E = None
+
+    def keep(self, idx_B1M):
+        """idx over [codes..., exact tail]: the tail is protected, so its last indices are the tail's."""
+        self.buf.keep(idx_B1M[:, :, :idx_B1M.shape[2] - self.exact.n])
+
+    def length(self):
+        return self.buf.n + self.exact.n
+
+    def tokens_read(self):
+        return self.buf.n + self._E[0].shape[2]  # codes, then the window + new tokens (encoded this step)
+
+    def nbytes(self):
+        return self.buf.nbytes() + self.exact.nbytes()
