@@ -7,7 +7,7 @@ Shapes: B batch, T tokens, H hidden, N query heads, G kv heads, D head dim, R ro
 import pytest
 import torch
 
-from pikv.config import JobConfig, KVConfig, ModelConfig, MoEConfig
+from pikv.config import JobConfig, KVConfig, ModelConfig, MoEConfig, from_dict, to_dict
 from pikv.export import check_mixtral_exportable
 from pikv.kv import KVCache, calibrate_svd, make_cache
 from pikv.kv.learned import KVTrainState
@@ -83,6 +83,9 @@ def test_fraction_one_is_bit_identical_to_full_rope():
         cos, sin = emb.cos()[start:start + 13], emb.sin()[start:start + 13]
         assert torch.equal(RotaryEmbedding(D, 40, THETA, 1.0)(x, start), x * cos + rotate_half(x) * sin)
     assert ModelConfig().rotary_fraction == 1.0  # the default model is today's model
+    stored = to_dict(JobConfig())
+    del stored["model"]["rotary_fraction"]  # a checkpoint written before the option: full rotary
+    assert from_dict(stored).model.rotary_fraction == 1.0
     assert Transformer(tiny(1.0)).rope.rotary_dims == D
 
 
