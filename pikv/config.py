@@ -32,6 +32,9 @@ class ModelConfig:
     ffn_hidden_size: int = 512  # dense (non-MoE) SwiGLU layers
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    # RoPE on the first rotary_fraction * head_dim dims of each head, the rest position-free
+    # (GPT-NeoX rotary_pct, HF partial_rotary_factor); 1.0 = every dim (Llama).
+    rotary_fraction: float = 1.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -358,6 +361,8 @@ def validate(cfg: JobConfig) -> JobConfig:
                 "train.mode", "task", "kv.compressor", "flex.missing", "data.errors"):
         section, _, name = key.rpartition(".")
         _check_choice(key, getattr(getattr(cfg, section), name) if section else getattr(cfg, name))
+    if not 0.0 < cfg.model.rotary_fraction <= 1.0:
+        invalid_key("model.rotary_fraction", cfg.model.rotary_fraction, "must be in (0, 1] (1.0 = RoPE on every dim)")
     moe_layer_indices(cfg.model, cfg.moe)
     if not cfg.moe.bias_update_rate >= 0:
         invalid_key("moe.bias_update_rate", cfg.moe.bias_update_rate, "must be >= 0 (0 = bias never moves)")

@@ -53,6 +53,9 @@ def check_mixtral_exportable(cfg: JobConfig) -> None:
     if moe.router != "softmax_topk":
         raise _unsupported("moe.router", moe.router, "Mixtral routes with a softmax over all experts "
                            "then top-k; only moe.router='softmax_topk' is exportable")
+    if getattr(m, "rotary_fraction", 1.0) != 1.0:
+        raise _unsupported("model.rotary_fraction", m.rotary_fraction,
+                           "Mixtral's attention applies RoPE to every dim of a head; only 1.0 is exportable")
     if not moe.renormalize:
         raise _unsupported("moe.renormalize", moe.renormalize,
                            "Mixtral always renormalises the top-k weights to sum to 1")

@@ -59,7 +59,4 @@ def rotate_at(rope, x_BHSD: torch.Tensor, pos) -> torch.Tensor:
     (contiguous from it: the module itself) or a [B,H',S] tensor (tokens kept after evictions)."""
     if isinstance(pos, int):
         return rope(x_BHSD, pos)
-    cos, sin = rope.cos_TD[pos].to(x_BHSD.dtype), rope.sin_TD[pos].to(x_BHSD.dtype)  # [B,H',S,D]
-    half = x_BHSD.shape[-1] // 2
-    rotated = torch.cat((-x_BHSD[..., half:], x_BHSD[..., :half]), dim=-1)  # rotate_half, the HF layout
-    return x_BHSD * cos + rotated * sin
+    return rope.at_positions(x_BHSD, pos)

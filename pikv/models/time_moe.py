@@ -19,7 +19,7 @@ from torch import nn
 
 from pikv.config import MoEConfig, ModelConfig
 from pikv.models.moe_model import MoEModel
-from pikv.models.transformer import Block, RMSNorm, RotaryEmbedding, check_transformer
+from pikv.models.transformer import Block, RMSNorm, check_transformer, model_rope
 
 
 def _time_moe(moe_cfg: MoEConfig) -> MoEConfig:
@@ -39,7 +39,7 @@ class TimeMoE(MoEModel):
         self.max_seq_len, self.heads = cfg.max_seq_len, list(heads)
         self.embed_gate = nn.Linear(1, H, bias=False)
         self.embed_value = nn.Linear(1, H, bias=False)
-        self.rope = RotaryEmbedding(H // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.rope = model_rope(cfg)
         time_moe = _time_moe(moe_cfg)
         moe_ids = check_time_moe(cfg, moe_cfg)
         self.layers = nn.ModuleList(Block(cfg, time_moe, i, i in moe_ids, deterministic) for i in range(cfg.num_layers))

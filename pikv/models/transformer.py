@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pikv.config import ModelConfig, MoEConfig, config_keys, default_latent_window, invalid_key, moe_layer_indices
+from pikv.config import (ModelConfig, MoEConfig, OptionError, config_keys, default_latent_window, invalid_key,
+                         moe_layer_indices)
 from pikv.kv.cache import KVCache
 from pikv.kv.learned import LatentKVCompressor, attention_error
 from pikv.models.moe_model import MoEModel
@@ -40,23 +41,57 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class RotaryEmbedding(nn.Module):
-    """RoPE (Su et al. 2021) in the HF Llama layout: dims i and i + D/2 form a rotated pair."""
+def rotary_dims(head_dim: int, fraction: float) -> int:
+    """How many leading dims of each head RoPE rotates: fraction * head_dim, which must be an even
+    whole number >= 2 (a pair of dims per frequency); OptionError on `fraction` otherwise."""
+    rot = round(fraction * head_dim)
+    if not 0 < fraction <= 1 or abs(fraction * head_dim - rot) > 1e-6 or rot % 2 or rot < 2:
+        raise OptionError("fraction", fraction, f"must be k / {head_dim} (head dim {head_dim}) for an even k "
+                          f"in [2, {head_dim}]: an even whole number of rotated dims, e.g. "
+                          f"{2 / head_dim:g}, 0.5 or 1.0")
+    return rot
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al. 2021) in the HF Llama layout: dims i and i + R/2 form a rotated pair.
+
+    Partial rotary (GPT-NeoX rotary_pct, HF partial_rotary_factor; transformers'
+    gpt_neox apply_rotary_pos_emb): only the first R = fraction * D dims of a head rotate, with
+    frequencies theta^(-2i/R) over those R dims; the other D - R dims pass through position-free.
+    Every RoPE in pikv (queries, keys, the low-rank caches' re-rotated keys) goes through forward().
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float, fraction: float = 1.0):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        freqs_TD2 = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-        emb_TD = torch.cat((freqs_TD2, freqs_TD2), dim=-1)
+        self.rotary_dims = R = rotary_dims(head_dim, fraction)
+        inv_freq = 1.0 / theta ** (torch.arange(0, R, 2, dtype=torch.float32) / R)
+        freqs_TR2 = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        emb_TR = torch.cat((freqs_TR2, freqs_TR2), dim=-1)
         # Not persistent: derived from the config, so checkpoints stay free of them.
-        self.register_buffer("cos_TD", emb_TD.cos(), persistent=False)
-        self.register_buffer("sin_TD", emb_TD.sin(), persistent=False)
+        self.register_buffer("cos_TR", emb_TR.cos(), persistent=False)
+        self.register_buffer("sin_TR", emb_TR.sin(), persistent=False)
 
     def forward(self, x_BNTD: torch.Tensor, start: int) -> torch.Tensor:
+        """x [..., T, D] at positions start .. start + T - 1 -> the same shape, rotated."""
         T = x_BNTD.shape[-2]
-        cos = self.cos_TD[start:start + T].to(x_BNTD.dtype)
-        sin = self.sin_TD[start:start + T].to(x_BNTD.dtype)
-        return x_BNTD * cos + rotate_half(x_BNTD) * sin
+        return self._rotate(x_BNTD, self.cos_TR[start:start + T], self.sin_TR[start:start + T])
+
+    def at_positions(self, x_BHSD: torch.Tensor, pos_BHS: torch.Tensor) -> torch.Tensor:
+        """x [B, H, S, D] rotated at arbitrary positions [B, H, S] (a cache's kept tokens after
+        evictions; pikv/kv/attention.py rotate_at)."""
+        return self._rotate(x_BHSD, self.cos_TR[pos_BHS], self.sin_TR[pos_BHS])
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        cos, sin, R = cos.to(x.dtype), sin.to(x.dtype), self.rotary_dims
+        if R == x.shape[-1]:  # full rotary: no split, no copy (bit-identical to the Llama path)
+            return x * cos + rotate_half(x) * sin
+        x_rot, x_pass = x[..., :R], x[..., R:]
+        return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def model_rope(cfg: ModelConfig) -> RotaryEmbedding:
+    """The RoPE of a model config (every model built from ModelConfig uses this one)."""
+    return RotaryEmbedding(cfg.hidden_size // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta, cfg.rotary_fraction)
 
 
 class Attention(nn.Module):
@@ -151,6 +186,8 @@ def check_transformer(cfg: ModelConfig, moe_cfg: MoEConfig, kinds: tuple[str, ..
     if (cfg.hidden_size // cfg.num_heads) % 2:
         invalid_key("model.num_heads", cfg.num_heads,
                     f"head dim hidden_size/num_heads={cfg.hidden_size // cfg.num_heads} must be even (RoPE)")
+    with config_keys({"fraction": "model.rotary_fraction"}):
+        rotary_dims(cfg.hidden_size // cfg.num_heads, cfg.rotary_fraction)
     if cfg.num_heads % cfg.num_kv_heads:
         invalid_key("model.num_kv_heads", cfg.num_kv_heads, f"must divide model.num_heads={cfg.num_heads}")
     moe_layers = moe_layer_indices(cfg, moe_cfg)
@@ -195,7 +232,7 @@ class Transformer(MoEModel):
         moe_layers = check_transformer(cfg, moe_cfg)
         self.cfg, self.moe_cfg = cfg, moe_cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.rope = RotaryEmbedding(cfg.hidden_size // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.rope = model_rope(cfg)
         # kv_cfg (pikv.config.KVConfig) with compressor='learned' adds the jointly trained KV latent.
         kv_rank, kv_bits, kv_window = None, 16, 0
         if kv_cfg is not None and kv_cfg.compressor == "learned":

@@ -224,9 +224,10 @@ def cache_positions(cache, b, h):
 
 @pytest.mark.parametrize("selection", SELECTION_NAMES)
 @pytest.mark.parametrize("storage", ["exact", "quant", "svd", "learned"])
-def test_every_storage_x_selection_equals_the_reference_loop(storage, selection):
+@pytest.mark.parametrize("rotary_fraction", [1.0, 0.5])  # low-rank stores re-rotate kept keys: partial rotary too
+def test_every_storage_x_selection_equals_the_reference_loop(storage, selection, rotary_fraction):
     torch.manual_seed(0)
-    rope = RotaryEmbedding(D, TOTAL, 10000.0)
+    rope = RotaryEmbedding(D, TOTAL, 10000.0, rotary_fraction)
     comp = LatentKVCompressor(G, D, 2 * G * D, bits=8, window=WINDOW)
     bases = tuple(torch.linalg.qr(torch.randn(G, D, D))[0] for _ in range(2))
     q = torch.randn(B, N, TOTAL, D, generator=seeded(1)) * 2
