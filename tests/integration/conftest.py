@@ -69,3 +69,25 @@ def read_losses(run_dir: Path) -> dict[int, float]:
     """The training loss of every logged step."""
     rows = read_metrics(run_dir)
     return {step: row["loss"] for step, row in rows.items() if "loss" in row}
+
+
+# ---- SLURM test clusters (test_slurm.py: one node; test_multinode.py: two netns nodes) ----------
+_LAUNCH_VARS = ("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "TORCHELASTIC")
+
+
+def slurm_env(cluster_dir: Path, pikv_cache: str, **extra: str) -> dict[str, str]:
+    """The environment of jobs submitted to the test cluster in `cluster_dir`: its slurm.conf,
+    the shared data cache, offline W&B, and none of the launch variables of an outer job."""
+    env = {**os.environ, "SLURM_CONF": str(cluster_dir / "slurm.conf"), "PIKV_CACHE": pikv_cache,
+           "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", **extra}
+    for key in [k for k in env if k.startswith(_LAUNCH_VARS) and k != "SLURM_CONF"]:
+        env.pop(key)
+    return env
+
+
+def submit_job(env: dict[str, str], cwd: Path, args: list[str]) -> str:
+    """launch/slurm/submit.py with `args`; the job id."""
+    out = subprocess.run([sys.executable, str(REPO / "launch/slurm/submit.py")] + args, cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout.strip().splitlines()[-1].split()[2].rstrip(";")  # "submitted job <id>; ..."

@@ -22,7 +22,7 @@ import pytest
 from pikv.config import load_config
 from pikv.data.loader import prepare_data
 from pikv.wandb_offline import history, run_ids
-from tests.integration.conftest import REPO, TINY, read_metrics
+from tests.integration.conftest import REPO, TINY, read_metrics, slurm_env, submit_job
 
 pytestmark = pytest.mark.slow
 CLUSTER = REPO / "tests" / "integration" / "multinode_cluster.sh"
@@ -50,12 +50,7 @@ def cluster(pikv_cache):
     d = Path(tempfile.mkdtemp(prefix="pikv-multinode-"))
     d.chmod(0o711)
     start = subprocess.run([str(CLUSTER), "start", str(d)], capture_output=True, text=True, timeout=120)
-    env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf"), "PIKV_CACHE": pikv_cache, "OMP_NUM_THREADS": "1",
-           "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    launch_vars = ("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "TORCHELASTIC")
-    for key in [k for k in env if k.startswith(launch_vars)]:
-        if key != "SLURM_CONF":
-            env.pop(key)
+    env = slurm_env(d, pikv_cache)
     try:
         assert start.returncode == 0, f"two-node SLURM cluster did not start:\n{start.stdout}\n{start.stderr}"
         yield env
@@ -63,13 +58,6 @@ def cluster(pikv_cache):
         subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True)
         subprocess.run([str(CLUSTER), "stop", str(d)], capture_output=True, timeout=120)
         shutil.rmtree(d, ignore_errors=True)
-
-
-def _submit(env, cwd: Path, args: list[str]) -> str:
-    out = subprocess.run([sys.executable, str(SUBMIT)] + args, cwd=cwd, env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout.strip().splitlines()[-1].split()[2].rstrip(";")  # "submitted job <id>; ..."
 
 
 def _squeue(env, job: str, fmt: str) -> str:
@@ -112,9 +100,9 @@ def test_two_nodes_by_two_processes_match_four_processes_on_one_node(cluster, ru
     run_dir = run_job.cwd / "runs" / "two_nodes"
     # torchrun form: stop after step 5 (checkpoint), then a second job resumes; tasks form: one job.
     first = common + ["train.run_name=two_nodes"] + (["train.exit_at_step=5"] if launch == "torchrun" else [])
-    job = _submit(cluster, run_job.cwd, TWO_BY_TWO + form + first)
+    job = submit_job(cluster, run_job.cwd, TWO_BY_TWO + form + first)
     log = _wait_gone(cluster, job, run_dir)
-    assert f"on n[1-2], head n1:" in log and f"launch {launch}" in log, log[-3000:]
+    assert "on n[1-2], head n1:" in log and f"launch {launch}" in log, log[-3000:]
     summary = json.loads((run_dir / "model_summary.json").read_text())
     assert summary["world_size"] == 4 and summary["ep_size"] == ep, log[-3000:]
     a, b = "0, 1", "2, 3"
@@ -125,7 +113,7 @@ def test_two_nodes_by_two_processes_match_four_processes_on_one_node(cluster, ru
         or f"is shared by all 4 ranks on n2 (ranks {a}), n1 (ranks {b})" in log, log[-3000:]
     assert _shards(first_ckpt) == [f"__{r}_0.distcp" for r in range(4)], log[-3000:]
     if launch == "torchrun":
-        job = _submit(cluster, run_job.cwd, TWO_BY_TWO + form + common + ["train.run_name=two_nodes"])
+        job = submit_job(cluster, run_job.cwd, TWO_BY_TWO + form + common + ["train.run_name=two_nodes"])
         log = _wait_gone(cluster, job, run_dir)
         assert f"resumed from {first_ckpt} at step 5" in log, log[-3000:]
     _assert_same_curve(run_dir, run_job.cwd / "runs" / "one_node", steps)
@@ -151,7 +139,7 @@ def _node_states(env) -> dict[str, str]:
 
 def test_losing_a_node_requeues_and_resumes_every_step_once(cluster, tmp_path):
     steps = 60
-    job = _submit(cluster, tmp_path, TWO_BY_TWO + ["--max-restarts", "1"] + TINY +
+    job = submit_job(cluster, tmp_path, TWO_BY_TWO + ["--max-restarts", "1"] + TINY +
                   ["train.run_name=lost", f"train.max_steps={steps}", "train.checkpoint_every=4",
                    "logging.wandb_mode=offline"])
     run_dir = tmp_path / "runs" / "lost"

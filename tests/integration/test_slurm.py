@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import REPO, TINY, read_metrics
+from tests.integration.conftest import REPO, TINY, read_metrics, slurm_env, submit_job
 from pikv.wandb_offline import history, run_ids
 
 pytestmark = pytest.mark.slow
@@ -37,24 +37,13 @@ def slurm(pikv_cache):
     d.chmod(0o711)
     start = subprocess.run([str(CLUSTER), "start", str(d)], capture_output=True, text=True, timeout=120)
     assert start.returncode == 0, f"one-node SLURM cluster did not start:\n{start.stdout}\n{start.stderr}"
-    env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf"), "PIKV_CACHE": pikv_cache, "OMP_NUM_THREADS": "1",
-           "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PIKV_GPU_REQUEST": "none"}  # CPU nodes: no GPUs to ask
-    for key in [k for k in env if k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))]:
-        if key != "SLURM_CONF":
-            env.pop(key)
+    env = slurm_env(d, pikv_cache, PIKV_GPU_REQUEST="none")  # CPU nodes: no GPUs to ask
     try:
         yield env
     finally:
         subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True)
         subprocess.run([str(CLUSTER), "stop", str(d)], capture_output=True, timeout=120)
         shutil.rmtree(d, ignore_errors=True)
-
-
-def _submit(env, cwd: Path, args: list[str]) -> str:
-    out = subprocess.run([sys.executable, str(REPO / "launch/slurm/submit.py")] + args, cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout.strip().splitlines()[-1].split()[2].rstrip(";")  # "submitted job <id>; ..."
 
 
 def _job_state(env, job: str) -> str:
@@ -81,7 +70,7 @@ def _training_rows(run_dir: Path) -> list[int]:
 
 
 def test_sbatch_two_processes_completes_with_checkpoints_and_metrics(slurm, tmp_path):
-    job = _submit(slurm, tmp_path, ["--gpus-per-node", "2"] + TINY +
+    job = submit_job(slurm, tmp_path, ["--gpus-per-node", "2"] + TINY +
                   ["train.run_name=sb", "train.max_steps=6", "train.checkpoint_every=3",
                    "parallel.expert_parallel_size=2", "logging.wandb_mode=disabled"])
     state = _wait_done(slurm, job)
@@ -97,7 +86,7 @@ def test_sbatch_two_processes_completes_with_checkpoints_and_metrics(slurm, tmp_
 
 def test_usr1_requeues_and_the_requeued_job_resumes_every_step_once(slurm, tmp_path):
     steps = 40
-    job = _submit(slurm, tmp_path, ["--gpus-per-node", "2"] + TINY +
+    job = submit_job(slurm, tmp_path, ["--gpus-per-node", "2"] + TINY +
                   ["train.run_name=rq", f"train.max_steps={steps}", "train.checkpoint_every=1000",
                    "logging.wandb_mode=offline"])
     run_dir = tmp_path / "runs" / "rq"
