@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from pikv.data import (BlockLoader, DataError, PrepareSpec, PreparedDir, ShardedTokens, load_tokenizer, pack_documents,
                        prepare, train_bpe)
@@ -332,3 +333,40 @@ def test_hub_dataset_prepares_through_the_same_rows(tmp_path, monkeypatch, tok):
                         validation_docs=1, heldout_docs=1), tmp_path / "out")
     texts = {f"{s}:{i}": t for s, v in rows.items() for i, t in enumerate(v) if t}
     _check_prepared(out, tok, texts)  # the empty row is no document
+
+
+def _write_gguf_with_tokenizer(path: Path, tok: Tokenizer) -> None:
+    """A minimal Llama-architecture GGUF file whose tokenizer is `tok` (byte-level BPE), written with
+    the gguf package the way llama.cpp's converter stores a GPT-2-style vocabulary."""
+    import gguf
+
+    spec = json.loads(tok.to_str())["model"]
+    vocab = [t for t, _ in sorted(spec["vocab"].items(), key=lambda kv: kv[1])]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(64), writer.add_embedding_length(16), writer.add_block_count(1)
+    writer.add_feed_forward_length(32), writer.add_head_count(2), writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5), writer.add_rope_dimension_count(8), writer.add_vocab_size(len(vocab))
+    writer.add_tokenizer_model("gpt2"), writer.add_tokenizer_pre("default"), writer.add_token_list(vocab)
+    writer.add_token_types([3 if t == "<|endoftext|>" else 1 for t in vocab])  # 3 = control
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["merges"]])
+    writer.add_bos_token_id(0), writer.add_eos_token_id(0)
+    writer.add_tensor("token_embd.weight", np.zeros((len(vocab), 16), dtype=np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="the gguf package is not installed")
+def test_gguf_model_tokenizer_encodes_as_the_tokenizer_it_was_written_from(tmp_path):
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"])
+    tok.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 50, trainer)
+    _write_gguf_with_tokenizer(tmp_path / "model.gguf", tok)
+    loaded = load_tokenizer(str(tmp_path / "model.gguf"))
+    text = "hello world, the lazy fox jumps; unseen words too: zebra 123"
+    assert loaded.encode(text).ids == tok.encode(text).ids
+    assert loaded.get_vocab_size() == tok.get_vocab_size()
