@@ -23,11 +23,11 @@ positions), so a step moves one token per row instead of re-gathering the budget
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Union
 
 import torch
 
-from pikv.kv.attention import attention
 from pikv.kv.budgets import KVOptions
 from pikv.kv.buffers import Buffers
 from pikv.kv.selection import Selection
@@ -129,19 +129,13 @@ class KVCache:
     def _attend(self, li: int, q_BNTD, start: int, T: int, rope):
         store, sel = self.stores[li], self.selection
         pos = self.positions(li) if self._evicted[li] else 0
-        k_BGKD, v_BGKD, token_of_key = store.read(q_BNTD.dtype, rope, pos, start, T)
-        q_pos_T = torch.arange(start, start + T, device=q_BNTD.device)
-        mask = store.mask(q_pos_T, pos, start, T)
+        read = functools.cache(lambda: store.read(q_BNTD.dtype, rope, pos, start, T))
         S = store.tokens_read()
-        extra = sel.read_mask(self, li, q_BNTD, k_BGKD[:, :, :S], start)
-        if extra is not None:
-            extra = extra if token_of_key is None else extra.index_select(-1, token_of_key)
-            mask = extra if mask is None else mask & extra
-        o_BNTD, p_BNKS = attention(q_BNTD, k_BGKD, v_BGKD, mask, sel.needs_probs)
-        if p_BNKS is not None:
-            if token_of_key is not None:  # a token read twice (exactly and through the latent)
-                p_BNKS = p_BNKS.new_zeros(*p_BNKS.shape[:3], S).index_add_(-1, token_of_key, p_BNKS)
-            sel.update(self, li, p_BNKS, start)
+        # the selection's extra read rule (Quest) sees the keys only if it needs them
+        extra = sel.read_mask(self, li, q_BNTD, lambda: read()[0][:, :, :S], start)
+        o_BNTD, p_BNTS = store.attend(q_BNTD, read, pos, start, T, extra, sel.needs_probs)
+        if p_BNTS is not None:
+            sel.update(self, li, p_BNTS, start)
         return o_BNTD
 
     def _evict(self, li: int, start: int, T: int) -> None:

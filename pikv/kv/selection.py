@@ -52,8 +52,9 @@ class Selection:
         """[B, H, S] float64: higher = kept first."""
         raise NotImplementedError
 
-    def read_mask(self, cache, li: int, q_BNTD: torch.Tensor, k_BGSD: torch.Tensor, start: int):
-        """Tokens each query reads beside the causal rule ([B,G,T,S] bool) or None: all."""
+    def read_mask(self, cache, li: int, q_BNTD: torch.Tensor, keys, start: int):
+        """Tokens each query reads beside the causal rule ([B,G,T,S] bool) or None: all. keys():
+        the stored tokens' keys after RoPE [B,G,S,D] (built only when asked for)."""
         return None
 
 
@@ -185,7 +186,8 @@ class Quest(Selection):
     def min_budget(self):
         return self.opt.quest_page
 
-    def read_mask(self, cache, li, q_BNTD, k_BGSD, start):
+    def read_mask(self, cache, li, q_BNTD, keys, start):
+        k_BGSD = keys()
         bounds = self._update_bounds(cache, li, k_BGSD)
         if q_BNTD.shape[2] > 1:  # a prefill attends to everything
             return None

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from pikv.kv.attention import rotate_at, visible
+from pikv.kv.attention import attention, rotate_at, visible
 from pikv.kv.buffers import Buffers
 
 
@@ -43,6 +43,23 @@ class Store:
     def read(self, dtype, rope, pos, start: int, T: int):
         """(k_BGKD after RoPE, v_BGKD, token_of_key [K] or None when K = S)."""
         return self.buf.view("k"), self.buf.view("v"), None
+
+    def attend(self, q_BNTD, read, pos, start: int, T: int, extra, need_probs: bool):
+        """Attention of the T new queries (at start..start+T-1) over the stored tokens: (o_BNTD,
+        probs per stored token [B, N, T, S] or None). `read()` gives `self.read(...)` (computed
+        once per step: a selection may have asked for the keys already); `extra` is the
+        selection's read mask over stored tokens or None. This reconstructs keys and values and
+        attends over them; a store that attends in its compressed domain overrides it."""
+        k_BGKD, v_BGKD, token_of_key = read()
+        q_pos_T = torch.arange(start, start + T, device=q_BNTD.device)
+        mask = self.mask(q_pos_T, pos, start, T)
+        if extra is not None:
+            extra = extra if token_of_key is None else extra.index_select(-1, token_of_key)
+            mask = extra if mask is None else mask & extra
+        o_BNTD, p_BNKS = attention(q_BNTD, k_BGKD, v_BGKD, mask, need_probs)
+        if p_BNKS is not None and token_of_key is not None:  # a token read twice (exactly and through the latent)
+            p_BNKS = p_BNKS.new_zeros(*p_BNKS.shape[:3], self.tokens_read()).index_add_(-1, token_of_key, p_BNKS)
+        return o_BNTD, p_BNKS
 
     def mask(self, q_pos_T, pos, start: int, T: int):
         """Which keys each query reads: causal over stored positions (None when every key is
