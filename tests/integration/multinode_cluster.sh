@@ -19,6 +19,7 @@
 set -euo pipefail
 cmd="${1:?usage: multinode_cluster.sh install|start DIR|stop [DIR]|kill-node N|start-node N|exec N CMD}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
+. "$HERE/slurm_lib.sh"
 NODES=(n1 n2)
 BRIDGE=pikvbr0
 NET=10.213.77
@@ -95,35 +96,13 @@ setup_network() {
 
 write_conf() {  # write_conf DIR PORT
     local d="$1" port="$2"
-    cat > "$d/slurm.conf" <<CONF
-ClusterName=pikvmulti
-SlurmctldHost=$(hostname -s)($CTL_ADDR)
-SlurmctldPort=$port
-SlurmdPort=$((port + 1))
-AuthType=auth/munge
-AuthInfo=socket=$d/munge/munge.socket.2
-CredType=cred/munge
-SlurmUser=root
-SlurmdUser=root
-StateSaveLocation=$d/state
-SlurmdSpoolDir=$d/spool-%n
-SlurmctldPidFile=$d/slurmctld.pid
-SlurmdPidFile=$d/slurmd-%n.pid
-SlurmctldLogFile=$d/log/slurmctld.log
-SlurmdLogFile=$d/log/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-MpiDefault=none
-ReturnToService=2
-KillWait=30
-# A node that stops answering is declared down after this many seconds (the node-loss test).
-SlurmdTimeout=10
-CONF
+    {
+        echo "ClusterName=pikvmulti"
+        echo "SlurmctldHost=$(hostname -s)($CTL_ADDR)"
+        common_conf "$d" "$port"
+        echo "# A node that stops answering is declared down after this many seconds (the node-loss test)."
+        echo "SlurmdTimeout=10"
+    } > "$d/slurm.conf"
     for node in "${NODES[@]}"; do
         echo "NodeName=$node NodeHostname=$node NodeAddr=$(addr_of "$node") CPUs=$(nproc --all) RealMemory=16000 State=UNKNOWN"
     done >> "$d/slurm.conf"
@@ -155,16 +134,11 @@ start)
     D="$(realpath -m "${2:?DIR}")"
     [ -f "$STATE" ] && "$0" stop "$(cat "$STATE")"
     teardown_network  # namespaces or a bridge left without a state file
-    PORT="${PIKV_SLURM_PORT:-16917}"
-    in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-    while in_use "$PORT" || in_use "$((PORT + 1))"; do PORT=$((PORT + 2)); done
+    PORT="$(free_port_pair "${PIKV_SLURM_PORT:-16917}")"
     echo "$D" > "$STATE"
-    mkdir -p "$D/munge" "$D/state" "$D/log"
-    chmod 711 "$D/munge"  # 700 makes munged refuse the socket directory
-    [ -f "$D/munge/munge.key" ] || { head -c 1024 /dev/urandom > "$D/munge/munge.key"; chmod 600 "$D/munge/munge.key"; }
+    mkdir -p "$D"
     setup_network "$D"
-    munged --socket="$D/munge/munge.socket.2" --pid-file="$D/munge/munged.pid" --log-file="$D/munge/munged.log" \
-        --seed-file="$D/munge/munged.seed" --key-file="$D/munge/munge.key"
+    start_munge "$D"
     write_conf "$D" "$PORT"
     SLURM_CONF="$D/slurm.conf" slurmctld
     for node in "${NODES[@]}"; do mkdir -p "$D/spool-$node"; start_slurmd "$D" "$node"; done
