@@ -23,7 +23,7 @@ from pikv.testing import run_distributed
 from tests.helpers import REORDERED_FP32, load_entry_point, seeded, save_job_checkpoint, tiny_lm, tiny_tokenizer_file
 from tests.integration.conftest import TINY
 
-PROMPTS = ["kato rine sumo", "lape divu shable", "torsu"]  # the first two encode to the same length
+PROMPTS = ["kato rine sumo", "sumo kato rine", "torsu"]  # the first two encode to the same length (3 tokens)
 NEW = 24
 
 
@@ -97,7 +97,8 @@ def test_ep2_decodes_the_tokens_and_logits_of_one_process(ckpts, kv, ratio, tol)
     logits within fp32 reordering, each rank holding half of the experts."""
     opts = dict(max_new_tokens=NEW, kv=kv, ratio=ratio, batch_size=2)
     results = run_distributed(_decode_worker, 2, ckpts[2], opts, PROMPTS)
-    ref = reference(kv, ratio, [results[0][0].prompt_token_ids[i] for i in range(len(PROMPTS))])
+    ref = reference(kv, ratio, results[0][0].prompt_token_ids)
+    assert len(results[0][0].prompt_token_ids[0]) == len(results[0][0].prompt_token_ids[1])  # one batch of 2
     for report, logits in results:
         assert report.token_ids == [tokens for tokens, _ in ref]
         for got, (_, want) in zip(logits, ref):
