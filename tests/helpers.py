@@ -1,5 +1,6 @@
-"""Helpers shared by the test suites: the fp32 tolerances with their reasons, seeded inputs, and
-the forward/backward probe and randomised layer of the expert-parallel parity tests.
+"""Helpers shared by the test suites: the fp32 tolerances with their reasons, seeded inputs, the
+forward/backward probe and randomised layer of the expert-parallel parity tests, and tiny
+checkpoints written by the trainer's save_checkpoint (perturbed weights, a small tokenizer).
 
 The end-to-end helpers (running train/main.py, reading metrics.jsonl) live in
 tests/integration/conftest.py beside the fixtures that use them.
@@ -7,9 +8,20 @@ tests/integration/conftest.py beside the fixtures that use them.
 
 from __future__ import annotations
 
+import importlib.util
+import random
+from pathlib import Path
+
 import torch
 
+from pikv.config import to_dict
+from pikv.data import train_bpe
+from pikv.distributed import init_distributed
+from pikv.models import Transformer
+from pikv.models.parallelize import apply_parallelism
 from pikv.moe import create_moe
+from pikv.testing import run_distributed
+from pikv.training.checkpoint import TrainerState, save_checkpoint
 
 # Two correct fp32 computations that add the same terms in another order (a per-token Python loop
 # vs scatter-add, EP shards after all-to-all vs one process, a KV cache vs one pass) differ by a
@@ -53,11 +65,6 @@ def forward_backward(layer: torch.nn.Module, x: torch.Tensor, grad_out: torch.Te
 
 
 def _save_worker(rank, world_size, cfg, root, tokenizer_file, build):
-    from pikv.config import to_dict
-    from pikv.distributed import init_distributed
-    from pikv.models.parallelize import apply_parallelism
-    from pikv.training.checkpoint import TrainerState, save_checkpoint
-
     ep = cfg.parallel.expert_parallel_size
     ctx = init_distributed("cpu", "gloo", ep)  # the process group exists: this only builds the mesh
     model = apply_parallelism(build(), ctx)  # every rank builds the same model, then keeps its experts
@@ -70,9 +77,6 @@ def save_job_checkpoint(cfg, root, tokenizer_file, build, world_size: int = 1):
     """The trainer's save_checkpoint of the model `build()` returns (the same weights on every
     rank), in a forked world of `world_size` with cfg.parallel.expert_parallel_size: an EP
     checkpoint holds each rank's experts as its shard, as training writes it. Returns step_1/."""
-    from pathlib import Path
-
-    from pikv.testing import run_distributed
     return Path(run_distributed(_save_worker, world_size, cfg, root, tokenizer_file, build)[0])
 
 
@@ -89,13 +93,9 @@ def perturb_weights(model: torch.nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
 
 
-def tiny_tokenizer_file(folder) -> "Path":
+def tiny_tokenizer_file(folder) -> Path:
     """A 512-token byte-level BPE trained on seeded pseudo-words, saved as folder/tokenizer.json
     (a checkpoint's tokenizer without the data cache)."""
-    import random
-    from pathlib import Path
-
-    from pikv.data import train_bpe
     rng = random.Random(0)
     syllables = ["ka", "to", "ri", "ne", "su", "mo", "la", "pe", "di", "vu", "sha", "ble", "tor", "ing", "est"]
     words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(3000)]
@@ -106,7 +106,6 @@ def tiny_tokenizer_file(folder) -> "Path":
 
 def tiny_lm(cfg, seed: int = 0) -> torch.nn.Module:
     """The Transformer of `cfg` with perturb_weights(seed): the same on every rank that calls it."""
-    from pikv.models import Transformer
     torch.manual_seed(seed)
     model = Transformer(cfg.model, cfg.moe, kv_cfg=cfg.kv)
     perturb_weights(model, seed)
@@ -116,9 +115,6 @@ def tiny_lm(cfg, seed: int = 0) -> torch.nn.Module:
 def load_entry_point(path: str):
     """An entry point script of the repository (e.g. "train/generate.py") as a module, to call its
     main(argv) in-process."""
-    import importlib.util
-    from pathlib import Path
-
     file = Path(__file__).resolve().parents[1] / path
     spec = importlib.util.spec_from_file_location(f"entry_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
