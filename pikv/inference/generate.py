@@ -211,13 +211,13 @@ def _gather(value: int, world_size: int) -> list[int]:
 
 
 def generate_texts(model, tokenizer, prompts: list[str], prompt_ids: list[list[int]], opts: GenerateOptions,
-                   ctx: DistContext, svd_bases=None, progress=None) -> GenerateReport:
+                   ctx: DistContext, svd_bases=None) -> GenerateReport:
     """Generate opts.max_new_tokens after every prompt (batched by length); every rank calls it with
-    the same arguments and gets the same report. progress(done, total) after each batch."""
+    the same arguments and gets the same report."""
     texts, new_ids = [None] * len(prompts), [None] * len(prompts)
     first_s, decode_s, kv, kv_peak = [], 0.0, 0, 0
     batches = length_batches([len(p) for p in prompt_ids], opts.batch_size)
-    for n, idx in enumerate(batches):
+    for idx in batches:
         prompt_BT = torch.tensor([prompt_ids[i] for i in idx], dtype=torch.long, device=ctx.device)
         cache = build_cache(opts, model, prompt_BT.shape[1] + opts.max_new_tokens, svd_bases, ctx)
         picker = TokenPicker(opts, idx, ctx.device, ctx.world_size)
@@ -228,8 +228,6 @@ def generate_texts(model, tokenizer, prompts: list[str], prompt_ids: list[list[i
         for b, i in enumerate(idx):
             new_ids[i] = tokens_BN[b].tolist()
             texts[i] = tokenizer.decode(new_ids[i])
-        if progress is not None:
-            progress(n + 1, len(batches))
     after_first = len(prompts) * (opts.max_new_tokens - 1)
     expert_params = sum(p.numel() for layer in model.moe_layers() for p in layer.experts.parameters())
     return GenerateReport(
