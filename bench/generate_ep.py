@@ -79,7 +79,8 @@ def main() -> None:
         summary[name] = {"tokens_per_s": tps, "time_to_first_token_s": ttft,
                          "param_bytes_per_rank": rs[0]["param_bytes_per_rank"],
                          "kv_bytes_per_rank": rs[0]["kv_bytes_per_rank"]}
-        emit(f"| {name} | {tps:.1f} | {ttft * 1000:.1f} | {rs[0]['param_bytes_per_rank']} | {rs[0]['kv_bytes_per_rank']} |")
+        emit(f"| {name} | {tps:.1f} | {ttft * 1000:.1f} | {rs[0]['param_bytes_per_rank']} | "
+             f"{rs[0]['kv_bytes_per_rank']} |")
     ratios = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(reports[names[0]], reports[names[1]])]
     lo, hi, coverage = median_interval(ratios)
     emit()

@@ -35,7 +35,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0, help="prompt i samples from its own generator seeded by (seed, i)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="prompt i samples from its own generator seeded by (seed, i)")
     parser.add_argument("--kv", default="full", help="KV method: full, a single name (h2o, quant, learned, ...) "
                         "or STORAGE[@SHARE]+SELECTION (quant+snapkv; docs/kv.md)")
     parser.add_argument("--ratio", type=float, default=None, help="KV compression ratio vs an fp16 full cache "

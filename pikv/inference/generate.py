@@ -189,7 +189,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _run_batch(model, prompt_BT: torch.Tensor, picker: TokenPicker, cache, max_new: int) -> tuple[torch.Tensor, float, float]:
+def _run_batch(model, prompt_BT: torch.Tensor, picker: TokenPicker, cache,
+               max_new: int) -> tuple[torch.Tensor, float, float]:
     """(generated tokens [B, max_new], seconds to the first token, seconds for the rest)."""
     _sync(prompt_BT.device)
     t0 = time.perf_counter()

@@ -114,14 +114,20 @@ def test_ep2_decodes_the_tokens_and_logits_of_one_process(ckpts, kv, ratio, tol)
 
 
 def test_checkpoints_decode_at_any_ep_size(ckpts):
-    """A non-EP checkpoint with its experts sliced over two ranks, and an EP=2 checkpoint in one
-    process, give the one-process tokens."""
+    """A non-EP checkpoint with its experts sliced over two ranks, an EP=2 checkpoint in one
+    process and over four ranks (one expert each), give the one-process tokens and logits."""
     opts = dict(max_new_tokens=NEW)
-    ep1_on_2 = run_distributed(_decode_worker, 2, ckpts[1], opts, PROMPTS)[0][0]
-    ep2_on_1 = run_distributed(_decode_worker, 1, ckpts[2], opts, PROMPTS)[0][0]
-    ref = [tokens for tokens, _ in reference("full", None, ep1_on_2.prompt_token_ids)]
-    assert ep1_on_2.token_ids == ref and ep2_on_1.token_ids == ref
-    assert ep1_on_2.expert_params_per_rank[0] * 2 == ep2_on_1.expert_params_per_rank[0]
+    ep1_on_2 = run_distributed(_decode_worker, 2, ckpts[1], opts, PROMPTS)[0]
+    ep2_on_1 = run_distributed(_decode_worker, 1, ckpts[2], opts, PROMPTS)[0]
+    ep2_on_4 = run_distributed(_decode_worker, 4, ckpts[2], opts, PROMPTS)[0]
+    ref = reference("full", None, ep1_on_2[0].prompt_token_ids)
+    for report, logits in (ep1_on_2, ep2_on_1, ep2_on_4):
+        assert report.token_ids == [tokens for tokens, _ in ref]
+        for got, (_, want) in zip(logits, ref):
+            torch.testing.assert_close(got, want, **REORDERED_FP32)
+    experts = ep2_on_1[0].expert_params_per_rank[0]
+    assert ep1_on_2[0].expert_params_per_rank == [experts // 2] * 2
+    assert ep2_on_4[0].expert_params_per_rank == [experts // 4] * 4
 
 
 def test_seeded_sampling_is_the_same_for_any_world_and_batch_size(ckpts):
@@ -154,3 +160,11 @@ def test_world_size_that_does_not_divide_the_experts_is_one_clear_error(ckpts):
     assert results[0][1] == ("error: world size 3 does not divide model.num_experts=4: expert parallelism splits "
                              "the experts evenly over the ranks; run with a world size in [1, 2, 4]\n")
     assert results[1][1] == results[2][1] == ""  # one line, from rank 0
+
+
+def test_a_budget_the_method_cannot_meet_is_one_error_line_after_loading(ckpts):
+    results = run_distributed(_cli_worker, 2, ["--checkpoint", str(ckpts[2]), "--prompt", "kato",
+                                                  "--max-new-tokens", "8", "--kv", "quant", "--ratio", "8"])
+    assert [code for code, _ in results] == [2, 2]
+    assert results[0][1].startswith("error: kv compression ratio 8.0 is impossible for quant: ")
+    assert results[0][1].count("\n") == 1 and results[1][1] == ""
