@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
 import torch  # noqa: E402
 
-from pikv.config import DataConfig, from_dict  # noqa: E402
+from pikv.config import DataConfig  # noqa: E402
 from pikv.data import PreparedDir, is_prepared, iter_eval_batches, load_documents, load_tokenizer  # noqa: E402
 from pikv.data import pack_documents, prepare_data, token_byte_lengths  # noqa: E402
 from pikv.data.probe import PasskeyProbe  # noqa: E402
@@ -35,9 +35,10 @@ from pikv.distributed import DistContext  # noqa: E402
 from pikv.eval import evaluate_lm  # noqa: E402
 from pikv.eval.kv import log_to_wandb, parse_specs, run_kv_evaluation  # noqa: E402
 from pikv.eval.kv import markdown_table as kv_markdown_table  # noqa: E402
+from pikv.inference import stored_config  # noqa: E402  (shared with train/generate.py)
 from pikv.kv import parse_method  # noqa: E402
 from pikv.models import Transformer  # noqa: E402
-from pikv.tasks import build_task, check_job  # noqa: E402
+from pikv.tasks import build_task  # noqa: E402
 from pikv.training.checkpoint import load_model_weights, read_trainer_state, resolve_checkpoint  # noqa: E402
 
 
@@ -83,18 +84,6 @@ def evaluate_task_checkpoint(ckpt: Path, cfg, out: Optional[Path] = None) -> dic
     (out / "heldout_eval.json").write_text(json.dumps({"checkpoint": str(ckpt), "task": cfg.task, **result}, indent=1))
     print(f"held-out ({cfg.task}): {task.describe(result)}\nresults: {out / 'heldout_eval.json'}")
     return result
-
-
-def stored_config(ckpt: Path, state):
-    """The run's config, checked as a new job would be; checkpoints from before a KV feature get
-    the setting they were trained with."""
-    cfg = from_dict(state.config)
-    if "kv" not in state.config:  # trained before the KV compressor existed
-        cfg.kv.compressor = "none"
-    else:  # trained before int8 latents (fp16 codes) / before the exact window (none)
-        cfg.kv.latent_bits = state.config["kv"].get("latent_bits", 16)
-        cfg.kv.latent_window = state.config["kv"].get("latent_window", 0)
-    return check_job(cfg)
 
 
 def run_data(cfg):

@@ -57,14 +57,23 @@ def apply_parallelism(model: nn.Module, ctx: DistContext, train: Optional[TrainC
     (train.activation_checkpointing, train.compile), checkpoint and compile the blocks.
     Returns the model."""
     for module in model.modules():
-        if not isinstance(module, MoELayer):
-            continue
-        if ctx.world_size > 1:
+        if isinstance(module, MoELayer) and ctx.world_size > 1:
             module.stats_group = torch.distributed.group.WORLD
-        if ctx.ep_size > 1:
-            shard_experts(module, ctx.ep_size, ctx.ep_rank)
-            module.dispatcher = AllToAllDispatcher(ctx.ep_group, ctx.ep_size, ctx.ep_rank)
+    apply_expert_parallelism(model, ctx)
     return apply_ac_and_compile(model, train) if train is not None else model
+
+
+def apply_expert_parallelism(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """Keep this EP rank's experts of every MoE layer and route tokens to their owners through the
+    all-to-all dispatcher (no-op when ctx.ep_size == 1). Training (apply_parallelism) and decoding
+    (pikv/inference) share it; decoding leaves the routing statistics local (no aux loss to make
+    global, so no all-reduce per layer). Works on a model on the meta device too. Returns the model."""
+    if ctx.ep_size > 1:
+        for module in model.modules():
+            if isinstance(module, MoELayer):
+                shard_experts(module, ctx.ep_size, ctx.ep_rank)
+                module.dispatcher = AllToAllDispatcher(ctx.ep_group, ctx.ep_size, ctx.ep_rank)
+    return model
 
 
 def apply_ac_and_compile(model: nn.Module, train: TrainConfig) -> nn.Module:

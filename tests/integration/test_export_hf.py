@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pikv.config import load_config, to_dict
+from pikv.config import load_config
 from pikv.data import load_tokenizer
-from pikv.distributed import init_distributed
 from pikv.export import check_mixtral_exportable, export_hf
 from pikv.models import Transformer
-from pikv.testing import run_distributed
-from pikv.training.checkpoint import TrainerState, load_model_weights, resolve_checkpoint, save_checkpoint
+from pikv.training.checkpoint import load_model_weights, resolve_checkpoint
+from tests.helpers import perturb_weights, save_job_checkpoint
 from tests.integration.conftest import REPO, TINY
 
 transformers = pytest.importorskip("transformers", reason="HF export tests need transformers (pip install -e '.[hf]')")
@@ -46,29 +45,9 @@ def _tiny_cfg(*overrides: str):
     return load_config(None, TINY + list(overrides))
 
 
-def _save_worker(rank, world_size, model, cfg, root, tokenizer_file):
-    ctx = init_distributed("cpu", "gloo", 1)  # the process group exists: this only builds the mesh
-    state = TrainerState(step=1, data_state={}, config=to_dict(cfg), world_size=1, ep_size=1)
-    return str(save_checkpoint(root, state, model, torch.optim.AdamW(model.parameters()), ctx,
-                               tokenizer_file, keep=1))
-
-
 def _save(model: Transformer, cfg, root, tokenizer_file) -> Path:
     """The trainer's save_checkpoint, in a forked world of one (it needs a process group and mesh)."""
-    return Path(run_distributed(_save_worker, 1, model, cfg, root, tokenizer_file)[0])
-
-
-@torch.no_grad()
-def _perturb(model: Transformer, seed: int) -> None:
-    """Random weights of logit-visible scale; RMSNorm weights around 1 (not all ones)."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("layernorm.weight") or name == "norm.weight":
-            p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
-        elif name.endswith("router.gate.weight"):
-            p.copy_(0.5 * torch.randn(p.shape, generator=gen))  # decisive routing: no near-ties
-        else:
-            p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+    return save_job_checkpoint(cfg, root, tokenizer_file, lambda: model)
 
 
 def _load_hf(out_dir):
@@ -121,7 +100,7 @@ def test_random_weights_match_logits(trained_run, tmp_path, tie, layout):
     cfg = _tiny_cfg("model.num_layers=3", "model.num_heads=4", "model.num_kv_heads=1",
                     f"model.tie_embeddings={str(tie).lower()}", "model.rope_theta=500.0", "model.norm_eps=1e-6")
     model = Transformer(cfg.model, cfg.moe)
-    _perturb(model, seed=3 + tie)
+    perturb_weights(model, seed=3 + tie)
     ckpt = _save(model, cfg, tmp_path / "ckpt", trained_run / "tokenizer.json")
     out = export_hf(ckpt, tmp_path / "hf", layout=layout)
     hf = _load_hf(out)

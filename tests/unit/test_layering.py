@@ -16,6 +16,7 @@ PIKV = Path(__file__).resolve().parents[2] / "pikv"
 # Top to bottom; a part may import only parts on layers below its own.
 LAYERS: list[tuple[str, ...]] = [
     ("pikv.export", "pikv.benchmark"),  # checkpoints -> Hugging Face; the bench/ harness and shared bench code
+    ("pikv.inference",),  # generation from a checkpoint across processes (train/generate.py)
     ("pikv.training",),  # the trainer loop, engines, checkpoints, distillation
     ("pikv.tasks",),  # what the trainer trains (lm | flex | time): model, loader, loss, evaluation
     ("pikv.eval",),  # held-out perplexity, KV decoding evaluation, retrieval probe
