@@ -41,6 +41,12 @@ class ModelConfig:
     num_experts: int = 8
     top_k: int = 2
     expert_ffn_hidden_size: int = 256
+    # Start from a pretrained Hugging Face Llama-family model (docs/retrofit.md): a model folder
+    # (config.json + weights), a .gguf file, or an alias fetched into the cache ('smollm2'). The
+    # architecture keys above come from its config (a key set to another value is an error), the FFNs
+    # are dense unless moe.* asks for MoE layers (sparse upcycling), data.tokenizer defaults to it.
+    # Weights are loaded at step 0 only: a resumed run restores its own checkpoint. '' = random init.
+    init_from_hf: str = ""
 
 
 @dataclass
@@ -422,6 +428,11 @@ def _validate_distill(cfg: JobConfig) -> None:
         invalid_key("train.mode/init_from", (t.mode, t.init_from), f"distillation and upcycling are for task=lm, not {cfg.task}")
     # Paths are checked when loaded (resolve_checkpoint), not here: a stored config must stay
     # loadable (eval, export) after its teacher directory is gone.
+    if m.init_from_hf and cfg.task != "lm":
+        invalid_key("model.init_from_hf", m.init_from_hf, f"a pretrained Hugging Face model is for task=lm, not {cfg.task}")
+    if m.init_from_hf and t.init_from:
+        invalid_key("train.init_from", t.init_from, f"cannot be combined with model.init_from_hf={m.init_from_hf!r}: "
+                    "both give the initial weights")
     if t.mode == "distill" and not d.teacher:
         invalid_key("distill.teacher", d.teacher, "train.mode=distill needs the teacher's checkpoint path")
     if t.mode != "distill" and d.teacher:
@@ -498,9 +509,13 @@ def _dotted_keys(data: Any, prefix: str = "") -> list[str]:
     return [k for name, v in data.items() for k in [prefix + str(name)] + _dotted_keys(v, f"{prefix}{name}.")]
 
 
-def merge_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> JobConfig:
-    """Defaults <- YAML file <- dotlist overrides, schema-checked (unknown keys, types) only."""
+def merge_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                 base: Optional[dict] = None) -> JobConfig:
+    """Defaults <- `base` (a nested dict: the values of a pretrained model, pikv.tasks.pretrained) <-
+    YAML file <- dotlist overrides, schema-checked (unknown keys, types) only."""
     merged = OmegaConf.structured(JobConfig)
+    if base:
+        merged = OmegaConf.merge(merged, OmegaConf.create(base))
     if path is not None:
         if not Path(path).is_file():
             raise ValueError(f"--config {path!r}: no such file")

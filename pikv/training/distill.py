@@ -23,6 +23,8 @@ from torch import nn
 
 from pikv.config import DistillConfig, KVConfig, ModelConfig, MoEConfig
 from pikv.models import Transformer
+from pikv.models.hf import load_pretrained_transformer
+from pikv.models.pretrained import resolve_pretrained
 from pikv.moe.distill import FrozenTeacher, hidden_mse, kd_loss
 from pikv.training.checkpoint import load_model_weights, read_trainer_state, resolve_checkpoint
 
@@ -42,6 +44,14 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     load_model_weights(ckpt, model)
     model.to(device).eval().requires_grad_(False)
     return model, ckpt
+
+
+def load_hf_teacher(spec: str, cache_dir: str = "", max_seq_len: Optional[int] = None,
+                    device: torch.device | str = "cpu") -> Transformer:
+    """A pretrained Hugging Face model (folder, .gguf or alias: pikv/models/pretrained.py) as a dense
+    pikv Transformer, frozen in eval mode (the start of model.init_from_hf, or a teacher)."""
+    model = load_pretrained_transformer(resolve_pretrained(spec, cache_dir=cache_dir), max_seq_len)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def check_same_tokenizer(teacher_ckpt: Path, student_tokenizer: Optional[Path]) -> None:

@@ -25,7 +25,7 @@ from pikv.logging import WANDB_ID_FILE, MetricsLogger, get_logger
 from pikv.models.parallelize import apply_parallelism
 from pikv.training.checkpoint import (TrainerState, check_compatible, complete_checkpoints,
                                       load_checkpoint, read_trainer_state, save_checkpoint)
-from pikv.training.distill import load_teacher, parameter_report
+from pikv.training.distill import load_hf_teacher, load_teacher, parameter_report
 from pikv.training.engines import build_engine
 from pikv.training.hooks import MicroBatch, PreemptionHook, build_hooks, combine
 from pikv.training.moe_metrics import MoEMetrics
@@ -77,8 +77,8 @@ class Trainer:
         self.task = build_task(cfg, self.run_dir, ctx)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = self.task.build_model()
-        if cfg.train.init_from and self._resume_path() is None:  # upcycling (pikv/training/upcycle.py)
-            upcycle(model, load_teacher(cfg.train.init_from)[0])
+        if self._resume_path() is None:  # a resumed run restores its own weights, never these
+            self._initial_weights(model)
         # Counted before expert sharding: the sizes of the whole model, not of this rank's slice.
         self.param_counts = {"num_params": model.num_params(), "num_active_params": model.num_active_params(),
                              **parameter_report(model)}
@@ -97,6 +97,17 @@ class Trainer:
         self._maybe_resume()
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.train.run_name, to_dict(cfg),
                                      enabled=ctx.is_main, resume_step=self.step)
+
+    def _initial_weights(self, model) -> None:
+        """A fresh run's start: a PiKV checkpoint (train.init_from) or a pretrained HF model
+        (model.init_from_hf, loaded from the same files on every rank), copied in by upcycling
+        (pikv/training/upcycle.py: dense FFNs as they are, MoE experts as copies of the FFN)."""
+        cfg = self.cfg
+        if cfg.train.init_from:
+            upcycle(model, load_teacher(cfg.train.init_from)[0])
+        elif cfg.model.init_from_hf:
+            upcycle(model, load_hf_teacher(cfg.model.init_from_hf, cfg.data.cache_dir, cfg.model.max_seq_len),
+                    "model.init_from_hf")
 
     # ---- resume -------------------------------------------------------------------------
     def _resume_path(self) -> Optional[Path]:
