@@ -1,0 +1,127 @@
+"""Training from a pretrained HF Llama (model.init_from_hf; tests/hf_models.py, no download): loss
+goes down in one process, two data-parallel processes follow the same curve on the torch and the
+DeepSpeed engine, a resumed run restores its own checkpoint (exactly, without reading the HF model
+again), and train/eval.py --hf scores the original model as the HF model itself does."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pikv.tasks import load_job
+from pikv.testing import run_distributed
+from tests.hf_models import tiny_llama, write_texts
+from tests.integration.conftest import REPO, RESUMED, SAME_CURVE_ABS
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("transformers", reason="transformers is not installed")
+STEPS = 8
+GLOBAL_BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    texts = write_texts(root / "texts")
+    model = tiny_llama(root / "model", texts, tie=True, std=0.02)  # a near-uniform start: loss ~ln(vocab)
+    return {"root": root, "texts": texts, "folder": root / "model", "model": model}
+
+
+def _common(hf) -> list[str]:
+    return [f"model.init_from_hf={hf['folder']}", f"data.source={hf['texts']}", "data.seq_len=64",
+            f"train.max_steps={STEPS}", "train.lr=3e-3", "train.warmup_steps=2", "train.checkpoint_every=100",
+            "train.eval_every=1000", "train.eval_batches=2", f"train.output_dir={hf['root'] / 'runs'}",
+            "logging.wandb_mode=offline", "logging.progress=false", "kv.cotrain_start=0.5"]
+
+
+def _fit(overrides: list[str], forbid_hf_load: bool = False) -> dict[int, float]:
+    from pikv.distributed import init_distributed
+    from pikv.training import Trainer, trainer as trainer_module
+    cfg = load_job(overrides=overrides)
+    if forbid_hf_load:  # a resumed run must restore its checkpoint, not the pretrained weights
+        def refuse(*args, **kwargs):
+            raise AssertionError("a resumed run loaded the HF model")
+        trainer_module.load_hf_teacher = refuse
+    ctx = init_distributed(cfg.train.device, cfg.parallel.backend, cfg.parallel.expert_parallel_size)
+    return Trainer(cfg, ctx).fit().losses
+
+
+def _single(rank, world, common):
+    batch = [f"train.batch_size={GLOBAL_BATCH}"]
+    straight = _fit(common + batch + ["train.run_name=straight"])
+    first = _fit(common + batch + ["train.run_name=resumed", "train.exit_at_step=4"])
+    rest = _fit(common + batch + ["train.run_name=resumed"], forbid_hf_load=True)
+    return straight, first, rest
+
+
+def _data_parallel(rank, world, common, engines):
+    batch = [f"train.batch_size={GLOBAL_BATCH // world}"]
+    return {engine: _fit(common + batch + [f"train.run_name=dp_{engine}", f"train.engine={engine}"]
+                         + (["train.zero_stage=1"] if engine == "deepspeed" else [])) for engine in engines}
+
+
+def test_training_from_hf_one_process_dp_deepspeed_and_exact_resume(hf):
+    common = _common(hf)
+    straight, first, rest = run_distributed(_single, 1, common, timeout_s=900)[0]
+    assert sorted(straight) == list(range(1, STEPS + 1))
+    # from a random 2-layer model the first steps drop the loss by far more than noise (~0.05)
+    assert straight[STEPS] < straight[1] - 0.3, straight
+    assert sorted(first) == [1, 2, 3, 4] and sorted(rest) == list(range(5, STEPS + 1))
+    assert {**first, **rest} == pytest.approx(straight, **RESUMED)
+    run_dir = hf["root"] / "runs" / "straight"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "lm_loss", "kv_attn_error", "tokens_per_s"} <= set(rows[0])
+    assert (run_dir / "wandb").is_dir()
+
+    engines = ["torch"] + (["deepspeed"] if importlib.util.find_spec("deepspeed") else [])
+    for curves in run_distributed(_data_parallel, 2, common, engines, timeout_s=900):
+        for engine, losses in curves.items():
+            # the same global batch split over two ranks: another fp32 summation order only
+            assert losses == pytest.approx(straight, abs=SAME_CURVE_ABS), engine
+
+
+def _eval_script():
+    spec = importlib.util.spec_from_file_location("pikv_eval_entry", REPO / "train" / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_hf_gives_the_hf_models_own_nll(hf, tmp_path):
+    from tokenizers import Tokenizer
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("\n".join(p.read_text()[-3000:] for p in sorted(hf["texts"].glob("*.txt"))[:3]))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  seq_len: 64\n  source: {hf['texts']}\ntrain:\n  output_dir: {tmp_path / 'runs'}\n")
+    out = tmp_path / "out"
+    code = _eval_script().main(["--hf", str(hf["folder"]), "--config", str(config), "--data", str(heldout),
+                                "--out", str(out), "--kv", "h2o", "--ratio", "2", "--max-sequences", "4"])
+    assert code == 0
+    got = json.loads((out / "heldout_eval.json").read_text())
+
+    # The reference: the HF model itself on [EOT] + the text's tokens, in blocks of 65 at stride 64.
+    tok = Tokenizer.from_file(str(hf["folder"] / "tokenizer.json"))
+    ids = np.array([tok.token_to_id("<|endoftext|>")] + tok.encode(heldout.read_text()).ids)
+    n = (len(ids) - 1) // 64
+    blocks = torch.from_numpy(ids[np.arange(n)[:, None] * 64 + np.arange(65)[None, :]])
+    with torch.no_grad():
+        logits = hf["model"](blocks[:, :-1]).logits
+    nll = F.cross_entropy(logits.flatten(0, 1), blocks[:, 1:].flatten()).item()
+    assert got["tokens"] == n * 64
+    # fp32 logits identical (the port), summed in float64 by eval vs a float32 mean here
+    assert got["nll"] == pytest.approx(nll, rel=1e-5)
+    assert "h2o" in (out / "kv" / "results.json").read_text()  # the KV table ran on the original model
+    assert "error" in _eval_usage_error(["--hf", str(hf["folder"]), "--checkpoint", "runs/x"])
+
+
+def _eval_usage_error(argv):
+    """argparse's message for bad arguments (it exits 2)."""
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        _eval_script().main(argv)
+    return err.getvalue()
