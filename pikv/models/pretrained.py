@@ -66,6 +66,13 @@ def smollm2_path(fetch: bool = True, cache_dir: str = "") -> Path:
 ALIASES: dict[str, Callable[..., Path]] = {"smollm2": smollm2_path}
 
 
+def is_pretrained(spec: str) -> bool:
+    """Whether `spec` names a pretrained HF model (an alias, a .gguf file, a folder with config.json)
+    rather than a PiKV checkpoint (whose folders hold trainer.json / config.yaml, never config.json)."""
+    path = Path(spec).expanduser()
+    return spec in ALIASES or path.suffix.lower() == ".gguf" or (path / "config.json").is_file()
+
+
 def resolve_pretrained(spec: str, key: str = "model.init_from_hf", cache_dir: str = "") -> Path:
     """The file or folder of `spec`: an alias (ALIASES, fetched into the cache when missing), a .gguf
     file, or a folder with a config.json; ValueError naming `key` otherwise."""

@@ -48,6 +48,12 @@ class LMTask:
                                                     "heldout_fraction")}):
             check_split(d.validation_docs, d.heldout_docs, d.validation_fraction, d.heldout_fraction)
 
+    def calibration_windows(self, count: int) -> torch.Tensor:
+        """[<= count, seq_len] the first windows of the train split (the same on every rank; the
+        training loader's position is not touched): what the KV compressor's PCA init fits."""
+        inputs_BT, _ = next(iter_eval_batches(self.data.tokens["train"], self.cfg.data.seq_len, count, max_batches=1))
+        return inputs_BT
+
     def build_model(self) -> nn.Module:
         return Transformer(self.cfg.model, self.cfg.moe, kv_cfg=self.cfg.kv)
 

@@ -231,7 +231,7 @@ def build_hooks(cfg: JobConfig, model, ctx, tokenizer_path: Optional[Path],
     hooks: list[StepHook] = []
     if cfg.train.mode == "distill":  # the teacher is frozen on this rank's micro-batches, outside the engine
         hooks.append(DistillHook(Distiller.from_checkpoint(cfg.distill, model, tokenizer_path, ctx.device,
-                                                           amp_dtype)))
+                                                           amp_dtype, cfg.data.cache_dir)))
     moe = cfg.moe
     hooks.append(RouterHook(model, moe.aux_loss_weight, moe.z_loss_weight, moe.bias_update_rate, ctx.world_size))
     nan = NaNInjectionHook.from_env()

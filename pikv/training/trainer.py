@@ -21,12 +21,14 @@ from tqdm import tqdm
 
 from pikv.config import JobConfig, moe_layer_indices, save_yaml, to_dict
 from pikv.distributed import DistContext
+from pikv.kv.fit import pca_init_
 from pikv.logging import WANDB_ID_FILE, MetricsLogger, get_logger
 from pikv.models.parallelize import apply_parallelism
 from pikv.training.checkpoint import (TrainerState, check_compatible, complete_checkpoints,
                                       load_checkpoint, read_trainer_state, save_checkpoint)
 from pikv.training.distill import load_hf_teacher, load_teacher, parameter_report
 from pikv.training.engines import build_engine
+from pikv.training.freeze import freeze_parameters
 from pikv.training.hooks import MicroBatch, PreemptionHook, build_hooks, combine
 from pikv.training.moe_metrics import MoEMetrics
 from pikv.training.schedule import lr_at
@@ -79,6 +81,7 @@ class Trainer:
         model = self.task.build_model()
         if self._resume_path() is None:  # a resumed run restores its own weights, never these
             self._initial_weights(model)
+        freeze_parameters(model, cfg.train.freeze)  # before the engine: no optimizer state for them
         # Counted before expert sharding: the sizes of the whole model, not of this rank's slice.
         self.param_counts = {"num_params": model.num_params(), "num_active_params": model.num_active_params(),
                              **parameter_report(model)}
@@ -108,6 +111,8 @@ class Trainer:
         elif cfg.model.init_from_hf:
             upcycle(model, load_hf_teacher(cfg.model.init_from_hf, cfg.data.cache_dir, cfg.model.max_seq_len),
                     "model.init_from_hf")
+        if cfg.kv.pca_init_windows:  # after the weights: the PCA of *their* keys and values
+            pca_init_(model, self.task.calibration_windows(cfg.kv.pca_init_windows))
 
     # ---- resume -------------------------------------------------------------------------
     def _resume_path(self) -> Optional[Path]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pikv.tasks import load_job
 from pikv.testing import run_distributed
 from tests.hf_models import tiny_llama, write_texts
-from tests.integration.conftest import REPO, RESUMED, SAME_CURVE_ABS
+from tests.integration.conftest import REPO, RESUMED, SAME_CURVE_ABS, read_metrics
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("transformers", reason="transformers is not installed")
@@ -125,3 +125,33 @@ def _eval_usage_error(argv):
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
         _eval_script().main(argv)
     return err.getvalue()
+
+
+def _recipe(rank, world, common, folder):
+    """A plain run and a retrofit-recipe run (frozen embeddings, KD from the original model, PCA-initialised
+    compressor) of 3 steps; the recipe's embedding and attention weights after training."""
+    from pikv.distributed import init_distributed
+    from pikv.training import Trainer
+    short = common + ["train.max_steps=3", f"train.batch_size={GLOBAL_BATCH}"]
+    ctx = init_distributed("cpu", "gloo", 1)
+    Trainer(load_job(overrides=short + ["train.run_name=plain"]), ctx).fit()
+    recipe = load_job(overrides=short + ["train.run_name=recipe", "train.freeze=[embed_tokens.*]", "train.mode=distill",
+                                         f"distill.teacher={folder}", "kv.pca_init_windows=8"])
+    trainer = Trainer(recipe, ctx)
+    trainer.fit()
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_retrofit_recipe_parts_freeze_distill_from_the_original_and_pca_init(hf):
+    weights = run_distributed(_recipe, 1, _common(hf), str(hf["folder"]), timeout_s=900)[0]
+    original = hf["model"].state_dict()
+    # frozen: the (tied) embedding is the original's, bit for bit; attention trained
+    assert torch.equal(weights["embed_tokens.weight"], original["model.embed_tokens.weight"])
+    assert not torch.equal(weights["layers.0.self_attn.q_proj.weight"], original["model.layers.0.self_attn.q_proj.weight"])
+    plain = read_metrics(hf["root"] / "runs" / "plain")
+    recipe = read_metrics(hf["root"] / "runs" / "recipe")
+    # the student starts as the teacher: KD of the first step is 0 up to fp32 rounding of two equal
+    # softmaxes (measured < 1e-7); later steps move away from it
+    assert recipe[1]["kd_loss"] < 1e-6 and recipe[3]["kd_loss"] > recipe[1]["kd_loss"]
+    # PCA of the model's own keys/values vs a random compressor, same first batch: a much smaller error
+    assert recipe[1]["kv_attn_error"] < 0.5 * plain[1]["kv_attn_error"], (recipe[1], plain[1])
