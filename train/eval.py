@@ -155,7 +155,7 @@ def evaluate_kv_table(model, tokenizer, docs, data_name: str, ckpt: Path, state,
 def load_hf(args: argparse.Namespace):
     """--hf: (model, tokenizer, config, resolved path) of a pretrained model as a job with
     model.init_from_hf would start (pikv/tasks/pretrained.py): dense, no KV compressor."""
-    cfg = load_job(args.config, [f"model.init_from_hf={args.hf}", "kv.compressor=none"])
+    cfg = load_job(args.config, [f"model.init_from_hf={args.hf}", "kv.compressor=none", "kv.pca_init_windows=0"])
     path = resolve_pretrained(args.hf, cache_dir=cfg.data.cache_dir)
     model = load_hf_teacher(args.hf, cfg.data.cache_dir, cfg.model.max_seq_len)
     return model, load_tokenizer(cfg.data.tokenizer), cfg, path
