@@ -20,6 +20,8 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("transformers", reason="transformers is not installed")
 STEPS = 8
 GLOBAL_BATCH = 4
+# sparse upcycling: every expert starts as the HF model's FFN (deterministic routing for the EP parity)
+UPCYCLED = ["moe.every_n_layers=1", "model.num_experts=4", "model.top_k=2"]
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +43,16 @@ def _fit(overrides: list[str], forbid_hf_load: bool = False) -> dict[int, float]
     from pikv.distributed import init_distributed
     from pikv.training import Trainer, trainer as trainer_module
     cfg = load_job(overrides=overrides)
+    ctx = init_distributed(cfg.train.device, cfg.parallel.backend, cfg.parallel.expert_parallel_size)
+    load = trainer_module.load_hf_teacher
     if forbid_hf_load:  # a resumed run must restore its checkpoint, not the pretrained weights
         def refuse(*args, **kwargs):
             raise AssertionError("a resumed run loaded the HF model")
         trainer_module.load_hf_teacher = refuse
-    ctx = init_distributed(cfg.train.device, cfg.parallel.backend, cfg.parallel.expert_parallel_size)
-    return Trainer(cfg, ctx).fit().losses
+    try:
+        return Trainer(cfg, ctx).fit().losses
+    finally:
+        trainer_module.load_hf_teacher = load
 
 
 def _single(rank, world, common):
@@ -54,18 +60,21 @@ def _single(rank, world, common):
     straight = _fit(common + batch + ["train.run_name=straight"])
     first = _fit(common + batch + ["train.run_name=resumed", "train.exit_at_step=4"])
     rest = _fit(common + batch + ["train.run_name=resumed"], forbid_hf_load=True)
-    return straight, first, rest
+    upcycled = _fit(common + batch + UPCYCLED + ["train.run_name=upcycled"])
+    return straight, first, rest, upcycled
 
 
 def _data_parallel(rank, world, common, engines):
     batch = [f"train.batch_size={GLOBAL_BATCH // world}"]
-    return {engine: _fit(common + batch + [f"train.run_name=dp_{engine}", f"train.engine={engine}"]
-                         + (["train.zero_stage=1"] if engine == "deepspeed" else [])) for engine in engines}
+    curves = {engine: _fit(common + batch + [f"train.run_name=dp_{engine}", f"train.engine={engine}"]
+                           + (["train.zero_stage=1"] if engine == "deepspeed" else [])) for engine in engines}
+    curves["ep"] = _fit(common + batch + UPCYCLED + ["train.run_name=ep", "parallel.expert_parallel_size=2"])
+    return curves
 
 
 def test_training_from_hf_one_process_dp_deepspeed_and_exact_resume(hf):
     common = _common(hf)
-    straight, first, rest = run_distributed(_single, 1, common, timeout_s=900)[0]
+    straight, first, rest, upcycled = run_distributed(_single, 1, common, timeout_s=900)[0]
     assert sorted(straight) == list(range(1, STEPS + 1))
     # from a random 2-layer model the first steps drop the loss by far more than noise (~0.05)
     assert straight[STEPS] < straight[1] - 0.3, straight
@@ -79,8 +88,10 @@ def test_training_from_hf_one_process_dp_deepspeed_and_exact_resume(hf):
     engines = ["torch"] + (["deepspeed"] if importlib.util.find_spec("deepspeed") else [])
     for curves in run_distributed(_data_parallel, 2, common, engines, timeout_s=900):
         for engine, losses in curves.items():
-            # the same global batch split over two ranks: another fp32 summation order only
-            assert losses == pytest.approx(straight, abs=SAME_CURVE_ABS), engine
+            # the same global batch split over two ranks (EP: experts sharded too): another fp32
+            # summation order only
+            assert losses == pytest.approx(upcycled if engine == "ep" else straight, abs=SAME_CURVE_ABS), engine
+    assert upcycled[STEPS] < upcycled[1] - 0.3, upcycled
 
 
 def _eval_script():
