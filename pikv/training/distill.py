@@ -113,11 +113,13 @@ class Distiller:
     @classmethod
     def from_checkpoint(cls, cfg: DistillConfig, student: Transformer, student_tokenizer: Optional[Path],
                         device: torch.device, amp_dtype: Optional[torch.dtype] = None,
-                        cache_dir: str = "") -> "Distiller":
+                        cache_dir: str = "", loaded: Optional[Transformer] = None) -> "Distiller":
         """The teacher of `cfg.teacher` (a PiKV checkpoint, or a pretrained HF model: folder, .gguf or
-        alias, e.g. the original of a retrofit), after checking it shares the student's tokenizer."""
+        alias, e.g. the original of a retrofit; `loaded`: that model, already loaded by
+        load_hf_teacher), after checking it shares the student's tokenizer."""
         if is_pretrained(cfg.teacher):
-            teacher = load_hf_teacher(cfg.teacher, cache_dir, student.cfg.max_seq_len, device)
+            teacher = loaded if loaded is not None else load_hf_teacher(cfg.teacher, cache_dir,
+                                                                         student.cfg.max_seq_len, device)
             check_same_hf_tokenizer(cfg.teacher, resolve_pretrained(cfg.teacher, "distill.teacher", cache_dir),
                                     student_tokenizer)
         else:

@@ -149,6 +149,11 @@ def _recipe(rank, world, common, folder):
     Trainer(load_job(overrides=short + ["train.run_name=plain"]), ctx).fit()
     recipe = load_job(overrides=short + ["train.run_name=recipe", "train.freeze=[embed_tokens.*]", "train.mode=distill",
                                          f"distill.teacher={folder}", "kv.pca_init_windows=8"])
+    from pikv.training import distill
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher = model.init_from_hf was loaded a second time")
+    distill.load_hf_teacher = refuse  # the trainer holds its own reference: the initial load still works
     trainer = Trainer(recipe, ctx)
     trainer.fit()
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
