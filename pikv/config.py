@@ -144,7 +144,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each transformer block (pikv/models/parallelize.py)
     # Parameters kept frozen (no gradient, no optimizer state): glob patterns on parameter names, e.g.
     # ['embed_tokens.*'] (a tied LM head is the same tensor) or ['layers.*.mlp.*']. Each pattern must
-    # match some parameter (pikv/training/freeze.py). The retrofit recipe freezes the embeddings.
+    # match some parameter (pikv/models/freeze.py). The retrofit recipe freezes the embeddings.
     freeze: list[str] = field(default_factory=list)
 
 

@@ -17,6 +17,7 @@ from pikv.distributed import DistContext
 from pikv.eval import evaluate_lm
 from pikv.kv.budgets import check_latent_budgets
 from pikv.models import Transformer
+from pikv.models.freeze import check_freeze
 from pikv.models.transformer import check_transformer
 
 
@@ -43,6 +44,10 @@ class LMTask:
                                      kv.latent_window, cfg.data.seq_len)
         with config_keys({"rate": "data.probe_rate"}):
             check_probe_rate(cfg.data.probe_rate)
+        if cfg.train.freeze:  # the parameter names of this config's model, without allocating it
+            with torch.device("meta"):
+                names = [n for n, _ in Transformer(cfg.model, cfg.moe, kv_cfg=cfg.kv).named_parameters()]
+            check_freeze(names, cfg.train.freeze)
         d = cfg.data
         with config_keys({k: f"data.{k}" for k in ("validation_docs", "heldout_docs", "validation_fraction",
                                                     "heldout_fraction")}):

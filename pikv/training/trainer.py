@@ -23,12 +23,12 @@ from pikv.config import JobConfig, moe_layer_indices, save_yaml, to_dict
 from pikv.distributed import DistContext
 from pikv.kv.fit import pca_init_
 from pikv.logging import WANDB_ID_FILE, MetricsLogger, get_logger
+from pikv.models.freeze import freeze_parameters
 from pikv.models.parallelize import apply_parallelism
 from pikv.training.checkpoint import (TrainerState, check_compatible, complete_checkpoints,
                                       load_checkpoint, read_trainer_state, save_checkpoint)
 from pikv.training.distill import load_hf_teacher, load_teacher, parameter_report
 from pikv.training.engines import build_engine
-from pikv.training.freeze import freeze_parameters
 from pikv.training.hooks import MicroBatch, PreemptionHook, build_hooks, combine
 from pikv.training.moe_metrics import MoEMetrics
 from pikv.training.schedule import lr_at

