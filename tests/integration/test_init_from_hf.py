@@ -139,34 +139,40 @@ def _eval_usage_error(argv):
     return err.getvalue()
 
 
-def _recipe(rank, world, common, folder):
+def _recipe(rank, world, common, folder, engines):
     """A plain run and a retrofit-recipe run (frozen embeddings, KD from the original model, PCA-initialised
-    compressor) of 3 steps; the recipe's embedding and attention weights after training."""
+    compressor) of 3 steps per engine; each recipe run's weights after training."""
     from pikv.distributed import init_distributed
     from pikv.training import Trainer
     short = common + ["train.max_steps=3", f"train.batch_size={GLOBAL_BATCH}"]
     ctx = init_distributed("cpu", "gloo", 1)
     Trainer(load_job(overrides=short + ["train.run_name=plain"]), ctx).fit()
-    recipe = load_job(overrides=short + ["train.run_name=recipe", "train.freeze=[embed_tokens.*]", "train.mode=distill",
-                                         f"distill.teacher={folder}", "kv.pca_init_windows=8"])
+    recipe = short + ["train.freeze=[embed_tokens.*]", "train.mode=distill", f"distill.teacher={folder}",
+                      "kv.pca_init_windows=8"]
     from pikv.training import distill
 
     def refuse(*args, **kwargs):
         raise AssertionError("the teacher = model.init_from_hf was loaded a second time")
     distill.load_hf_teacher = refuse  # the trainer holds its own reference: the initial load still works
-    trainer = Trainer(recipe, ctx)
-    trainer.fit()
-    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    weights = {}
+    for engine in engines:
+        trainer = Trainer(load_job(overrides=recipe + [f"train.run_name=recipe_{engine}", f"train.engine={engine}"]), ctx)
+        trainer.fit()
+        weights[engine] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return weights
 
 
 def test_retrofit_recipe_parts_freeze_distill_from_the_original_and_pca_init(hf):
-    weights = run_distributed(_recipe, 1, _common(hf), str(hf["folder"]), timeout_s=900)[0]
+    engines = ["torch"] + (["deepspeed"] if importlib.util.find_spec("deepspeed") else [])
+    runs = run_distributed(_recipe, 1, _common(hf), str(hf["folder"]), engines, timeout_s=900)[0]
     original = hf["model"].state_dict()
-    # frozen: the (tied) embedding is the original's, bit for bit; attention trained
-    assert torch.equal(weights["embed_tokens.weight"], original["model.embed_tokens.weight"])
-    assert not torch.equal(weights["layers.0.self_attn.q_proj.weight"], original["model.layers.0.self_attn.q_proj.weight"])
+    for engine, weights in runs.items():
+        # frozen: the (tied) embedding is the original's, bit for bit; attention trained
+        assert torch.equal(weights["embed_tokens.weight"], original["model.embed_tokens.weight"]), engine
+        assert not torch.equal(weights["layers.0.self_attn.q_proj.weight"],
+                               original["model.layers.0.self_attn.q_proj.weight"]), engine
     plain = read_metrics(hf["root"] / "runs" / "plain")
-    recipe = read_metrics(hf["root"] / "runs" / "recipe")
+    recipe = read_metrics(hf["root"] / "runs" / "recipe_torch")
     # the student starts as the teacher: KD of the first step is 0 up to fp32 rounding of two equal
     # softmaxes (measured < 1e-7); later steps move away from it
     assert recipe[1]["kd_loss"] < 1e-6 and recipe[3]["kd_loss"] > recipe[1]["kd_loss"]
