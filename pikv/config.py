@@ -41,6 +41,12 @@ class ModelConfig:
     num_experts: int = 8
     top_k: int = 2
     expert_ffn_hidden_size: int = 256
+    # Start from a pretrained Hugging Face Llama-family model (docs/retrofit.md): a model folder
+    # (config.json + weights), a .gguf file, or an alias fetched into the cache ('smollm2'). The
+    # architecture keys above come from its config (a key set to another value is an error), the FFNs
+    # are dense unless moe.* asks for MoE layers (sparse upcycling), data.tokenizer defaults to it.
+    # Weights are loaded at step 0 only: a resumed run restores its own checkpoint. '' = random init.
+    init_from_hf: str = ""
 
 
 @dataclass
@@ -136,6 +142,10 @@ class TrainConfig:
     # attention outputs are kept, the cheap elementwise ops recomputed).
     activation_checkpointing: str = "none"
     compile: bool = False  # torch.compile each transformer block (pikv/models/parallelize.py)
+    # Parameters kept frozen (no gradient, no optimizer state): glob patterns on parameter names, e.g.
+    # ['embed_tokens.*'] (a tied LM head is the same tensor) or ['layers.*.mlp.*']. Each pattern must
+    # match some parameter (pikv/models/freeze.py). The retrofit recipe freezes the embeddings.
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -143,7 +153,9 @@ class DistillConfig:
     # train.mode=distill: loss = (1 - weight) * LM + weight * T^2 * KL(teacher_T || student_T)
     # + hidden_weight * MSE of the hidden states after `hidden_layers` + router losses (Hinton et
     # al. 2015; the T^2 keeps the soft-target gradients on the LM loss's scale).
-    teacher: str = ""  # a PiKV checkpoint (step_<N> or run directory) with the same tokenizer
+    # a PiKV checkpoint (step_<N> or run directory) with the same tokenizer, or a pretrained HF model
+    # (what model.init_from_hf takes: the original model of a retrofit keeps its full-cache quality)
+    teacher: str = ""
     weight: float = 0.5
     temperature: float = 2.0
     hidden_layers: list[int] = field(default_factory=list)  # block indices (teacher and student alike)
@@ -182,6 +194,10 @@ class KVConfig:
     # Weight of the compressor's loss: per layer, the relative error of the attention output through
     # the latent vs through the full cache (pikv/kv/learned.py attention_error; metric kv_attn_error).
     attn_error_weight: float = 0.1
+    # A fresh run's compressor starts from the principal directions of the model's own pre-RoPE keys
+    # and values on this many training windows (pikv/kv/fit.py pca_init_; the retrofit recipe, where
+    # the model is pretrained); 0 = random init (a model trained from scratch has no keys to fit yet).
+    pca_init_windows: int = 0
     # Storage of the latent codes: 8 = int8 with one fp16 scale per token and layer (Palu-style
     # quantized latent: at equal bytes about twice the rank of fp16), trained with the same
     # quantization in the loop; 16 = fp16 codes. The rank of a ratio fills its byte budget.
@@ -414,6 +430,8 @@ def _validate_kv(cfg: JobConfig) -> None:
         invalid_key("kv.full_every", kv.full_every, "must be >= 0 (0 = never a full-cache step)")
     if kv.attn_error_weight < 0:
         invalid_key("kv.attn_error_weight", kv.attn_error_weight, "must be >= 0")
+    if kv.pca_init_windows < 0 or (kv.pca_init_windows and kv.compressor == "none"):
+        invalid_key("kv.pca_init_windows", kv.pca_init_windows, "must be >= 0, and 0 with kv.compressor=none")
 
 
 def _validate_distill(cfg: JobConfig) -> None:
@@ -422,6 +440,11 @@ def _validate_distill(cfg: JobConfig) -> None:
         invalid_key("train.mode/init_from", (t.mode, t.init_from), f"distillation and upcycling are for task=lm, not {cfg.task}")
     # Paths are checked when loaded (resolve_checkpoint), not here: a stored config must stay
     # loadable (eval, export) after its teacher directory is gone.
+    if m.init_from_hf and cfg.task != "lm":
+        invalid_key("model.init_from_hf", m.init_from_hf, f"a pretrained Hugging Face model is for task=lm, not {cfg.task}")
+    if m.init_from_hf and t.init_from:
+        invalid_key("train.init_from", t.init_from, f"cannot be combined with model.init_from_hf={m.init_from_hf!r}: "
+                    "both give the initial weights")
     if t.mode == "distill" and not d.teacher:
         invalid_key("distill.teacher", d.teacher, "train.mode=distill needs the teacher's checkpoint path")
     if t.mode != "distill" and d.teacher:
@@ -498,9 +521,13 @@ def _dotted_keys(data: Any, prefix: str = "") -> list[str]:
     return [k for name, v in data.items() for k in [prefix + str(name)] + _dotted_keys(v, f"{prefix}{name}.")]
 
 
-def merge_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> JobConfig:
-    """Defaults <- YAML file <- dotlist overrides, schema-checked (unknown keys, types) only."""
+def merge_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                 base: Optional[dict] = None) -> JobConfig:
+    """Defaults <- `base` (a nested dict: the values of a pretrained model, pikv.tasks.pretrained) <-
+    YAML file <- dotlist overrides, schema-checked (unknown keys, types) only."""
     merged = OmegaConf.structured(JobConfig)
+    if base:
+        merged = OmegaConf.merge(merged, OmegaConf.create(base))
     if path is not None:
         if not Path(path).is_file():
             raise ValueError(f"--config {path!r}: no such file")

@@ -14,6 +14,11 @@ writes <out>/kv/results.{json,md,png} (with the retrieval probe's accuracy by ne
 model was trained with data.probe_rate > 0) and logs them to the run's W&B run unless --no-wandb.
 Without --kv it runs the run's kv.eval_policies at kv.eval_ratio (the KV table of `make train`);
 --kv none skips it.
+
+The original of a retrofitted model (docs/retrofit.md), scored with the same code and protocol:
+  python train/eval.py --hf smollm2 --config configs/retrofit_smollm2.yaml --kv h2o,svd --ratio 4,8
+--hf takes what model.init_from_hf takes (a HF model folder, a .gguf file, an alias); --config gives
+the run's data.* settings (source, split, seq_len), so the documents and windows are the run's.
 """
 
 import argparse
@@ -38,8 +43,10 @@ from pikv.eval.kv import markdown_table as kv_markdown_table  # noqa: E402
 from pikv.inference import stored_config  # noqa: E402  (shared with train/generate.py)
 from pikv.kv import parse_method  # noqa: E402
 from pikv.models import Transformer  # noqa: E402
-from pikv.tasks import build_task  # noqa: E402
+from pikv.models.pretrained import resolve_pretrained  # noqa: E402
+from pikv.tasks import build_task, check_job, load_job  # noqa: E402
 from pikv.training.checkpoint import load_model_weights, read_trainer_state, resolve_checkpoint  # noqa: E402
+from pikv.training.distill import load_hf_teacher  # noqa: E402
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
@@ -52,7 +59,12 @@ def markdown_table(rows: dict[str, dict]) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path)
+    subject = parser.add_mutually_exclusive_group(required=True)
+    subject.add_argument("--checkpoint", type=Path)
+    subject.add_argument("--hf", default=None, help="a pretrained Hugging Face model instead: a model folder, "
+                         "a .gguf file or an alias (smollm2), as model.init_from_hf takes")
+    parser.add_argument("--config", default=None, help="--hf: the YAML of the run to compare with (its data.* "
+                        "keys choose the documents and seq_len; default: the defaults)")
     parser.add_argument("--data", default=None, help="a prepared directory (its held-out split), or a source: "
                         "a .txt/.jsonl/.parquet file, save_to_disk folder, directory or glob, or hub dataset")
     parser.add_argument("--text-field", default="text", help="text column for JSONL/hub data")
@@ -129,8 +141,22 @@ def evaluate_kv_table(model, tokenizer, docs, data_name: str, ckpt: Path, state,
         print(f"kv results logged to W&B ({cfg.logging.wandb_mode}) in {ckpt.parent.parent / 'wandb'}")
 
 
+def load_hf(args: argparse.Namespace):
+    """--hf: (model, tokenizer, config, resolved path) of a pretrained model as a job with
+    model.init_from_hf would start (pikv/tasks/pretrained.py): dense, no KV compressor."""
+    cfg = load_job(args.config, [f"model.init_from_hf={args.hf}", "kv.compressor=none", "kv.pca_init_windows=0"])
+    path = resolve_pretrained(args.hf, cache_dir=cfg.data.cache_dir)
+    model = load_hf_teacher(args.hf, cfg.data.cache_dir, cfg.model.max_seq_len)
+    return model, load_tokenizer(cfg.data.tokenizer), cfg, path
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.config is not None and args.hf is None:
+        print("error: --config is for --hf (a checkpoint carries its own config)", file=sys.stderr)
+        return 2
+    if args.hf is not None:
+        return main_hf(args)
     try:
         ckpt = resolve_checkpoint(args.checkpoint)
         state = read_trainer_state(ckpt)
@@ -156,6 +182,27 @@ def main(argv: list[str]) -> int:
     evaluate_perplexity(model, tokenizer, docs, tokens, data_name, ckpt, cfg, args, out)
     if kv_specs:
         evaluate_kv_table(model, tokenizer, docs, data_name, ckpt, state, cfg, args, out, kv_specs, probe)
+    return 0
+
+
+def main_hf(args: argparse.Namespace) -> int:
+    """--hf: the same perplexity and KV evaluation as a checkpoint's (no W&B run to log to)."""
+    try:
+        model, tokenizer, cfg, path = load_hf(args)
+        docs, data_name, tokens = heldout_docs(args, cfg, tokenizer, path)
+        probe = PasskeyProbe(tokenizer) if cfg.data.probe_rate > 0 else None
+        kv_specs = []
+        if (args.kv or "").lower() != "none":
+            kv_specs = parse_specs(args.kv or ",".join(p for p in cfg.kv.eval_policies if parse_method(p).storage
+                                                       != "learned"), args.ratio or str(cfg.kv.eval_ratio))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = args.out or Path(cfg.train.output_dir) / f"hf-{path.stem}" / "eval"
+    args.no_wandb = True
+    evaluate_perplexity(model, tokenizer, docs, tokens, data_name, path, cfg, args, out)
+    if kv_specs:
+        evaluate_kv_table(model, tokenizer, docs, data_name, path, None, cfg, args, out, kv_specs, probe)
     return 0
 
 

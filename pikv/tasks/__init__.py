@@ -26,7 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from pikv.config import JobConfig, load_config, validate
+from pikv.config import JobConfig, merge_config, resolve, validate
 from pikv.distributed import DistContext
 
 TASKS = ("lm", "flex", "time")
@@ -59,5 +59,10 @@ def check_job(cfg: JobConfig) -> JobConfig:
 
 
 def load_job(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> JobConfig:
-    """What an entry point loads: defaults <- YAML <- overrides, resolved, then `check_job`."""
-    return check_job(load_config(path, overrides))
+    """What an entry point loads: defaults <- YAML <- overrides (with model.init_from_hf: defaults <-
+    the pretrained model <- YAML <- overrides, pikv/tasks/pretrained.py), resolved, then `check_job`."""
+    cfg = merge_config(path, overrides)
+    if cfg.model.init_from_hf:
+        from pikv.tasks.pretrained import pretrained_job
+        cfg = pretrained_job(cfg, path, overrides)
+    return check_job(resolve(cfg))

@@ -17,6 +17,7 @@ from pikv.distributed import DistContext
 from pikv.eval import evaluate_lm
 from pikv.kv.budgets import check_latent_budgets
 from pikv.models import Transformer
+from pikv.models.freeze import check_freeze
 from pikv.models.transformer import check_transformer
 
 
@@ -43,10 +44,20 @@ class LMTask:
                                      kv.latent_window, cfg.data.seq_len)
         with config_keys({"rate": "data.probe_rate"}):
             check_probe_rate(cfg.data.probe_rate)
+        if cfg.train.freeze:  # the parameter names of this config's model, without allocating it
+            with torch.device("meta"):
+                names = [n for n, _ in Transformer(cfg.model, cfg.moe, kv_cfg=cfg.kv).named_parameters()]
+            check_freeze(names, cfg.train.freeze)
         d = cfg.data
         with config_keys({k: f"data.{k}" for k in ("validation_docs", "heldout_docs", "validation_fraction",
                                                     "heldout_fraction")}):
             check_split(d.validation_docs, d.heldout_docs, d.validation_fraction, d.heldout_fraction)
+
+    def calibration_windows(self, count: int) -> torch.Tensor:
+        """[<= count, seq_len] the first windows of the train split (the same on every rank; the
+        training loader's position is not touched): what the KV compressor's PCA init fits."""
+        inputs_BT, _ = next(iter_eval_batches(self.data.tokens["train"], self.cfg.data.seq_len, count, max_batches=1))
+        return inputs_BT
 
     def build_model(self) -> nn.Module:
         return Transformer(self.cfg.model, self.cfg.moe, kv_cfg=self.cfg.kv)

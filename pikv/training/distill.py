@@ -22,7 +22,11 @@ import torch
 from torch import nn
 
 from pikv.config import DistillConfig, KVConfig, ModelConfig, MoEConfig
+from pikv.data import load_tokenizer
+from pikv.data.tokenizer import tokenizer_hash
 from pikv.models import Transformer
+from pikv.models.hf import load_pretrained_transformer
+from pikv.models.pretrained import is_pretrained, resolve_pretrained
 from pikv.moe.distill import FrozenTeacher, hidden_mse, kd_loss
 from pikv.training.checkpoint import load_model_weights, read_trainer_state, resolve_checkpoint
 
@@ -44,6 +48,14 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     return model, ckpt
 
 
+def load_hf_teacher(spec: str, cache_dir: str = "", max_seq_len: Optional[int] = None,
+                    device: torch.device | str = "cpu") -> Transformer:
+    """A pretrained Hugging Face model (folder, .gguf or alias: pikv/models/pretrained.py) as a dense
+    pikv Transformer, frozen in eval mode (the start of model.init_from_hf, or a teacher)."""
+    model = load_pretrained_transformer(resolve_pretrained(spec, cache_dir=cache_dir), max_seq_len)
+    return model.to(device).eval().requires_grad_(False)
+
+
 def check_same_tokenizer(teacher_ckpt: Path, student_tokenizer: Optional[Path]) -> None:
     """The KD loss compares distributions over token ids: both models must use one tokenizer."""
     teacher_tok = teacher_ckpt / "tokenizer.json"
@@ -55,6 +67,14 @@ def check_same_tokenizer(teacher_ckpt: Path, student_tokenizer: Optional[Path]) 
         raise ValueError(f"distill.teacher = {str(teacher_ckpt)!r} was trained with a different tokenizer "
                          f"({teacher_tok}) than this run ({student_tokenizer}); distillation needs the same "
                          "tokenizer: use the teacher's data.* settings (source, tokenizer, model.vocab_size)")
+
+
+def check_same_hf_tokenizer(spec: str, model_path: Path, student_tokenizer: Optional[Path]) -> None:
+    """As check_same_tokenizer, for a pretrained teacher: its own tokenizer must be the student's."""
+    teacher_tok = load_tokenizer(str(model_path))
+    if student_tokenizer is None or tokenizer_hash(load_tokenizer(str(student_tokenizer))) != tokenizer_hash(teacher_tok):
+        raise ValueError(f"distill.teacher = {spec!r}: its tokenizer differs from this run's ({student_tokenizer}); "
+                         "distillation needs the same tokenizer: leave data.tokenizer unset with model.init_from_hf")
 
 
 class _Capture:
@@ -92,10 +112,19 @@ class Distiller:
 
     @classmethod
     def from_checkpoint(cls, cfg: DistillConfig, student: Transformer, student_tokenizer: Optional[Path],
-                        device: torch.device, amp_dtype: Optional[torch.dtype] = None) -> "Distiller":
-        """The teacher of `cfg.teacher`, after checking it shares the student's tokenizer."""
-        teacher, ckpt = load_teacher(cfg.teacher, device)
-        check_same_tokenizer(ckpt, student_tokenizer)
+                        device: torch.device, amp_dtype: Optional[torch.dtype] = None,
+                        cache_dir: str = "", loaded: Optional[Transformer] = None) -> "Distiller":
+        """The teacher of `cfg.teacher` (a PiKV checkpoint, or a pretrained HF model: folder, .gguf or
+        alias, e.g. the original of a retrofit; `loaded`: that model, already loaded by
+        load_hf_teacher), after checking it shares the student's tokenizer."""
+        if is_pretrained(cfg.teacher):
+            teacher = loaded if loaded is not None else load_hf_teacher(cfg.teacher, cache_dir,
+                                                                         student.cfg.max_seq_len, device)
+            check_same_hf_tokenizer(cfg.teacher, resolve_pretrained(cfg.teacher, "distill.teacher", cache_dir),
+                                    student_tokenizer)
+        else:
+            teacher, ckpt = load_teacher(cfg.teacher, device)
+            check_same_tokenizer(ckpt, student_tokenizer)
         return cls(cfg, student, teacher, device, amp_dtype)
 
     def losses(self, inputs_BT: torch.Tensor, student_logits_BTV: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -225,13 +225,13 @@ class PreemptionHook(StepHook):
 
 
 def build_hooks(cfg: JobConfig, model, ctx, tokenizer_path: Optional[Path],
-                amp_dtype: Optional[torch.dtype]) -> list[StepHook]:
+                amp_dtype: Optional[torch.dtype], teacher=None) -> list[StepHook]:
     """The step hooks `cfg` asks for, in the order their loss terms are added (PreemptionHook is
-    built apart, first, by the trainer)."""
+    built apart, first, by the trainer). `teacher`: distill.teacher's model when already loaded."""
     hooks: list[StepHook] = []
     if cfg.train.mode == "distill":  # the teacher is frozen on this rank's micro-batches, outside the engine
         hooks.append(DistillHook(Distiller.from_checkpoint(cfg.distill, model, tokenizer_path, ctx.device,
-                                                           amp_dtype)))
+                                                           amp_dtype, cfg.data.cache_dir, teacher)))
     moe = cfg.moe
     hooks.append(RouterHook(model, moe.aux_loss_weight, moe.z_loss_weight, moe.bias_update_rate, ctx.world_size))
     nan = NaNInjectionHook.from_env()

@@ -21,11 +21,13 @@ from tqdm import tqdm
 
 from pikv.config import JobConfig, moe_layer_indices, save_yaml, to_dict
 from pikv.distributed import DistContext
+from pikv.kv.fit import pca_init_
 from pikv.logging import WANDB_ID_FILE, MetricsLogger, get_logger
+from pikv.models.freeze import freeze_parameters
 from pikv.models.parallelize import apply_parallelism
 from pikv.training.checkpoint import (TrainerState, check_compatible, complete_checkpoints,
                                       load_checkpoint, read_trainer_state, save_checkpoint)
-from pikv.training.distill import load_teacher, parameter_report
+from pikv.training.distill import load_hf_teacher, load_teacher, parameter_report
 from pikv.training.engines import build_engine
 from pikv.training.hooks import MicroBatch, PreemptionHook, build_hooks, combine
 from pikv.training.moe_metrics import MoEMetrics
@@ -77,8 +79,10 @@ class Trainer:
         self.task = build_task(cfg, self.run_dir, ctx)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = self.task.build_model()
-        if cfg.train.init_from and self._resume_path() is None:  # upcycling (pikv/training/upcycle.py)
-            upcycle(model, load_teacher(cfg.train.init_from)[0])
+        pretrained = None
+        if self._resume_path() is None:  # a resumed run restores its own weights, never these
+            pretrained = self._initial_weights(model)
+        freeze_parameters(model, cfg.train.freeze)  # before the engine: no optimizer state for them
         # Counted before expert sharding: the sizes of the whole model, not of this rank's slice.
         self.param_counts = {"num_params": model.num_params(), "num_active_params": model.num_active_params(),
                              **parameter_report(model)}
@@ -88,7 +92,11 @@ class Trainer:
         # DeepSpeed bf16/fp16 converts the module itself; autocast only for the torch engine.
         self.amp_dtype = autocast_dtype(cfg, ctx.device) if cfg.train.engine == "torch" else None
         # Router losses and bias, KV compressor, distillation, test NaNs, stop requests: pikv/training/hooks.py
-        self.hooks = build_hooks(cfg, self.model, ctx, self.task.tokenizer_path, self.amp_dtype) + [preemption]
+        # the original model is also the teacher of a retrofit (distill.teacher = model.init_from_hf): loaded once
+        teacher = pretrained if cfg.distill.teacher and cfg.distill.teacher == cfg.model.init_from_hf else None
+        del pretrained
+        self.hooks = build_hooks(cfg, self.model, ctx, self.task.tokenizer_path, self.amp_dtype,
+                                 teacher) + [preemption]
         moe_layers = list(zip(moe_layer_indices(cfg.model, cfg.moe), self.model.moe_layers()))
         self.moe_metrics = MoEMetrics(moe_layers, cfg.model.num_experts, ctx.device)
         self.step = 0
@@ -97,6 +105,21 @@ class Trainer:
         self._maybe_resume()
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.train.run_name, to_dict(cfg),
                                      enabled=ctx.is_main, resume_step=self.step)
+
+    def _initial_weights(self, model):
+        """A fresh run's start: a PiKV checkpoint (train.init_from) or a pretrained HF model
+        (model.init_from_hf, loaded from the same files on every rank), copied in by upcycling
+        (pikv/training/upcycle.py: dense FFNs as they are, MoE experts as copies of the FFN).
+        Returns the pretrained model (frozen, a dense pikv Transformer) or None."""
+        cfg, pretrained = self.cfg, None
+        if cfg.train.init_from:
+            upcycle(model, load_teacher(cfg.train.init_from)[0])
+        elif cfg.model.init_from_hf:
+            pretrained = load_hf_teacher(cfg.model.init_from_hf, cfg.data.cache_dir, cfg.model.max_seq_len)
+            upcycle(model, pretrained, "model.init_from_hf")
+        if cfg.kv.pca_init_windows:  # after the weights: the PCA of *their* keys and values
+            pca_init_(model, self.task.calibration_windows(cfg.kv.pca_init_windows))
+        return pretrained
 
     # ---- resume -------------------------------------------------------------------------
     def _resume_path(self) -> Optional[Path]:

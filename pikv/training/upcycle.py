@@ -78,22 +78,23 @@ def _upcycle_mlp(student: nn.Module, teacher: nn.Module, where: str) -> None:
 
 
 @torch.no_grad()
-def upcycle(student: nn.Module, teacher: nn.Module) -> None:
+def upcycle(student: nn.Module, teacher: nn.Module, source: str = "train.init_from") -> None:
     """Copy `teacher` (a pikv Transformer, dense or MoE) into `student` (a full, unsharded
-    Transformer): everything outside the FFNs must have equal shapes; see the module doc."""
+    Transformer): everything outside the FFNs must have equal shapes; see the module doc. `source`
+    (the config key the teacher came from) starts every error message."""
     s_cfg, t_cfg = student.cfg, teacher.cfg
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
         if getattr(s_cfg, key) != getattr(t_cfg, key):
-            raise ValueError(f"train.init_from: model.{key} of the checkpoint ({getattr(t_cfg, key)}) differs from "
+            raise ValueError(f"{source}: model.{key} of the checkpoint ({getattr(t_cfg, key)}) differs from "
                              f"this model's ({getattr(s_cfg, key)}); upcycling keeps everything outside the FFNs")
     t_sd = teacher.state_dict()
     for name, tensor in student.state_dict().items():
         if ".mlp." in name or (".kv_compressor." in name and name not in t_sd):
             continue  # FFNs below; a KV compressor the checkpoint lacks keeps its init (unused at full cache)
         if name not in t_sd or t_sd[name].shape != tensor.shape:
-            raise ValueError(f"train.init_from: the checkpoint has no {name} of shape {tuple(tensor.shape)}; "
+            raise ValueError(f"{source}: the checkpoint has no {name} of shape {tuple(tensor.shape)}; "
                              "upcycling copies everything outside the FFNs")
         tensor.copy_(t_sd[name])
     for i, (s_block, t_block) in enumerate(zip(student.layers, teacher.layers)):
-        _upcycle_mlp(s_block.mlp, t_block.mlp, f"train.init_from: layer {i}")
+        _upcycle_mlp(s_block.mlp, t_block.mlp, f"{source}: layer {i}")
 
