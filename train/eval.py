@@ -44,7 +44,7 @@ from pikv.inference import stored_config  # noqa: E402  (shared with train/gener
 from pikv.kv import parse_method  # noqa: E402
 from pikv.models import Transformer  # noqa: E402
 from pikv.models.pretrained import resolve_pretrained  # noqa: E402
-from pikv.tasks import build_task, check_job, load_job  # noqa: E402
+from pikv.tasks import build_task, load_job  # noqa: E402
 from pikv.training.checkpoint import load_model_weights, read_trainer_state, resolve_checkpoint  # noqa: E402
 from pikv.training.distill import load_hf_teacher  # noqa: E402
 
