@@ -113,7 +113,7 @@ def fit_compressors(model, batches: Iterable[torch.Tensor], ratios: list[float],
     comps = compressors(model)
     c0 = comps[0]
     schedule = TrainSchedule(c0.G, c0.D, ratios, full_every=0, cotrain_start=1.0, max_steps=steps,
-                             bits=c0.bits, window=c0.window, length=length)
+                             bits=c0.bits, window=c0.window, length=length, rotary_dims=c0.rot)
     params = [p for c in comps for p in c.parameters()]
     own = {id(p) for p in params}
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
