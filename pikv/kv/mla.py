@@ -69,20 +69,32 @@ class MLAStore(LatentStore):
         return self._and_tail(torch.cat([k_rot, k_dec], -1), v_lat, lambda k_E: k_E)
 
     def attend(self, q_BNTD, read, pos, start, T, extra, need_probs):
-        if T > 1:
+        if T > 1 or extra is not None:  # a prefill, or Quest (which reads the explicit keys anyway)
             return super().attend(q_BNTD, read, pos, start, T, extra, need_probs)
-        return self.absorbed(q_BNTD, pos, start, T, extra, need_probs)
+        return self.absorbed(q_BNTD, need_probs)
 
-    def absorbed(self, q_BNTD, pos, start: int, T: int, extra, need_probs: bool):
-        """Attention without rebuilding stored keys/values (module docstring): (o_BNTD, probs per
-        stored token or None), the same as `LatentStore.attend` over `read` up to fp rounding."""
+    def _visible_parts(self) -> tuple[list[dict[str, torch.Tensor]], int]:
+        """What one new query reads, one key per stored token in stored order: (the code parts read
+        through the latent, the number of exact tokens). Every token that left the window is at
+        distance >= window; of this step's E tokens the first E - window are, the rest are read
+        exactly (the training pass's rule, LatentKVCompressor.attention)."""
+        parts = self._parts()
+        E = self._E[0].shape[2]
+        exact = min(self.tail, E)
+        parts[-1] = {name: x[:, :, :E - exact] for name, x in parts[-1].items()}
+        return parts, exact
+
+    def absorbed(self, q_BNTD, need_probs: bool):
+        """One query per row after every stored token, without rebuilding stored keys/values
+        (module docstring): (o_BNTD, probs per stored token [B, N, 1, S] or None), the same as
+        `LatentStore.attend` over `read` up to fp rounding."""
         comp, r, P = self.comp, self.rank, self.comp.rot
-        B, N, _, D = q_BNTD.shape
+        B, N, T, D = q_BNTD.shape
         G, dtype = comp.G, q_BNTD.dtype
         M = N // G * T
         q_BGMD = q_BNTD.reshape(B, G, M, D) * (1 / math.sqrt(D))
         q_abs_BXR = (q_BGMD[..., P:] @ comp.up_k_GCR(r).to(dtype)).view(B, G * M, r)
-        parts = self._parts()
+        parts, exact = self._visible_parts()
         codes = [part["c"][:, 0].to(dtype) for part in parts]  # [B, S_part, r]
         scales = [part["c_scale"][:, 0, :, 0].to(dtype)[:, None] if "c_scale" in part else None for part in parts]
         scores = []
@@ -94,22 +106,15 @@ class MLAStore(LatentStore):
                 s_rot_BGMS = s_rot_BGMS * part["kr_scale"][:, :, :, 0].to(dtype)[:, :, None]
             scores.append(s_BXS.view(B, G, M, -1) + s_rot_BGMS)
         k_E, v_E, _ = self._E
-        if self.tail:
-            scores.append(q_BGMD @ k_E.to(dtype).transpose(-1, -2))
-        s_BGMK = torch.cat(scores, -1)
-        token_of_key = self._token_of_key(q_BNTD.device) if self.tail else None
-        keep = self.read_mask(q_BNTD.device, pos, start, T, extra, token_of_key)
-        if keep is not None:
-            keep = keep[:, :, None] if keep.dim() == 4 else keep
-            s_BGMK = s_BGMK.view(B, G, N // G, T, -1).masked_fill(~keep, float("-inf")).view(B, G, M, -1)
-        p_BGMK = torch.softmax(s_BGMK.float(), dim=-1).to(dtype)
+        if exact:
+            scores.append(q_BGMD @ k_E[:, :, -exact:].to(dtype).transpose(-1, -2))
+        p_BGMS = torch.softmax(torch.cat(scores, -1).float(), dim=-1).to(dtype)
         o_BXR, at = 0, 0
         for c_BSR, scale_B1S in zip(codes, scales):
-            p_BXS = p_BGMK[..., at:at + c_BSR.shape[1]].reshape(B, G * M, -1)
+            p_BXS = p_BGMS[..., at:at + c_BSR.shape[1]].reshape(B, G * M, -1)
             o_BXR = o_BXR + (p_BXS * scale_B1S if scale_B1S is not None else p_BXS) @ c_BSR
             at += c_BSR.shape[1]
         o_BGMD = o_BXR.view(B, G, M, r) @ comp.up_v_GDR(r).to(dtype).transpose(-1, -2)
-        if self.tail:
-            o_BGMD = o_BGMD + p_BGMK[..., at:] @ v_E.to(dtype)
-        probs = self.probs_per_token(p_BGMK.view(B, N, T, -1), token_of_key) if need_probs else None
-        return o_BGMD.view(B, N, T, D), probs
+        if exact:
+            o_BGMD = o_BGMD + p_BGMS[..., at:] @ v_E[:, :, -exact:].to(dtype)
+        return o_BGMD.view(B, N, T, D), p_BGMS.view(B, N, T, -1) if need_probs else None
