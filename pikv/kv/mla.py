@@ -111,7 +111,7 @@ class MLAStore(LatentStore):
         p_BGMS = torch.softmax(torch.cat(scores, -1).float(), dim=-1).to(dtype)
         o_BXR, at = 0, 0
         for c_BSR, scale_B1S in zip(codes, scales):
-            p_BXS = p_BGMS[..., at:at + c_BSR.shape[1]].reshape(B, G * M, -1)
+            p_BXS = p_BGMS.view(B, G * M, -1)[..., at:at + c_BSR.shape[1]]  # a strided view: bmm reads it in place
             o_BXR = o_BXR + (p_BXS * scale_B1S if scale_B1S is not None else p_BXS) @ c_BSR
             at += c_BSR.shape[1]
         o_BGMD = o_BXR.view(B, G, M, r) @ comp.up_v_GDR(r).to(dtype).transpose(-1, -2)
