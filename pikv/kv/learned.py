@@ -1,8 +1,8 @@
 """The learned KV compressor: a nested (Matryoshka) low-rank latent of each layer's keys and values,
 trained jointly with the model.
 
-Shapes: B batch, G kv heads, T tokens, D head dim, C = 2*G*D (one token's keys + values of a
-layer), R latent rank (R_max = C / min trained ratio).
+Shapes: B batch, G kv heads, T tokens, D head dim, P rotated key dims held apart (0: the joint
+latent), C = G*(2*D - P) (the numbers of one token and layer the latent encodes), R latent rank.
 
 Per layer, one token's pre-RoPE keys and its values (all kv heads, concatenated: C numbers) are
 encoded into a latent of rank R by `down` and decoded by `up`; the cache stores the latent
@@ -21,6 +21,15 @@ as Palu quantizes its low-rank latents: at the same bytes that is about twice th
 codes, and rounding the kept coordinates to 8 bits loses far less than halving the rank. Training runs the same
 quantization in the loop (straight-through gradient), so the compressor learns a latent that
 survives it and the single-pass training forward equals decoding from the int8 cache.
+
+With partial rotary (model.rotary_fraction < 1, `rotary_dims` > 0) the latent is MLA's decoupled
+one: it encodes only the position-free key dims and the values, and the rotated key dims of each
+kv head are held apart after RoPE (int8 with one fp16 scale per token when bits=8, else the store
+dtype; their bytes come off the rank, `latent_rank`). Nothing stored then needs RoPE again, so a
+decode step can fold the key up-projection into the query and the value up-projection into the
+output and attend over the codes themselves (pikv/kv/mla.py). A fully rotary key has no
+position-free part, so full-rotary models (every checkpoint before partial rotary) keep the joint
+latent of all pre-RoPE key dims.
 
 With `window` > 0 the most recent `window` tokens are also held exactly: a query reads them at
 full precision and only older tokens through the latent, whose rank gets the bytes the window

@@ -62,59 +62,59 @@ class MLAStore(LatentStore):
         kr = part["kr"].to(dtype)
         return kr * part["kr_scale"].to(dtype) if "kr_scale" in part else kr
 
+    def _decoded(self, part: dict[str, torch.Tensor], dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Explicit (keys after RoPE, values) [B, G, S_part, D] of one part's stored fields."""
+        k_dec, v = self.comp.decode(self.comp.load({name: part[name][:, 0] for name in ("c", "c_scale")
+                                                    if name in part}, dtype))
+        return torch.cat([self._rotary(part, dtype), k_dec], -1), v
+
     def read(self, dtype, rope, pos, start, T):
         """Explicit keys (rotated dims as stored, the rest decoded) and values: prefill and Quest."""
-        k_dec, v_lat = self.comp.decode(self._latent(dtype))
-        k_rot = torch.cat([self._rotary(part, dtype) for part in self._parts()], 2)
-        return self._and_tail(torch.cat([k_rot, k_dec], -1), v_lat, lambda k_E: k_E)
+        keys, values = zip(*(self._decoded(part, dtype) for part in self._parts()))
+        return self._and_tail(torch.cat(keys, 2), torch.cat(values, 2), lambda k_E: k_E)
 
     def attend(self, q_BNTD, read, pos, start, T, extra, need_probs):
         if T > 1 or extra is not None:  # a prefill, or Quest (which reads the explicit keys anyway)
             return super().attend(q_BNTD, read, pos, start, T, extra, need_probs)
         return self.absorbed(q_BNTD, need_probs)
 
-    def _visible_parts(self) -> tuple[list[dict[str, torch.Tensor]], int]:
-        """What one new query reads, one key per stored token in stored order: (the code parts read
-        through the latent, the number of exact tokens). Every token that left the window is at
-        distance >= window; of this step's E tokens the first E - window are, the rest are read
-        exactly (the training pass's rule, LatentKVCompressor.attention)."""
-        parts = self._parts()
-        E = self._E[0].shape[2]
-        exact = min(self.tail, E)
-        parts[-1] = {name: x[:, :, :E - exact] for name, x in parts[-1].items()}
-        return parts, exact
+    def _newest(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's E tokens as its one new query reads them, explicitly: (keys, values)
+        [B, G, E, D]. The first E - window are at distance >= window, read through the latent
+        (the training pass's rule, LatentKVCompressor.attention): decoded here, one token per step
+        once the window is full; the rest exactly."""
+        k_E, v_E, fields = self._E
+        E = k_E.shape[2]
+        first = E - min(self.tail, E)
+        k_lat, v_lat = self._decoded({name: x[:, :, :first] for name, x in fields.items()}, dtype)
+        return torch.cat([k_lat, k_E[:, :, first:].to(dtype)], 2), torch.cat([v_lat, v_E[:, :, first:].to(dtype)], 2)
 
     def absorbed(self, q_BNTD, need_probs: bool):
-        """One query per row after every stored token, without rebuilding stored keys/values
-        (module docstring): (o_BNTD, probs per stored token [B, N, 1, S] or None), the same as
-        `LatentStore.attend` over `read` up to fp rounding."""
-        comp, r, P = self.comp, self.rank, self.comp.rot
+        """One query per row after every stored token, without rebuilding the stored tokens'
+        keys/values (module docstring): one key per stored token in stored order, so no mask, and
+        the probabilities are per stored token. Returns (o_BNTD, probs [B, N, 1, S] or None), the
+        same as `LatentStore.attend` over `read` up to fp rounding."""
+        comp, r, P, S0 = self.comp, self.rank, self.comp.rot, self.buf.n
         B, N, T, D = q_BNTD.shape
         G, dtype = comp.G, q_BNTD.dtype
         M = N // G * T
         q_BGMD = q_BNTD.reshape(B, G, M, D) * (1 / math.sqrt(D))
-        q_abs_BXR = (q_BGMD[..., P:] @ comp.up_k_GCR(r).to(dtype)).view(B, G * M, r)
-        parts, exact = self._visible_parts()
-        codes = [part["c"][:, 0].to(dtype) for part in parts]  # [B, S_part, r]
-        scales = [part["c_scale"][:, 0, :, 0].to(dtype)[:, None] if "c_scale" in part else None for part in parts]
-        scores = []
-        for part, c_BSR, scale_B1S in zip(parts, codes, scales):
+        k_new, v_new = self._newest(dtype)
+        scores = [q_BGMD @ k_new.transpose(-1, -2)]
+        if S0:  # the tokens that left the window: codes [B, S0, r] and rotated dims [B, G, S0, P]
+            c_BSR, kr_BGSP = self.buf.view("c")[:, 0].to(dtype), self.buf.view("kr").to(dtype)
+            scale_B1S = self.buf.view("c_scale")[:, :, :, 0].to(dtype) if comp.bits == 8 else None
+            q_abs_BXR = (q_BGMD[..., P:] @ comp.up_k_GCR(r).to(dtype)).view(B, G * M, r)
             s_BXS = q_abs_BXR @ c_BSR.transpose(1, 2)
-            s_BXS = s_BXS * scale_B1S if scale_B1S is not None else s_BXS
-            s_rot_BGMS = q_BGMD[..., :P] @ part["kr"].to(dtype).transpose(-1, -2)
-            if "kr_scale" in part:
-                s_rot_BGMS = s_rot_BGMS * part["kr_scale"][:, :, :, 0].to(dtype)[:, :, None]
-            scores.append(s_BXS.view(B, G, M, -1) + s_rot_BGMS)
-        k_E, v_E, _ = self._E
-        if exact:
-            scores.append(q_BGMD @ k_E[:, :, -exact:].to(dtype).transpose(-1, -2))
+            s_rot_BGMS = q_BGMD[..., :P] @ kr_BGSP.transpose(-1, -2)
+            if scale_B1S is not None:
+                s_BXS = s_BXS * scale_B1S
+                s_rot_BGMS = s_rot_BGMS * self.buf.view("kr_scale")[:, :, :, 0].to(dtype)[:, :, None]
+            scores.insert(0, s_BXS.view(B, G, M, S0) + s_rot_BGMS)
         p_BGMS = torch.softmax(torch.cat(scores, -1).float(), dim=-1).to(dtype)
-        o_BXR, at = 0, 0
-        for c_BSR, scale_B1S in zip(codes, scales):
-            p_BXS = p_BGMS.view(B, G * M, -1)[..., at:at + c_BSR.shape[1]]  # a strided view: bmm reads it in place
-            o_BXR = o_BXR + (p_BXS * scale_B1S if scale_B1S is not None else p_BXS) @ c_BSR
-            at += c_BSR.shape[1]
-        o_BGMD = o_BXR.view(B, G, M, r) @ comp.up_v_GDR(r).to(dtype).transpose(-1, -2)
-        if exact:
-            o_BGMD = o_BGMD + p_BGMS[..., at:] @ v_E[:, :, -exact:].to(dtype)
+        o_BGMD = p_BGMS[..., S0:] @ v_new
+        if S0:
+            p_BXS = p_BGMS.view(B, G * M, -1)[..., :S0]  # a strided view: bmm reads it in place
+            o_BXR = (p_BXS * scale_B1S if scale_B1S is not None else p_BXS) @ c_BSR
+            o_BGMD = o_BGMD + o_BXR.view(B, G, M, r) @ comp.up_v_GDR(r).to(dtype).transpose(-1, -2)
         return o_BGMD.view(B, N, T, D), p_BGMS.view(B, N, T, -1) if need_probs else None
