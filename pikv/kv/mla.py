@@ -1,10 +1,9 @@
 """The decoupled learned latent's cache with absorbed attention (MLA inference, DeepSeek-V2
 arXiv:2405.04434 section 2.1; DeepSeek-V3 `inference/model.py`, attn_impl="absorb").
 
-Shapes: B batch, N query heads, G kv heads, T new tokens, S stored tokens (codes of the tokens
-that left the window, then this step's E = window + new tokens), E exact tokens, K keys read
-(S + E with a window, else S), M = N/G * T query rows of one kv head, D head dim, P rotated dims
-per head, r latent rank.
+Shapes: B batch, N query heads, G kv heads, T new tokens, S stored tokens (S0 in the buffers:
+the tokens that left the window; then this step's E = window + new tokens), M = N/G * T query rows
+of one kv head, D head dim, P rotated dims per head, r latent rank.
 
 With partial rotary (model.rotary_fraction < 1) the compressor (rotary_dims = P) encodes only the
 position-free key dims and the values; the P rotated key dims of each kv head are stored apart
@@ -15,7 +14,8 @@ the rows of the up-projection that produce g's key dims P.. / values:
     scores = q[:P] . k_rot                      (exact: the stored rotated dims)
            + (q[P:] @ Uk_g) . c                 (the key up-projection absorbed into the query)
     out    = (p @ c) @ Uv_g^T                   (the value up-projection applied once per query)
-           + p_exact @ v_exact                  (the window's exact tokens, read as the explicit path does)
+           + p_new @ v_new                      (this step's E newest tokens, explicitly: the window
+                                                 exact, the token leaving it decoded from its codes)
 
 The latent c is shared by every kv head, so all N query heads score it with one matmul. int8
 codes are converted to the compute dtype (the matmuls need it) and their per-token scale
