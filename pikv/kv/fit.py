@@ -88,7 +88,8 @@ def pca_init_(model, tokens_XN: torch.Tensor, batch_size: int = 4) -> list[torch
     comps = compressors(model)
     eigenvalues = []
     for comp, m_CC in zip(comps, kv_second_moments(model, tokens_XN, batch_size)):
-        u_CR, vals = principal_directions(m_CC, comp.max_rank)
+        dims = comp.encoded_dims()  # the decoupled latent encodes neither rotated key dims
+        u_CR, vals = principal_directions(m_CC[dims][:, dims], comp.max_rank)
         comp.down.weight.copy_(u_CR.T)
         comp.up.weight.copy_(u_CR)
         eigenvalues.append(vals)

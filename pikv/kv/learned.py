@@ -99,6 +99,12 @@ class LatentKVCompressor(nn.Module):
         k = x_BTC[..., :Ck].reshape(B, T, self.G, self.D - self.rot).transpose(1, 2)
         return k, x_BTC[..., Ck:].reshape(B, T, self.G, self.D).transpose(1, 2)
 
+    def encoded_dims(self) -> torch.Tensor:
+        """Where the C numbers this latent encodes sit in one token's [keys of every kv head; values]
+        (2*G*D numbers): key dims rot.. of each head, then every value (pikv/kv/fit.py's PCA)."""
+        keys = (torch.arange(self.G)[:, None] * self.D + torch.arange(self.rot, self.D)).flatten()
+        return torch.cat([keys, self.G * self.D + torch.arange(self.G * self.D)])
+
     def up_k_GCR(self, rank: int) -> torch.Tensor:
         """The key up-projection per kv head [G, D - rot, rank] (absorbed into the queries)."""
         Ck = self.G * (self.D - self.rot)

@@ -162,3 +162,28 @@ def test_full_rotary_models_keep_the_joint_latent():
     with pytest.raises(ValueError, match="MLAStore needs a decoupled latent"):
         MLAStore(comp, 4, torch.float32)
     assert latent_rank(G, D, 4.0, 8) == G * D - 2  # the joint budget as before
+
+
+def test_pca_init_of_the_decoupled_latent_is_the_best_rank_r_projection():
+    # pikv/kv/fit.py pca_init_: the principal directions of what the latent encodes (position-free
+    # key dims + values), so its squared reconstruction error is the energy its top-r eigenvalues miss
+    from pikv.kv.fit import pca_init_
+    model = tiny_model(bits=16)
+    tokens = torch.randint(0, 96, (4, N_TOK), generator=seeded(5))
+    vals = pca_init_(model, tokens)
+    attn = model.layers[0].self_attn
+    comp, seen = attn.kv_compressor, {}
+    hook = attn.k_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("x", i[0]))
+    with torch.no_grad():
+        model.hidden_states(tokens)
+        hook.remove()
+        x = seen["x"]
+        k = attn.k_proj(x).view(4, N_TOK, G, D).transpose(1, 2)
+        v = attn.v_proj(x).view(4, N_TOK, G, D).transpose(1, 2)
+        for rank in (4, comp.max_rank):
+            k_dec, v_dec = comp.decode(comp.encode(k, v, rank))
+            err = (k_dec - k[..., comp.rot:]).pow(2).sum() + (v_dec - v).pow(2).sum()
+            total = k[..., comp.rot:].pow(2).sum() + v.pow(2).sum()
+            # fp32 encode/decode vs float64 eigenvalues: relative 1e-4 of the total energy
+            assert abs(float(err) - (float(total) - float(vals[0][:rank].sum()))) < 1e-4 * float(total)
+        assert float(err) > 1e-3 * float(total)  # the rank really drops something
