@@ -2,10 +2,12 @@
 
   python bench/kv_decode_speed.py [--contexts 1024,4096,16384] [--batch 1,8] [--threads 1]
       [--policies full,window,streaming,h2o,learned,quant] [--ratios 4,8] [--steps 16] [--repeats 5] [--out DIR]
+      [--rotary-fraction 0.5]
   python bench/kv_decode_speed.py --contexts 64 --batch 1 --ratios 4 --steps 2 --repeats 2   # quickest check
 
 The model is the default configuration (pikv/config.py) with max_seq_len raised to the longest
-context, random weights (speed does not depend on them). The cache of each method is filled to
+context (and model.rotary_fraction = --rotary-fraction: below 1 the learned latent is the decoupled
+one with absorbed decode attention, pikv/kv/mla.py), random weights (speed does not depend on them). The cache of each method is filled to
 the context length by feeding random keys/values through `KVCache.attend` layer by layer in
 chunks (the prefill's MoE/FFN work is skipped: it is the same for every method and is not what
 is measured), then `--steps` real decode steps of the whole model are timed. The "no-attention
@@ -73,6 +75,8 @@ def main(argv):
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default OMP_NUM_THREADS, else 1)")
+    ap.add_argument("--rotary-fraction", type=float, default=1.0,
+                    help="model.rotary_fraction (< 1: the decoupled latent, absorbed attention)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = ap.parse_args(argv)
     if args.threads:
@@ -82,7 +86,8 @@ def main(argv):
     ratios = [float(r) for r in args.ratios.split(",")]
     torch.manual_seed(0)
     machine = machine_info()
-    cfg = ModelConfig(max_seq_len=max(contexts) + args.steps * (args.repeats + 1) + 2)
+    cfg = ModelConfig(max_seq_len=max(contexts) + args.steps * (args.repeats + 1) + 2,
+                      rotary_fraction=args.rotary_fraction)
     model = Transformer(cfg, MoEConfig(), kv_cfg=KVConfig(compressor="learned")).eval()
     rows = []
     for B in batches:
@@ -123,7 +128,8 @@ def main(argv):
                      f"{r['tokens_per_s']:.1f} | {r['speedup_vs_full']:.2f}x | {share} |")
     lines += ["", "no-attention floor (decode over a 1-token cache): "
               + ", ".join(f"batch {b}: {t:.1f} tok/s" for b, t in floor.items())]
-    meta = {"threads": torch.get_num_threads(), "steps": args.steps, "repeats": args.repeats}
+    meta = {"threads": torch.get_num_threads(), "steps": args.steps, "repeats": args.repeats,
+            "rotary_fraction": args.rotary_fraction}
     _, md = write_report(args.out, "kv_decode_speed", machine, {**meta, "rows": rows}, "\n".join(lines))
     print(md.read_text())
     return 0

@@ -130,24 +130,25 @@ def quant_plan(ratio: float, head_dim: int, total_tokens: Optional[int] = None, 
 
 
 def check_latent_budgets(num_kv_heads: int, head_dim: int, ratios: list[float], bits: int, window: int,
-                         length: int) -> None:
+                         length: int, rotary_dims: int = 0) -> None:
     """The learned compressor's budgets (pikv/kv/learned.py): `bits` a supported code width, every
     ratio of `ratios` leaves a latent rank >= 1, alone and beside the `window` exact tokens of a
-    `length`-token sequence. OptionError (a ValueError naming the argument) otherwise."""
+    `length`-token sequence, `rotary_dims` key dims per head held apart (the decoupled latent).
+    OptionError (a ValueError naming the argument) otherwise."""
     if bits not in LATENT_BITS:
         raise OptionError("bits", bits, "must be 8 (int8 codes + fp16 scale) or 16 (fp16 codes)")
     if not ratios:
         raise OptionError("ratios", list(ratios), "must be a non-empty list of compression ratios")
     for r in ratios:
         try:
-            latent_rank(num_kv_heads, head_dim, r, bits)
+            latent_rank(num_kv_heads, head_dim, r, bits, rotary_dims=rotary_dims)
         except ValueError as err:
             raise OptionError("ratios", list(ratios), f"must each leave the latent a rank >= 1: {err}") from None
     if window < 0:
         raise OptionError("window", window, "must be >= 0 (0 = latent only)")
     try:
         for r in ratios:
-            latent_rank(num_kv_heads, head_dim, r, bits, window, length)
+            latent_rank(num_kv_heads, head_dim, r, bits, window, length, rotary_dims)
     except ValueError as err:
         raise OptionError("window", window, "must leave every {ratios} budget a latent (" + str(err).replace("{", "(")
                           .replace("}", ")") + ")", ratios=list(ratios)) from None

@@ -88,7 +88,8 @@ def pca_init_(model, tokens_XN: torch.Tensor, batch_size: int = 4) -> list[torch
     comps = compressors(model)
     eigenvalues = []
     for comp, m_CC in zip(comps, kv_second_moments(model, tokens_XN, batch_size)):
-        u_CR, vals = principal_directions(m_CC, comp.max_rank)
+        dims = comp.encoded_dims()  # the decoupled latent encodes neither rotated key dims
+        u_CR, vals = principal_directions(m_CC[dims][:, dims], comp.max_rank)
         comp.down.weight.copy_(u_CR.T)
         comp.up.weight.copy_(u_CR)
         eigenvalues.append(vals)
@@ -113,7 +114,7 @@ def fit_compressors(model, batches: Iterable[torch.Tensor], ratios: list[float],
     comps = compressors(model)
     c0 = comps[0]
     schedule = TrainSchedule(c0.G, c0.D, ratios, full_every=0, cotrain_start=1.0, max_steps=steps,
-                             bits=c0.bits, window=c0.window, length=length)
+                             bits=c0.bits, window=c0.window, length=length, rotary_dims=c0.rot)
     params = [p for c in comps for p in c.parameters()]
     own = {id(p) for p in params}
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in own]

@@ -1,8 +1,8 @@
 """The learned KV compressor: a nested (Matryoshka) low-rank latent of each layer's keys and values,
 trained jointly with the model.
 
-Shapes: B batch, G kv heads, T tokens, D head dim, C = 2*G*D (one token's keys + values of a
-layer), R latent rank (R_max = C / min trained ratio).
+Shapes: B batch, G kv heads, T tokens, D head dim, P rotated key dims held apart (0: the joint
+latent), C = G*(2*D - P) (the numbers of one token and layer the latent encodes), R latent rank.
 
 Per layer, one token's pre-RoPE keys and its values (all kv heads, concatenated: C numbers) are
 encoded into a latent of rank R by `down` and decoded by `up`; the cache stores the latent
@@ -21,6 +21,15 @@ as Palu quantizes its low-rank latents: at the same bytes that is about twice th
 codes, and rounding the kept coordinates to 8 bits loses far less than halving the rank. Training runs the same
 quantization in the loop (straight-through gradient), so the compressor learns a latent that
 survives it and the single-pass training forward equals decoding from the int8 cache.
+
+With partial rotary (model.rotary_fraction < 1, `rotary_dims` > 0) the latent is MLA's decoupled
+one: it encodes only the position-free key dims and the values, and the rotated key dims of each
+kv head are held apart after RoPE (int8 with one fp16 scale per token when bits=8, else the store
+dtype; their bytes come off the rank, `latent_rank`). Nothing stored then needs RoPE again, so a
+decode step can fold the key up-projection into the query and the value up-projection into the
+output and attend over the codes themselves (pikv/kv/mla.py). A fully rotary key has no
+position-free part, so full-rotary models (every checkpoint before partial rotary) keep the joint
+latent of all pre-RoPE key dims.
 
 With `window` > 0 the most recent `window` tokens are also held exactly: a query reads them at
 full precision and only older tokens through the latent, whose rank gets the bytes the window
@@ -45,16 +54,20 @@ class LatentKVCompressor(nn.Module):
     """down: C -> R_max, up: R_max -> C, used at a prefix rank (the rank of a training step is in
     KVTrainState, the rank of a cache in the cache: the module itself holds no mode)."""
 
-    def __init__(self, num_kv_heads: int, head_dim: int, max_rank: int, bits: int = 16, window: int = 0):
+    def __init__(self, num_kv_heads: int, head_dim: int, max_rank: int, bits: int = 16, window: int = 0,
+                 rotary_dims: int = 0):
         super().__init__()
         if bits not in LATENT_BITS:
             raise ValueError(f"kv latent bits {bits} is not supported: allowed {LATENT_BITS}")
         if window < 0:
             raise ValueError(f"kv latent window {window} must be >= 0 (recent tokens kept exact)")
-        self.G, self.D, self.bits, self.window = num_kv_heads, head_dim, bits, window
-        C = 2 * num_kv_heads * head_dim
+        if not 0 <= rotary_dims < head_dim:
+            raise ValueError(f"kv latent rotary_dims {rotary_dims} must be in [0, {head_dim - 1}] (0: the joint "
+                             f"latent of every key dim; else the rotated key dims held apart, decoupled RoPE)")
+        self.G, self.D, self.bits, self.window, self.rot = num_kv_heads, head_dim, bits, window, rotary_dims
+        C = latent_width(num_kv_heads, head_dim, rotary_dims)
         if not 0 < max_rank <= C:
-            raise ValueError(f"kv latent rank {max_rank} must be in [1, {C}] (2 * kv heads * head dim)")
+            raise ValueError(f"kv latent rank {max_rank} must be in [1, {C}] (kv heads * (2 * head dim - rotary dims))")
         self.max_rank = max_rank
         self.down = nn.Linear(C, max_rank, bias=False)
         self.up = nn.Linear(max_rank, C, bias=False)
@@ -70,17 +83,37 @@ class LatentKVCompressor(nn.Module):
         return rank
 
     def encode(self, k_BGTD: torch.Tensor, v_BGTD: torch.Tensor, rank: int) -> torch.Tensor:
-        """pre-RoPE keys + values -> latent [B, T, rank]."""
-        B, G, T, D = k_BGTD.shape
-        x_BTC = torch.cat([k_BGTD, v_BGTD], dim=1).transpose(1, 2).reshape(B, T, 2 * G * D)
+        """keys + values -> latent [B, T, rank]. The joint latent reads pre-RoPE keys; the decoupled
+        one only key dims rot.. (position-free: the same before and after RoPE)."""
+        B, G, T, D = v_BGTD.shape
+        k_BTC = k_BGTD[..., self.rot:].transpose(1, 2).reshape(B, T, -1)
+        x_BTC = torch.cat([k_BTC, v_BGTD.transpose(1, 2).reshape(B, T, G * D)], -1)
         return x_BTC @ self.down.weight[:rank].T
 
     def decode(self, c_BTR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """latent [B, T, r] -> (pre-RoPE keys, values) [B, G, T, D]."""
+        """latent [B, T, r] -> (key dims rot.. [B, G, T, D - rot]: pre-RoPE keys of the joint
+        latent, values [B, G, T, D])."""
         B, T, r = c_BTR.shape
         x_BTC = c_BTR @ self.up.weight[:, :r].T
-        x_B2GTD = x_BTC.view(B, T, 2 * self.G, self.D).transpose(1, 2)
-        return x_B2GTD[:, :self.G], x_B2GTD[:, self.G:]
+        Ck = self.G * (self.D - self.rot)
+        k = x_BTC[..., :Ck].reshape(B, T, self.G, self.D - self.rot).transpose(1, 2)
+        return k, x_BTC[..., Ck:].reshape(B, T, self.G, self.D).transpose(1, 2)
+
+    def encoded_dims(self) -> torch.Tensor:
+        """Where the C numbers this latent encodes sit in one token's [keys of every kv head; values]
+        (2*G*D numbers): key dims rot.. of each head, then every value (pikv/kv/fit.py's PCA)."""
+        keys = (torch.arange(self.G)[:, None] * self.D + torch.arange(self.rot, self.D)).flatten()
+        return torch.cat([keys, self.G * self.D + torch.arange(self.G * self.D)])
+
+    def up_k_GCR(self, rank: int) -> torch.Tensor:
+        """The key up-projection per kv head [G, D - rot, rank] (absorbed into the queries)."""
+        Ck = self.G * (self.D - self.rot)
+        return self.up.weight[:Ck, :rank].view(self.G, self.D - self.rot, rank)
+
+    def up_v_GDR(self, rank: int) -> torch.Tensor:
+        """The value up-projection per kv head [G, D, rank] (absorbed into the output)."""
+        Ck = self.G * (self.D - self.rot)
+        return self.up.weight[Ck:, :rank].view(self.G, self.D, rank)
 
     def store(self, c_BTR: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """What a cache holds for latent codes: int8 codes + fp16 scale, or the codes in `dtype`."""
@@ -95,11 +128,32 @@ class LatentKVCompressor(nn.Module):
         return stored["c"].to(dtype)
 
     def forward(self, k_BGTD: torch.Tensor, v_BGTD: torch.Tensor, rank: int):
-        """Round trip at `rank` through the stored format (training / masked evaluation)."""
+        """Round trip at `rank` through the stored format: (key dims rot.., values)."""
         c_BTR = self.encode(k_BGTD, v_BGTD, rank)
         if self.bits == 8:  # straight-through: the forward sees the int8 round trip, the gradient is the identity
-            c_BTR = c_BTR + (dequantize_latent(*quantize_latent(c_BTR.detach()), c_BTR.dtype) - c_BTR).detach()
+            c_BTR = straight_through_int8(c_BTR, (-1,))
         return self.decode(c_BTR)
+
+    def store_rotary(self, k_BGTD: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """What a decoupled cache holds for the rotated key dims (after RoPE) [B, G, T, rot]: int8
+        codes with one fp16 scale per token (over all kv heads) when bits=8, else `dtype`."""
+        k_rot = k_BGTD[..., :self.rot]
+        if self.bits == 8:
+            return dict(zip(("kr", "kr_scale"), quantize_latent(k_rot, (1, 3))))
+        return {"kr": k_rot.to(dtype)}
+
+    def reconstruct(self, k_pre_BGTD, k_BGTD, v_BGTD, rank: int, rope, start: int):
+        """Keys after RoPE and values as a query reads them through the latent at `rank` (the
+        training / masked-evaluation pass; the cache holds the same numbers). Joint: decode, then
+        rotate at positions start..; decoupled: the rotated dims from `k_BGTD` through their
+        stored format (int8 round trip with a straight-through gradient), the rest decoded."""
+        k_dec, v_hat = self(k_pre_BGTD, v_BGTD, rank)
+        if not self.rot:
+            return rope(k_dec, start), v_hat
+        k_rot = k_BGTD[..., :self.rot]
+        if self.bits == 8:
+            k_rot = straight_through_int8(k_rot, (1, 3))
+        return torch.cat([k_rot, k_dec], -1), v_hat
 
     def attention(self, q_BNTD: torch.Tensor, k_lat_BGSD: torch.Tensor, v_lat_BGSD: torch.Tensor,
                   k_BGED: torch.Tensor, v_BGED: torch.Tensor) -> torch.Tensor:
@@ -122,9 +176,8 @@ class LatentKVCompressor(nn.Module):
         """Distillation-only training: the model's attention used the full K/V (o_BNTD); attend
         again through the latent at `rank` and return the error to o_BNTD. Every model
         input is detached, so this trains the compressor only and the model is untouched."""
-        k_lat_BGTD, v_lat_BGTD = self(k_pre_BGTD.detach(), v_BGTD.detach(), rank)
-        o_hat = self.attention(q_BNTD.detach(), rope(k_lat_BGTD, start), v_lat_BGTD, k_BGTD.detach(),
-                               v_BGTD.detach())
+        k_hat, v_hat = self.reconstruct(k_pre_BGTD.detach(), k_BGTD.detach(), v_BGTD.detach(), rank, rope, start)
+        o_hat = self.attention(q_BNTD.detach(), k_hat, v_hat, k_BGTD.detach(), v_BGTD.detach())
         return attention_error(o_hat, o_BNTD.detach())
 
 
@@ -139,11 +192,11 @@ LATENT_BITS = (8, 16)
 SCALE_BYTES = 2  # int8 latents: one fp16 absmax scale per token and layer
 
 
-def quantize_latent(c_BTR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-token int8: (codes int8 [B, T, r], scale fp16 [B, T, 1]). The scale is
-    rounded to fp16 before the codes are formed, so what the cache stores is exactly what the
-    training round trip used."""
-    scale = (c_BTR.detach().float().abs().amax(-1, keepdim=True) / 127).clamp_min(1e-6).half()
+def quantize_latent(c_BTR: torch.Tensor, dims: tuple[int, ...] = (-1,)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-token int8: (codes int8, fp16 scale with `dims` reduced to 1: [B, T, 1] for
+    a latent [B, T, r]). The scale is rounded to fp16 before the codes are formed, so what the
+    cache stores is exactly what the training round trip used."""
+    scale = (c_BTR.detach().float().abs().amax(dims, keepdim=True) / 127).clamp_min(1e-6).half()
     codes = torch.round(c_BTR.float() / scale.float()).clamp_(-127, 127).to(torch.int8)
     return codes, scale
 
@@ -152,34 +205,73 @@ def dequantize_latent(codes_BTR: torch.Tensor, scale_BT1: torch.Tensor, dtype: t
     return (codes_BTR.float() * scale_BT1.float()).to(dtype)
 
 
+def straight_through_int8(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """The int8 round trip of `x` (scale over `dims`) in the forward, the identity in the backward."""
+    return x + (dequantize_latent(*quantize_latent(x.detach(), dims), x.dtype) - x).detach()
+
+
+def latent_width(num_kv_heads: int, head_dim: int, rotary_dims: int = 0) -> int:
+    """Numbers per token the latent compresses: the values and the key dims not held apart."""
+    return num_kv_heads * (2 * head_dim - rotary_dims)
+
+
+def rotary_bytes(num_kv_heads: int, rotary_dims: int, bits: int) -> int:
+    """Bytes per token of the rotated key dims a decoupled latent holds apart: fp16, or int8 codes
+    + one fp16 scale per token (bits=8); 0 for the joint latent (rotary_dims 0)."""
+    if not rotary_dims:
+        return 0
+    return num_kv_heads * rotary_dims * bits // 8 + (SCALE_BYTES if bits == 8 else 0)
+
+
+def latent_rotary_dims(model_cfg) -> int:
+    """The key dims per head a model's compressor holds apart (pikv.config.ModelConfig): the
+    rotated ones when RoPE covers only part of the head (rotary_fraction < 1: the decoupled
+    latent of MLA), else 0 (the joint latent: a fully rotary key has no position-free part)."""
+    D = model_cfg.hidden_size // model_cfg.num_heads
+    rot = round(model_cfg.rotary_fraction * D)
+    return rot if rot < D else 0
+
+
 def latent_rank(num_kv_heads: int, head_dim: int, ratio: float, bits: int = 16, window: int = 0,
-                length: Optional[int] = None) -> int:
+                length: Optional[int] = None, rotary_dims: int = 0) -> int:
     """The largest latent rank whose cache fits the fp16 keys + values' bytes / `ratio`: per token
-    `rank` codes of bits/8 bytes, plus the fp16 scale of int8 codes. With `window` > 0, a sequence
-    of `length` tokens keeps its last `window` tokens exact (fp16) and the latent of the other
-    length - window tokens gets the bytes those leave. ValueError when nothing is left for it."""
+    `rank` codes of bits/8 bytes, plus the fp16 scale of int8 codes, plus (decoupled latent,
+    `rotary_dims` > 0) the rotated key dims held apart (`rotary_bytes`). With `window` > 0, a
+    sequence of `length` tokens keeps its last `window` tokens exact (fp16) and the latent of the
+    other length - window tokens gets the bytes those leave. ValueError when nothing is left for it."""
     if not ratio >= 1:
         raise ValueError(f"compression ratio {ratio} must be >= 1")
-    C = 2 * num_kv_heads * head_dim
-    full = 2 * C  # fp16 bytes of one token's keys + values
-    per_token = full / ratio
-    if window:
-        if length is None or length <= window:
-            raise ValueError(f"kv latent window {window} needs a sequence length above it (got {length})")
-        per_token = (length * full / ratio - window * full) / (length - window)
-    rank = min(C, math.floor(per_token * 8 / bits + 1e-9) - (SCALE_BYTES if bits == 8 else 0))
-    if rank < 1:
-        raise ValueError(f"kv compression ratio {ratio} is impossible for the learned latent"
-                         + (f" beside a {window}-token exact window over {length} tokens" if window else "")
-                         + f": {per_token:.1f} bytes per token leave no latent rank >= 1")
-    return rank
+    full = 4 * num_kv_heads * head_dim  # fp16 bytes of one token's keys + values
+    if window and (length is None or length <= window):
+        raise ValueError(f"kv latent window {window} needs a sequence length above it (got {length})")
+
+    def per_token(r: float) -> float:  # bytes per latent-held token at ratio r
+        return full / r if not window else (length * full / r - window * full) / (length - window)
+    rot = rotary_bytes(num_kv_heads, rotary_dims, bits)
+    scale = SCALE_BYTES if bits == 8 else 0
+    rank = min(latent_width(num_kv_heads, head_dim, rotary_dims),
+               math.floor((per_token(ratio) - rot) * 8 / bits + 1e-9) - scale)
+    if rank >= 1:
+        return rank
+    beside = f" beside a {window}-token exact window over {length} tokens" if window else ""
+    if not rotary_dims:
+        raise ValueError(f"kv compression ratio {ratio} is impossible for the learned latent{beside}: "
+                         f"{per_token(ratio):.1f} bytes per token leave no latent rank >= 1")
+    need = rot + bits // 8 + scale  # the rotated dims and a rank-1 latent
+    top = full / need if not window else length * full / (window * full + (length - window) * need)
+    raise ValueError(f"kv compression ratio {ratio} is impossible for the decoupled learned latent{beside}: "
+                     f"the {rotary_dims} rotary key dims of each of {num_kv_heads} kv heads take {rot} bytes per "
+                     f"token of the {per_token(ratio):.1f} it allows, leaving no latent rank >= 1; possible: "
+                     f"ratio <= {math.floor(top * 100) / 100:g} (or fewer rotary dims, model.rotary_fraction)")
 
 
 def train_rank_schedule(num_kv_heads: int, head_dim: int, ratios: list[float], full_every: int,
-                        bits: int = 16, window: int = 0, length: Optional[int] = None) -> list[Optional[int]]:
+                        bits: int = 16, window: int = 0, length: Optional[int] = None,
+                        rotary_dims: int = 0) -> list[Optional[int]]:
     """The ranks cycled over training steps: each trained ratio once, and the full cache (None)
     once every `full_every` entries (0 = never)."""
-    ranks: list[Optional[int]] = [latent_rank(num_kv_heads, head_dim, r, bits, window, length) for r in sorted(ratios)]
+    ranks: list[Optional[int]] = [latent_rank(num_kv_heads, head_dim, r, bits, window, length, rotary_dims)
+                                  for r in sorted(ratios)]
     if full_every > 0:
         out: list[Optional[int]] = []
         for i, r in enumerate(ranks):
@@ -202,8 +294,9 @@ class TrainSchedule:
 
     def __init__(self, num_kv_heads: int, head_dim: int, ratios: list[float], full_every: int,
                  cotrain_start: float, max_steps: int, bits: int = 16, window: int = 0,
-                 length: Optional[int] = None):
-        self.cotrain = train_rank_schedule(num_kv_heads, head_dim, ratios, full_every, bits, window, length)
+                 length: Optional[int] = None, rotary_dims: int = 0):
+        self.cotrain = train_rank_schedule(num_kv_heads, head_dim, ratios, full_every, bits, window, length,
+                                           rotary_dims)
         self.side = [r for r in self.cotrain if r is not None]
         self.start = int(round(cotrain_start * max_steps))
 

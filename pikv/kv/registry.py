@@ -27,6 +27,7 @@ from pikv.kv.budgets import (KVOptions, pyramid_budgets, quant_plan, quant_token
                              token_budget)
 from pikv.kv.cache import KVCache
 from pikv.kv.learned import latent_rank
+from pikv.kv.mla import MLAStore
 from pikv.kv.quant import KiviStore, TokenQuantStore
 from pikv.kv.selection import SELECTIONS
 from pikv.kv.storage import LatentStore, Store, SVDStore
@@ -172,7 +173,7 @@ def _alone(method: Method, model, ratio, tokens, total_tokens, opt: KVOptions, s
             raise ValueError(f"kv compression ratio {ratio} is impossible for svd: rank D/ratio < 1 (D={D})")
         return {"rank": rank}
     comp = _compressor(model, method)
-    return {"rank": comp.check_rank(latent_rank(G, D, ratio, comp.bits, comp.window, total_tokens))}
+    return {"rank": comp.check_rank(latent_rank(G, D, ratio, comp.bits, comp.window, total_tokens, comp.rot))}
 
 
 def _composed(method: Method, model, ratio, tokens, total_tokens, opt: KVOptions) -> tuple[int, dict]:
@@ -201,7 +202,8 @@ def _composed(method: Method, model, ratio, tokens, total_tokens, opt: KVOptions
                              f"budget above {comp.window} tokens (a smaller ratio or storage share)")
         share = params.pop("share")
         try:
-            params = {"rank": comp.check_rank(latent_rank(G, D, share, comp.bits, comp.window, M if comp.window else None))}
+            params = {"rank": comp.check_rank(latent_rank(G, D, share, comp.bits, comp.window, M if comp.window else None,
+                                                               comp.rot))}
         except ValueError as err:
             raise ValueError(f"kv method {method.name!r} at ratio {ratio}: storage 'learned' at share {share:.2f}x "
                              f"beside selection {method.selection!r} keeping {M} tokens: {err}; allowed: another "
@@ -220,7 +222,8 @@ def _store_factory(method: Method, model, params: dict, capacity: list[int], sto
         if method.storage == "svd":
             return SVDStore(svd_bases[li], params["rank"], store_dtype, 256, cap)
         if method.storage == "learned":
-            return LatentStore(model.layers[li].self_attn.kv_compressor, params["rank"], store_dtype, 256, cap)
+            comp = model.layers[li].self_attn.kv_compressor  # decoupled (partial rotary): absorbed attention
+            return (MLAStore if comp.rot else LatentStore)(comp, params["rank"], store_dtype, 256, cap)
         return Store(store_dtype, 256, cap)
     return build
 

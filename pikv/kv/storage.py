@@ -51,15 +51,25 @@ class Store:
         selection's read mask over stored tokens or None. This reconstructs keys and values and
         attends over them; a store that attends in its compressed domain overrides it."""
         k_BGKD, v_BGKD, token_of_key = read()
-        q_pos_T = torch.arange(start, start + T, device=q_BNTD.device)
-        mask = self.mask(q_pos_T, pos, start, T)
+        mask = self.read_mask(q_BNTD.device, pos, start, T, extra, token_of_key)
+        o_BNTD, p_BNKS = attention(q_BNTD, k_BGKD, v_BGKD, mask, need_probs)
+        return o_BNTD, self.probs_per_token(p_BNKS, token_of_key)
+
+    def read_mask(self, device, pos, start: int, T: int, extra, token_of_key):
+        """Which of the keys read each query attends: `mask` and the selection's `extra` (per stored
+        token, mapped to the keys through token_of_key); None when every key is visible."""
+        mask = self.mask(torch.arange(start, start + T, device=device), pos, start, T)
         if extra is not None:
             extra = extra if token_of_key is None else extra.index_select(-1, token_of_key)
             mask = extra if mask is None else mask & extra
-        o_BNTD, p_BNKS = attention(q_BNTD, k_BGKD, v_BGKD, mask, need_probs)
-        if p_BNKS is not None and token_of_key is not None:  # a token read twice (exactly and through the latent)
-            p_BNKS = p_BNKS.new_zeros(*p_BNKS.shape[:3], self.tokens_read()).index_add_(-1, token_of_key, p_BNKS)
-        return o_BNTD, p_BNKS
+        return mask
+
+    def probs_per_token(self, p_BNTK, token_of_key):
+        """Probabilities per key -> per stored token [B, N, T, S] (a token read twice, exactly and
+        through the latent, sums its two keys)."""
+        if p_BNTK is None or token_of_key is None:
+            return p_BNTK
+        return p_BNTK.new_zeros(*p_BNTK.shape[:3], self.tokens_read()).index_add_(-1, token_of_key, p_BNTK)
 
     def mask(self, q_pos_T, pos, start: int, T: int):
         """Which keys each query reads: causal over stored positions (None when every key is
@@ -150,21 +160,27 @@ class LatentStore(Store):
         self._E = (k_E, v_E, {name: c[:, None] for name, c in codes.items()})  # [B, 1, E, .]
 
     def _latent(self, dtype) -> torch.Tensor:
-        codes_E = {name: c[:, 0] for name, c in self._E[2].items()}
-        latent_E = self.comp.load(codes_E, dtype)
+        """The latent [B, S, r] of every stored token (codes, then this step's E), in `dtype`."""
+        names = [name for name in ("c", "c_scale") if name in self._E[2]]
+        latent_E = self.comp.load({name: self._E[2][name][:, 0] for name in names}, dtype)
         if not self.buf.n:
             return latent_E
-        return torch.cat([self.comp.load({name: self.buf.view(name)[:, 0] for name in codes_E}, dtype), latent_E], 1)
+        return torch.cat([self.comp.load({name: self.buf.view(name)[:, 0] for name in names}, dtype), latent_E], 1)
 
     def read(self, dtype, rope, pos, start, T):
-        k_E, v_E, _ = self._E
         k_lat, v_lat = self.comp.decode(self._latent(dtype))
-        k_lat = rotate_at(rope, k_lat, pos)
+        return self._and_tail(rotate_at(rope, k_lat, pos), v_lat, lambda k_E: rope(k_E, start + T - k_E.shape[2]))
+
+    def _and_tail(self, k_lat, v_lat, rotate):
+        """The keys/values read: the latent's, then (window) the E exact ones, keys after `rotate`."""
         if not self.tail:
             return k_lat, v_lat, None
-        S, E = k_lat.shape[2], k_E.shape[2]
-        token_of_key = torch.cat([torch.arange(S), torch.arange(S - E, S)]).to(k_lat.device)
-        return (torch.cat([k_lat, rope(k_E, start + T - E)], 2), torch.cat([v_lat, v_E], 2), token_of_key)
+        k_E, v_E, _ = self._E
+        return torch.cat([k_lat, rotate(k_E)], 2), torch.cat([v_lat, v_E], 2), self._token_of_key(k_lat.device)
+
+    def _token_of_key(self, device) -> torch.Tensor:
+        S, E = self.tokens_read(), self._E[0].shape[2]
+        return torch.cat([torch.arange(S), torch.arange(S - E, S)]).to(device)
 
     def mask(self, q_pos_T, pos, start, T):
         """A query at p reads token j exactly when p - window < j <= p, through the latent when

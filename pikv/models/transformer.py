@@ -18,7 +18,7 @@ from torch import nn
 from pikv.config import (ModelConfig, MoEConfig, OptionError, config_keys, default_latent_window, invalid_key,
                          moe_layer_indices)
 from pikv.kv.cache import KVCache
-from pikv.kv.learned import LatentKVCompressor, attention_error
+from pikv.kv.learned import LatentKVCompressor, attention_error, latent_rank, latent_rotary_dims
 from pikv.models.moe_model import MoEModel
 from pikv.moe import FeedForward, check_moe, create_moe
 
@@ -114,7 +114,7 @@ class Attention(nn.Module):
         if kv_latent_rank:
             with torch.random.fork_rng(devices=[]):
                 self.kv_compressor = LatentKVCompressor(self.num_kv_heads, self.head_dim, kv_latent_rank,
-                                                        kv_latent_bits, kv_latent_window)
+                                                        kv_latent_bits, kv_latent_window, latent_rotary_dims(cfg))
         self.kv_train_state = None  # its training mode (pikv/kv/learned.py KVTrainState), set by the trainer
 
     def forward(self, x_BTH: torch.Tensor, rope: RotaryEmbedding, start: int,
@@ -129,9 +129,9 @@ class Attention(nn.Module):
         q_BNTD, k_BGTD = rope(q_BNTD, start), rope(k_BGTD, start)
         if cache is None:
             if rank is not None and kv.through_latent:
-                # Train / score through the latent: pre-RoPE keys and values round-trip at `rank`.
-                k_lat_BGTD, v_lat_BGTD = comp(k_pre_BGTD, v_BGTD, rank)
-                o_BNTD = comp.attention(q_BNTD, rope(k_lat_BGTD, start), v_lat_BGTD, k_BGTD, v_BGTD)
+                # Train / score through the latent: keys and values round-trip at `rank` (as the cache holds them).
+                k_lat_BGTD, v_lat_BGTD = comp.reconstruct(k_pre_BGTD, k_BGTD, v_BGTD, rank, rope, start)
+                o_BNTD = comp.attention(q_BNTD, k_lat_BGTD, v_lat_BGTD, k_BGTD, v_BGTD)
                 if self.training:
                     with torch.no_grad():  # distillation target: the same attention over the full K/V
                         o_ref = F.scaled_dot_product_attention(q_BNTD, k_BGTD, v_BGTD, is_causal=True,
@@ -236,12 +236,12 @@ class Transformer(MoEModel):
         # kv_cfg (pikv.config.KVConfig) with compressor='learned' adds the jointly trained KV latent.
         kv_rank, kv_bits, kv_window = None, 16, 0
         if kv_cfg is not None and kv_cfg.compressor == "learned":
-            from pikv.kv.learned import latent_rank
             kv_bits, kv_window = kv_cfg.latent_bits, kv_cfg.latent_window
             if kv_window is None:  # a KVConfig that did not pass through pikv.config.resolve
                 kv_window = default_latent_window(cfg.max_seq_len, kv_cfg.train_ratios)
             # sized without the exact window, the largest rank any sequence length can ask for
-            kv_rank = latent_rank(cfg.num_kv_heads, cfg.hidden_size // cfg.num_heads, min(kv_cfg.train_ratios), kv_bits)
+            kv_rank = latent_rank(cfg.num_kv_heads, cfg.hidden_size // cfg.num_heads, min(kv_cfg.train_ratios), kv_bits,
+                                  rotary_dims=latent_rotary_dims(cfg))
         self.layers = nn.ModuleList(
             Block(cfg, moe_cfg, i, i in moe_layers, moe_deterministic, kv_rank, kv_bits, kv_window)
             for i in range(cfg.num_layers))

@@ -16,6 +16,7 @@ from pikv.data.probe import check_probe_rate, make_probe
 from pikv.distributed import DistContext
 from pikv.eval import evaluate_lm
 from pikv.kv.budgets import check_latent_budgets
+from pikv.kv.learned import latent_rotary_dims
 from pikv.models import Transformer
 from pikv.models.freeze import check_freeze
 from pikv.models.transformer import check_transformer
@@ -41,7 +42,7 @@ class LMTask:
         if kv.compressor == "learned":
             with config_keys({"ratios": "kv.train_ratios", "bits": "kv.latent_bits", "window": "kv.latent_window"}):
                 check_latent_budgets(m.num_kv_heads, m.hidden_size // m.num_heads, kv.train_ratios, kv.latent_bits,
-                                     kv.latent_window, cfg.data.seq_len)
+                                     kv.latent_window, cfg.data.seq_len, latent_rotary_dims(m))
         with config_keys({"rate": "data.probe_rate"}):
             check_probe_rate(cfg.data.probe_rate)
         if cfg.train.freeze:  # the parameter names of this config's model, without allocating it

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from pikv.config import JobConfig
-from pikv.kv.learned import KVTrainState, TrainSchedule
+from pikv.kv.learned import KVTrainState, TrainSchedule, latent_rotary_dims
 from pikv.training.distill import Distiller
 
 PREEMPTED_FILE = "preempted.json"  # written when a stop request ended the run; launch/slurm requeues on it
@@ -139,7 +139,7 @@ class KVCompressorHook(StepHook):
         m, kv = cfg.model, cfg.kv
         self.schedule = TrainSchedule(m.num_kv_heads, m.hidden_size // m.num_heads, kv.train_ratios, kv.full_every,
                                       kv.cotrain_start, cfg.train.max_steps, kv.latent_bits, kv.latent_window,
-                                      cfg.data.seq_len)
+                                      cfg.data.seq_len, latent_rotary_dims(m))
         self.state = KVTrainState.attach(model)
         self.weight = kv.attn_error_weight
 

@@ -1,0 +1,120 @@
+"""The decoupled learned latent's cache with absorbed attention (MLA inference, DeepSeek-V2
+arXiv:2405.04434 section 2.1; DeepSeek-V3 `inference/model.py`, attn_impl="absorb").
+
+Shapes: B batch, N query heads, G kv heads, T new tokens, S stored tokens (S0 in the buffers:
+the tokens that left the window; then this step's E = window + new tokens), M = N/G * T query rows
+of one kv head, D head dim, P rotated dims per head, r latent rank.
+
+With partial rotary (model.rotary_fraction < 1) the compressor (rotary_dims = P) encodes only the
+position-free key dims and the values; the P rotated key dims of each kv head are stored apart
+after RoPE (int8 codes + one fp16 scale per token with kv.latent_bits=8, else the store dtype).
+A decode step then never rebuilds a stored token's key or value. Per kv head g, with Uk_g / Uv_g
+the rows of the up-projection that produce g's key dims P.. / values:
+
+    scores = q[:P] . k_rot                      (exact: the stored rotated dims)
+           + (q[P:] @ Uk_g) . c                 (the key up-projection absorbed into the query)
+    out    = (p @ c) @ Uv_g^T                   (the value up-projection applied once per query)
+           + p_new @ v_new                      (this step's E newest tokens, explicitly: the window
+                                                 exact, the token leaving it decoded from its codes)
+
+The latent c is shared by every kv head, so all N query heads score it with one matmul. int8
+codes are converted to the compute dtype (the matmuls need it) and their per-token scale
+multiplies the scores / probabilities ([N, S] numbers) instead of the codes ([S, r] numbers).
+A prefill (T > 1) reconstructs keys and values and runs SDPA (`LatentStore.attend`): absorbed
+attention materialises the [N*T, K] scores that SDPA's fused kernel avoids.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pikv.kv.storage import LatentStore
+
+
+class MLAStore(LatentStore):
+    """The decoupled latent (LatentKVCompressor with rotary_dims > 0): codes [B, 1, S, r] (+ scale),
+    rotated key dims kr [B, G, S, P] (+ scale [B, 1, S, 1]), the last `window` tokens exact (keys
+    after RoPE here: the latent reads only position-free dims, so they need no re-rotation)."""
+
+    def __init__(self, comp, rank: int, dtype, chunk: int = 256, capacity: int = 0):
+        if not comp.rot:
+            raise ValueError("MLAStore needs a decoupled latent (a compressor with rotary_dims > 0, built for a "
+                             "model with model.rotary_fraction < 1); the joint latent's store is LatentStore")
+        super().__init__(comp, rank, dtype, chunk, capacity)
+
+    def append(self, k_pre_BGTD, k_BGTD, v_BGTD, at=None):
+        k_E, v_E = k_BGTD, v_BGTD
+        if self.exact.n:
+            k_E = torch.cat([self.exact.view("wk").to(k_BGTD.dtype), k_BGTD], 2)
+            v_E = torch.cat([self.exact.view("wv").to(v_BGTD.dtype), v_BGTD], 2)
+        dtype = self.dtype or k_BGTD.dtype
+        fields = {name: c[:, None] for name, c in self.comp.store(self.comp.encode(k_E, v_E, self.rank), dtype).items()}
+        self._E = (k_E, v_E, {**fields, **self.comp.store_rotary(k_E, dtype)})
+
+    def _parts(self) -> list[dict[str, torch.Tensor]]:
+        """The stored fields in token order: the buffers' (tokens that left the window), this step's E."""
+        E = self._E[2]
+        return ([{name: self.buf.view(name) for name in E}] if self.buf.n else []) + [E]
+
+    def _rotary(self, part: dict[str, torch.Tensor], dtype) -> torch.Tensor:
+        kr = part["kr"].to(dtype)
+        return kr * part["kr_scale"].to(dtype) if "kr_scale" in part else kr
+
+    def _decoded(self, part: dict[str, torch.Tensor], dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Explicit (keys after RoPE, values) [B, G, S_part, D] of one part's stored fields."""
+        k_dec, v = self.comp.decode(self.comp.load({name: part[name][:, 0] for name in ("c", "c_scale")
+                                                    if name in part}, dtype))
+        return torch.cat([self._rotary(part, dtype), k_dec], -1), v
+
+    def read(self, dtype, rope, pos, start, T):
+        """Explicit keys (rotated dims as stored, the rest decoded) and values: prefill and Quest."""
+        keys, values = zip(*(self._decoded(part, dtype) for part in self._parts()))
+        return self._and_tail(torch.cat(keys, 2), torch.cat(values, 2), lambda k_E: k_E)
+
+    def attend(self, q_BNTD, read, pos, start, T, extra, need_probs):
+        if T > 1 or extra is not None:  # a prefill, or Quest (which reads the explicit keys anyway)
+            return super().attend(q_BNTD, read, pos, start, T, extra, need_probs)
+        return self.absorbed(q_BNTD, need_probs)
+
+    def _newest(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's E tokens as its one new query reads them, explicitly: (keys, values)
+        [B, G, E, D]. The first E - window are at distance >= window, read through the latent
+        (the training pass's rule, LatentKVCompressor.attention): decoded here, one token per step
+        once the window is full; the rest exactly."""
+        k_E, v_E, fields = self._E
+        E = k_E.shape[2]
+        first = E - min(self.tail, E)
+        k_lat, v_lat = self._decoded({name: x[:, :, :first] for name, x in fields.items()}, dtype)
+        return torch.cat([k_lat, k_E[:, :, first:].to(dtype)], 2), torch.cat([v_lat, v_E[:, :, first:].to(dtype)], 2)
+
+    def absorbed(self, q_BNTD, need_probs: bool):
+        """One query per row after every stored token, without rebuilding the stored tokens'
+        keys/values (module docstring): one key per stored token in stored order, so no mask, and
+        the probabilities are per stored token. Returns (o_BNTD, probs [B, N, 1, S] or None), the
+        same as `LatentStore.attend` over `read` up to fp rounding."""
+        comp, r, P, S0 = self.comp, self.rank, self.comp.rot, self.buf.n
+        B, N, T, D = q_BNTD.shape
+        G, dtype = comp.G, q_BNTD.dtype
+        M = N // G * T
+        q_BGMD = q_BNTD.reshape(B, G, M, D) * (1 / math.sqrt(D))
+        k_new, v_new = self._newest(dtype)
+        scores = [q_BGMD @ k_new.transpose(-1, -2)]
+        if S0:  # the tokens that left the window: codes [B, S0, r] and rotated dims [B, G, S0, P]
+            c_BSR, kr_BGSP = self.buf.view("c")[:, 0].to(dtype), self.buf.view("kr").to(dtype)
+            scale_B1S = self.buf.view("c_scale")[:, :, :, 0].to(dtype) if comp.bits == 8 else None
+            q_abs_BXR = (q_BGMD[..., P:] @ comp.up_k_GCR(r).to(dtype)).view(B, G * M, r)
+            s_BXS = q_abs_BXR @ c_BSR.transpose(1, 2)
+            s_rot_BGMS = q_BGMD[..., :P] @ kr_BGSP.transpose(-1, -2)
+            if scale_B1S is not None:
+                s_BXS = s_BXS * scale_B1S
+                s_rot_BGMS = s_rot_BGMS * self.buf.view("kr_scale")[:, :, :, 0].to(dtype)[:, :, None]
+            scores.insert(0, s_BXS.view(B, G, M, S0) + s_rot_BGMS)
+        p_BGMS = torch.softmax(torch.cat(scores, -1).float(), dim=-1).to(dtype)
+        o_BGMD = p_BGMS[..., S0:] @ v_new
+        if S0:
+            p_BXS = p_BGMS.view(B, G * M, -1)[..., :S0]  # a strided view: bmm reads it in place
+            o_BXR = (p_BXS * scale_B1S if scale_B1S is not None else p_BXS) @ c_BSR
+            o_BGMD = o_BGMD + o_BXR.view(B, G, M, r) @ comp.up_v_GDR(r).to(dtype).transpose(-1, -2)
+        return o_BGMD.view(B, N, T, D), p_BGMS.view(B, N, T, -1) if need_probs else None
