@@ -22,13 +22,12 @@ Layouts (both keep every rank's share within one token, or one block, of total /
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from pikv.kv.attention import attention_lse, merge_partials, visible
+from pikv.kv.buffers import Buffers
 from pikv.kv.cache import KVCache
 from pikv.kv.selection import quest_pages
 
@@ -82,6 +81,11 @@ class ShardedKVCache(KVCache):
         super().reset()
         self._held = [0] * self.num_layers  # tokens a layer holds over all ranks
         self.skipped_reads = 0
+        self.bounds_bytes_read = 0  # quest: the part of bytes_read that is page bounds (every rank reads all)
+        # quest: bounds of every page (not only this rank's), sized for the whole sequence
+        page = self.opt.quest_page
+        self.pages = [Buffers(max(1, self.chunk_size // page), -(-self._capacity[li] * self.world // page))
+                      for li in range(self.num_layers)]
 
     def attend(self, layer_idx: int, q_BNTD, k_BGTD, v_BGTD, *, k_pre_BGTD=None, rope=None,
                start: int = 0) -> torch.Tensor:
@@ -161,6 +165,7 @@ class ShardedKVCache(KVCache):
         sel_BGP = quest_pages(q_BNTD, bounds, self.budgets[li] // page)
         keep_BGS = sel_BGP.index_select(2, pos_S // page)
         kmin = bounds.view("kmin")
+        self.bounds_bytes_read += 2 * kmin.numel() * kmin.element_size()
         self.bytes_read += int(keep_BGS.sum()) * self.stores[li].token_bytes() + 2 * kmin.numel() * kmin.element_size()
         return keep_BGS[:, :, None, :]
 
