@@ -82,6 +82,7 @@ class ShardedKVCache(KVCache):
         self._held = [0] * self.num_layers  # tokens a layer holds over all ranks
         self.skipped_reads = 0
         self.bounds_bytes_read = 0  # quest: the part of bytes_read that is page bounds (every rank reads all)
+        self.full_bytes_read = 0  # quest: what reading every stored token would have cost
         # quest: bounds of every page (not only this rank's), sized for the whole sequence
         page = self.opt.quest_page
         self.pages = [Buffers(max(1, self.chunk_size // page), -(-self._capacity[li] * self.world // page))
@@ -166,6 +167,7 @@ class ShardedKVCache(KVCache):
         keep_BGS = sel_BGP.index_select(2, pos_S // page)
         kmin = bounds.view("kmin")
         self.bounds_bytes_read += 2 * kmin.numel() * kmin.element_size()
+        self.full_bytes_read += keep_BGS.numel() * self.stores[li].token_bytes()
         self.bytes_read += int(keep_BGS.sum()) * self.stores[li].token_bytes() + 2 * kmin.numel() * kmin.element_size()
         return keep_BGS[:, :, None, :]
 
