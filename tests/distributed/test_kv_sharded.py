@@ -1,6 +1,7 @@
 """The KV cache sharded across ranks (pikv/kv/sharded.py): with 2 and 4 forked gloo processes the
 model's logits equal the single-process cache's within 1e-5 and greedy generation gives the same
-tokens (full cache, window and H2O with a global budget, KIVI quantization, Quest shard-skipping);
+tokens (full cache, window and H2O with a global budget, KIVI and per-token quantization, SVD,
+Quest shard-skipping);
 each rank holds its share of the bytes; the merge is the softmax over the concatenation; one
 collective per layer and step. The single-process reference is computed in the parent."""
 
@@ -10,7 +11,7 @@ import torch.distributed as dist
 
 import pikv.kv.sharded as sharded
 from pikv.config import ModelConfig, MoEConfig
-from pikv.kv import KVOptions, make_cache
+from pikv.kv import KVOptions, calibrate_svd, make_cache
 from pikv.kv.attention import attention, attention_lse, merge_partials
 from pikv.models import Transformer
 from pikv.models.generation import generate
@@ -28,6 +29,8 @@ CASES = {  # policy -> make_cache budget (the evicting budgets are below the pro
     # KIVI with no fp16 residual: a shard's groups of 32 tokens are the single process's
     "quant": {"ratio": 3, "options": KVOptions(quant_residual=0)},
     "quest": {"tokens": 32},
+    "quant+h2o": {"tokens": 24},  # per-token quantized under a global budget
+    "svd": {"ratio": 2},  # rank D / 2 codes, decoded keys rotated at their global positions
 }
 
 
@@ -38,12 +41,19 @@ def tiny_model(max_seq_len=TOTAL + NEW_TOKENS):
     return Transformer(cfg, MoEConfig(every_n_layers=0)).eval()
 
 
+def budget(model, policy):
+    """make_cache's budget arguments of a case (SVD: bases calibrated on fixed random tokens)."""
+    if policy != "svd":
+        return CASES[policy]
+    return {**CASES[policy], "svd_bases": calibrate_svd(model, torch.randint(0, V, (2, 64), generator=seeded(5)))}
+
+
 @torch.no_grad()
 def decode_logits(model, x, policy, group):
     """Prefill PREFILL tokens, then one token per step: the last logits of each call [B, steps, V]
     and the cache."""
     cache = make_cache(policy, model, total_tokens=x.shape[1], store_dtype=torch.float32, shard_group=group,
-                       **CASES[policy])
+                       **budget(model, policy))
     out = [model(x[:, :PREFILL], cache)[:, -1]]
     for t in range(PREFILL, x.shape[1]):
         out.append(model(x[:, t:t + 1], cache)[:, -1])
@@ -53,7 +63,7 @@ def decode_logits(model, x, policy, group):
 @torch.no_grad()
 def greedy(model, x, policy, group):
     cache = make_cache(policy, model, total_tokens=PREFILL + NEW_TOKENS, store_dtype=torch.float32,
-                       shard_group=group, **CASES[policy])
+                       shard_group=group, **budget(model, policy))
     return generate(model, x[:, :PREFILL], NEW_TOKENS, cache=cache)
 
 
@@ -85,7 +95,7 @@ def test_sharded_logits_and_greedy_tokens_equal_one_process(model, tokens, polic
         torch.testing.assert_close(res["logits"], ref_logits, **REORDERED_FP32, msg=f"rank {r}")
         assert torch.equal(res["tokens"], ref_tokens), f"rank {r}"
         assert (res["seq_len"], res["decode_steps"]) == (ref_cache.seq_len, ref_cache.decode_steps)
-        if CASES[policy].get("tokens") and policy != "quest":  # the global budget, split evenly
+        if "tokens" in CASES[policy] and policy != "quest":  # the global budget, split evenly
             M = CASES[policy]["tokens"]
             assert res["layer_lengths"] == [len(range(r, M, world))] * L
 
@@ -173,7 +183,7 @@ def _count_child(rank, world, model, x, policy):
     for name in ("all_reduce", "all_gather", "broadcast", "reduce_scatter_tensor", "all_to_all_single"):
         setattr(dist, name, counting(getattr(dist, name), name))
     cache = make_cache(policy, model, total_tokens=x.shape[1], store_dtype=torch.float32, shard_group=group,
-                       **CASES[policy])
+                       **budget(model, policy))
     per_step = []
     with torch.no_grad():
         model(x[:, :PREFILL], cache)
