@@ -5,8 +5,9 @@ batch 1, over context lengths; the merge collective's share of the sharded step.
       [--steps 8] [--repeats 7] [--moe] [--out DIR]
   python bench/kv_sharded_decode.py --contexts 512 --steps 2 --repeats 2   # quickest check
 
-The bench forks `--world` gloo processes itself (pikv.testing.run_distributed), so both
-configurations run in the same run: rank 0 also holds a plain single-process cache. The model is
+The bench forks `--world` gloo processes itself (pikv.testing.run_distributed) for each context,
+so both configurations run in the same run: rank 0 also holds a plain single-process cache (filled
+in the parent before the fork). The model is
 the default configuration (pikv/config.py) with dense FFN layers (`--moe`: the default MoE layers),
 max_seq_len raised to the longest context, random weights (speed does not depend on them): the
 attention-bound regime the sharding is for. Every cache is filled to the context by feeding random
@@ -72,27 +73,16 @@ def _round(model, base, cache, steps: int, rank: int, collective: list) -> tuple
     return t_base, float(t), collective[0]
 
 
-def _worker(rank, world, args):
+def _worker(rank, world, model, base, S: int, args):
+    """One context: fill this rank's share, then the rounds. `base` (filled by the parent before
+    the fork: a rank waiting for another's long solo fill would hit gloo's timeout) is timed on rank 0."""
     torch.set_num_threads(1)
     collective = [0.0]
     timed_collective(collective)
-    torch.manual_seed(0)
-    extra = args["steps"] * (args["repeats"] + 1) + 2
-    cfg = ModelConfig(max_seq_len=max(args["contexts"]) + extra)
-    model = Transformer(cfg, MoEConfig() if args["moe"] else MoEConfig(every_n_layers=0)).eval()
-    rows = []
-    for S in args["contexts"]:
-        base = make_cache("full", model, total_tokens=S + extra) if rank == 0 else None
-        cache = make_cache("full", model, total_tokens=S + extra, shard_group=dist.group.WORLD)
-        if rank == 0:
-            fill(model, base, 1, S)
-        fill(model, cache, 1, S)
-        rounds = [_round(model, base, cache, args["steps"], rank, collective) for _ in range(args["repeats"] + 1)][1:]
-        if rank == 0:
-            rows.append(_row(S, rounds, args["steps"], base.nbytes(), cache.nbytes()))
-            print(rows[-1], flush=True)
-        del base, cache
-    return rows
+    cache = make_cache("full", model, total_tokens=S + args["extra"], shard_group=dist.group.WORLD)
+    fill(model, cache, 1, S)
+    rounds = [_round(model, base, cache, args["steps"], rank, collective) for _ in range(args["repeats"] + 1)][1:]
+    return _row(S, rounds, args["steps"], base.nbytes(), cache.nbytes()) if rank == 0 else None
 
 
 def _row(S: int, rounds: list, steps: int, base_bytes: int, shard_bytes: int) -> dict:
@@ -116,9 +106,20 @@ def main(argv):
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = ap.parse_args(argv)
     machine = machine_info()
-    opts = {"contexts": [int(c) for c in args.contexts.split(",")], "steps": args.steps,
-            "repeats": args.repeats, "moe": args.moe}
-    rows = run_distributed(_worker, args.world, opts, timeout_s=24 * 3600)[0]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    opts = {"contexts": contexts, "steps": args.steps, "repeats": args.repeats, "moe": args.moe,
+            "extra": args.steps * (args.repeats + 1) + 2}
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = ModelConfig(max_seq_len=max(contexts) + opts["extra"])
+    model = Transformer(cfg, MoEConfig() if args.moe else MoEConfig(every_n_layers=0)).eval()
+    rows = []
+    for S in contexts:
+        base = make_cache("full", model, total_tokens=S + opts["extra"])  # the single-process cache
+        fill(model, base, 1, S)
+        rows.append(run_distributed(_worker, args.world, model, base, S, opts, timeout_s=24 * 3600)[0])
+        print(rows[-1], flush=True)
+        del base
     lines = [f"| context | 1 process tok/s | {args.world} processes tok/s | speed-up (median of rounds) "
              "| 95% interval | collective share | KV bytes rank 0 / 1 process |", "|---|---|---|---|---|---|---|"]
     for r in rows:
