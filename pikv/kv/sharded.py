@@ -125,9 +125,10 @@ class ShardedKVCache(KVCache):
 
     # -- selections that free nothing: round-robin blocks --------------------------------------
     def _owned(self, start: int, T: int, device) -> torch.Tensor:
-        """Indices among the T new tokens (positions start..) of those this rank stores."""
-        pos_T = torch.arange(start, start + T, device=device)
-        return ((pos_T // self.block) % self.world == self.rank).nonzero().flatten()
+        """Indices among the T new tokens (positions start..) of those this rank stores (found on
+        the host: no device sync)."""
+        pos_T = torch.arange(start, start + T)
+        return ((pos_T // self.block) % self.world == self.rank).nonzero().flatten().to(device)
 
     def local_positions(self, li: int, device=None) -> torch.Tensor:
         """Global positions [S] of the tokens this rank stores for a cache that frees nothing."""
