@@ -18,7 +18,9 @@ on the sharded cache (its time: the slowest rank's). Each context: 1 warm-up rou
 The table gives medians over rounds, the median of the per-round speed-ups, the collective's
 share of the sharded step (time inside the merge's all_gather, the slowest rank's, waiting for the
 other ranks included: load imbalance and a descheduled peer show there), and the speed-up of the
-time outside the collective (the slowest rank's: what the split of the attention itself gains).
+time outside the collective (the slowest rank's: what the split of the attention itself gains),
+and the median time of the same all_gather with no compute around it (the collective's latency on
+this machine at that moment).
 Writes <out>/kv_sharded_decode.{json,md}.
 """
 
@@ -86,7 +88,22 @@ def _worker(rank, world, model, base, S: int, args):
     cache = make_cache("full", model, total_tokens=S + args["extra"], shard_group=dist.group.WORLD)
     fill(model, cache, 1, S)
     rounds = [_round(model, base, cache, args["steps"], rank, collective) for _ in range(args["repeats"] + 1)][1:]
-    return _row(S, rounds, args["steps"], base.nbytes(), cache.nbytes()) if rank == 0 else None
+    alone = _collective_alone(model.cfg, collective)
+    return {**_row(S, rounds, args["steps"], base.nbytes(), cache.nbytes()), "all_gather_alone_s": alone} \
+        if rank == 0 else None
+
+
+def _collective_alone(cfg, collective: list, calls: int = 32) -> float:
+    """Median seconds of the merge's all_gather with no compute around it (a decode step's
+    [1, N, 1, D + 1] fp32 per rank): the machine's latency for one collective right now."""
+    x = torch.zeros(1, cfg.num_heads, 1, cfg.hidden_size // cfg.num_heads + 1)
+    out = x.new_empty(dist.get_world_size() * 1, *x.shape[1:])
+    times = []
+    for _ in range(calls):
+        collective[0] = 0.0
+        sharded._all_gather(out, x, group=dist.group.WORLD)
+        times.append(collective[0])
+    return statistics.median(times)
 
 
 def _row(S: int, rounds: list, steps: int, base_bytes: int, shard_bytes: int) -> dict:
@@ -127,13 +144,14 @@ def main(argv):
         print(rows[-1], flush=True)
         del base
     lines = [f"| context | 1 process tok/s | {args.world} processes tok/s | speed-up (median of rounds) "
-             "| 95% interval | collective share | speed-up outside the collective | KV bytes rank 0 / 1 process |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| 95% interval | collective share | speed-up outside the collective | all_gather alone (ms) "
+             "| KV bytes rank 0 / 1 process |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi, cover = r["speedup_interval"]
         lines.append(f"| {r['context']} | {r['tokens_per_s_1proc']:.1f} | {r['tokens_per_s_sharded']:.1f} | "
                      f"**{r['speedup']:.2f}x** | {lo:.2f}-{hi:.2f} ({cover:.0%}) | {r['collective_share']:.1%} | "
-                     f"{r['speedup_outside_collective']:.2f}x | {r['kv_bytes_rank0'] / r['kv_bytes_1proc']:.3f} |")
+                     f"{r['speedup_outside_collective']:.2f}x | {r['all_gather_alone_s'] * 1e3:.2f} | "
+                     f"{r['kv_bytes_rank0'] / r['kv_bytes_1proc']:.3f} |")
     _, md = write_report(args.out, "kv_sharded_decode", machine, {**opts, "world": args.world, "rows": rows},
                          "\n".join(lines))
     print(md.read_text())
