@@ -167,9 +167,10 @@ class ShardedKVCache(KVCache):
         sel_BGP = quest_pages(q_BNTD, bounds, self.budgets[li] // page)
         keep_BGS = sel_BGP.index_select(2, pos_S // page)
         kmin = bounds.view("kmin")
-        self.bounds_bytes_read += 2 * kmin.numel() * kmin.element_size()
-        self.full_bytes_read += keep_BGS.numel() * self.stores[li].token_bytes()
-        self.bytes_read += int(keep_BGS.sum()) * self.stores[li].token_bytes() + 2 * kmin.numel() * kmin.element_size()
+        bounds_bytes, token_bytes = 2 * kmin.numel() * kmin.element_size(), self.stores[li].token_bytes()
+        self.bounds_bytes_read += bounds_bytes
+        self.full_bytes_read += keep_BGS.numel() * token_bytes
+        self.bytes_read += int(keep_BGS.sum()) * token_bytes + bounds_bytes
         return keep_BGS[:, :, None, :]
 
     def _update_bounds(self, li: int, k_BGTD, start: int) -> None:
@@ -199,13 +200,15 @@ class ShardedKVCache(KVCache):
     def _prefill_evicting(self, li, q_BNTD, k_pre_BGTD, k_BGTD, v_BGTD, rope):
         store, sel, T = self.stores[li], self.selection, k_BGTD.shape[2]
         pos_BGS = self._append_all(li, k_pre_BGTD, k_BGTD, v_BGTD, 0)
-        idx_T = torch.arange(T, device=k_BGTD.device)
-        mine_TS = visible(idx_T, idx_T) & (idx_T % self.world == self.rank)  # causal, and this rank's part
+        mine_K = torch.arange(self.rank, T, self.world, device=k_BGTD.device)  # this rank's part, striped
+        visible_TK = visible(torch.arange(T, device=k_BGTD.device), mine_K)
         k_BGSD, v_BGSD, _ = store.read(q_BNTD.dtype, rope, pos_BGS, 0, T)
-        o_BNTD, lse_BNT, s_BNTS = attention_lse(q_BNTD, k_BGSD, v_BGSD, mine_TS)
+        o_BNTD, lse_BNT, s_BNTK = attention_lse(q_BNTD, k_BGSD.index_select(2, mine_K),
+                                                v_BGSD.index_select(2, mine_K), visible_TK)
         o_BNTD, lse_BNT = self._merge(o_BNTD, lse_BNT)
         if sel.needs_probs:  # H2O: scores of this rank's part, then everyone's (each token scored once)
-            sel.update(self, li, torch.exp(s_BNTS - lse_BNT[..., None]).masked_fill(~mine_TS, 0.0), 0)
+            p_BNTK = torch.exp(s_BNTK - lse_BNT[..., None]).masked_fill(~visible_TK, 0.0)
+            sel.update(self, li, p_BNTK.new_zeros(*p_BNTK.shape[:3], T).index_copy_(-1, mine_K, p_BNTK), 0)
             score_BGS = self.meta[li].view("score")
             total_BGS = score_BGS.contiguous()  # a view of a larger buffer is strided
             dist.all_reduce(total_BGS, group=self.group)
