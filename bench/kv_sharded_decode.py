@@ -144,7 +144,7 @@ def main(argv):
         print(rows[-1], flush=True)
         del base
     lines = [f"| context | 1 process tok/s | {args.world} processes tok/s | speed-up (median of rounds) "
-             "| 95% interval | collective share | speed-up outside the collective | all_gather alone (ms) "
+             "| interval of the median (coverage) | collective share | speed-up outside the collective | all_gather alone (ms) "
              "| KV bytes rank 0 / 1 process |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi, cover = r["speedup_interval"]
