@@ -209,6 +209,8 @@ def _errors_child(rank, world, model):
             make_cache(policy, model, total_tokens=64, shard_group=group, **kwargs)
         except ValueError as err:
             out.append(str(err))
+    alone = [dist.new_group([r]) for r in range(world)][rank]  # every rank creates every group
+    out.append(type(make_cache("full", model, total_tokens=64, shard_group=alone)).__name__)
     cache = make_cache("h2o", model, tokens=24, total_tokens=64, shard_group=group)
     x = torch.randint(0, V, (1, 64), generator=seeded(4))
     with torch.no_grad():
@@ -220,9 +222,10 @@ def _errors_child(rank, world, model):
     return out
 
 
-def test_unsupported_methods_are_named(model):
+def test_unsupported_methods_are_named_and_a_group_of_one_is_the_plain_cache(model):
     errors = run_distributed(_errors_child, 2, model)[0]
-    assert len(errors) == 4
+    assert len(errors) == 5
+    assert errors.pop(3) == "KVCache"  # a group of one rank: today's cache
     assert "'snapkv' cannot be sharded across ranks: supported storages exact, quant, svd" in errors[0]
     assert "sharded quest (shard-skipping) needs exact storage" in errors[1]
     assert "'lru' cannot be sharded" in errors[2]
