@@ -141,10 +141,9 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 
 def kv_shard_group(ctx: DistContext) -> Optional[dist.ProcessGroup]:
-    """The group the KV cache is sharded over (issue 18 part A: pikv.kv.make_cache(..., shard_group=)).
-    None keeps a replicated cache on every rank, the only kind pikv.kv offers until the sharded
-    cache lands; then this returns `dist.group.WORLD if ctx.world_size > 1 else None`."""
-    return None
+    """The group the KV cache is sharded over (pikv.kv.make_cache(..., shard_group=)): every rank
+    of a multi-process run holds a share of every layer's tokens (docs/kv.md, "Sharded across ranks")."""
+    return dist.group.WORLD if ctx.world_size > 1 else None
 
 
 def build_cache(opts: GenerateOptions, model, total_tokens: int, svd_bases, ctx: DistContext):

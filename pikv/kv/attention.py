@@ -60,3 +60,39 @@ def rotate_at(rope, x_BHSD: torch.Tensor, pos) -> torch.Tensor:
     if isinstance(pos, int):
         return rope(x_BHSD, pos)
     return rope.at_positions(x_BHSD, pos)
+
+
+def attention_lse(q_BNTD, k_BGSD, v_BGSD, keep):
+    """Softmax attention over these keys alone, with what an exact merge with attention over other
+    keys needs: (o_BNTD, lse_BNT fp32, logits_BNTS fp32 before the mask). keep: as `attention`.
+    A query that may read no key here gets o = 0 and lse = -inf (no weight in `merge_partials`).
+    The softmax statistics are fp32 whatever the input dtype (flash-decoding keeps them in fp32)."""
+    B, N, T, D = q_BNTD.shape
+    G, S = k_BGSD.shape[1], k_BGSD.shape[2]
+    k_BGSD, v_BGSD = k_BGSD.to(q_BNTD.dtype), v_BGSD.to(q_BNTD.dtype)
+    q_BGMD = q_BNTD.reshape(B, G, N // G * T, D)
+    s_BGHTS = ((q_BGMD @ k_BGSD.transpose(-1, -2)).float() / math.sqrt(D)).view(B, G, N // G, T, S)
+    masked = s_BGHTS
+    if keep is not None:
+        keep = keep[:, :, None] if keep.dim() == 4 else keep
+        masked = s_BGHTS.masked_fill(~keep, float("-inf"))
+    lse_BGHT = torch.logsumexp(masked, dim=-1)
+    p_BGHTS = torch.exp(masked - _finite(lse_BGHT)[..., None])  # a row without keys: exp(-inf) = 0
+    o_BNTD = (p_BGHTS.to(q_BNTD.dtype).view(B, G, N // G * T, S) @ v_BGSD).view(B, N, T, D)
+    return o_BNTD, lse_BGHT.view(B, N, T), s_BGHTS.view(B, N, T, S)
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """-inf (a row that reads nothing) -> 0, so that x - it stays -inf instead of nan."""
+    return x.masked_fill(torch.isinf(x), 0.0)
+
+
+def merge_partials(o_RBNTD: torch.Tensor, lse_RBNT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact merge of R attentions of the same queries over disjoint key sets (flash-decoding,
+    ring attention): o = sum_r exp(lse_r - lse) o_r with lse = log sum_r exp(lse_r). A part that
+    read nothing (lse -inf) weighs 0. Returns (o_BNTD in fp32, lse_BNT)."""
+    m_BNT = _finite(lse_RBNT.amax(dim=0))
+    w_RBNT = torch.exp(lse_RBNT - m_BNT)
+    total_BNT = w_RBNT.sum(dim=0)
+    o_BNTD = (w_RBNT[..., None] * o_RBNTD.float()).sum(dim=0) / total_BNT.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    return o_BNTD, m_BNT + torch.log(total_BNT)

@@ -104,11 +104,7 @@ class KVCache:
         """Append T new tokens (keys after RoPE; pre-RoPE keys for low-rank stores), attend, evict.
         Returns the attention output [B, N, T, D]."""
         li, T = layer_idx, k_BGTD.shape[2]
-        if li == 0:
-            if start == 0:
-                self.prefill_len = T
-            elif T == 1:
-                self.decode_steps += 1
+        self._count_step(li, start, T)
         store, sel = self.stores[li], self.selection
         store.append(k_BGTD if k_pre_BGTD is None else k_pre_BGTD, k_BGTD, v_BGTD)
         B, G = k_BGTD.shape[:2]
@@ -121,10 +117,21 @@ class KVCache:
         store.settle()
         if sel.evicts:
             self._evict(li, start, T)
+        self._account(li, T)
+        return o_BNTD
+
+    # The bookkeeping of a step, shared with pikv/kv/sharded.py's cache (which stores a share).
+    def _count_step(self, li: int, start: int, T: int) -> None:
+        if li == 0:
+            if start == 0:
+                self.prefill_len = T
+            elif T == 1:
+                self.decode_steps += 1
+
+    def _account(self, li: int, T: int) -> None:
         self._seen[li] += T
         self._layer_bytes[li] = self._layer_nbytes(li)
         self.peak_nbytes = max(self.peak_nbytes, sum(self._layer_bytes))
-        return o_BNTD
 
     def _attend(self, li: int, q_BNTD, start: int, T: int, rope):
         store, sel = self.stores[li], self.selection

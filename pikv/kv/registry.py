@@ -22,6 +22,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from pikv.kv.budgets import (KVOptions, pyramid_budgets, quant_plan, quant_token_ratio, snap_window_for,
                              token_budget)
@@ -30,6 +31,7 @@ from pikv.kv.learned import latent_rank
 from pikv.kv.mla import MLAStore
 from pikv.kv.quant import KiviStore, TokenQuantStore
 from pikv.kv.selection import SELECTIONS
+from pikv.kv.sharded import ShardedKVCache, check_shardable, shard_block, shard_capacity
 from pikv.kv.storage import LatentStore, Store, SVDStore
 
 STORAGES = ("exact", "quant", "svd", "learned")
@@ -230,12 +232,14 @@ def _store_factory(method: Method, model, params: dict, capacity: list[int], sto
 
 def make_cache(policy: str, model, *, ratio: Optional[float] = None, tokens: Optional[int] = None,
                total_tokens: Optional[int] = None, store_dtype: Optional[torch.dtype] = torch.float16,
-               options: Optional[KVOptions] = None, svd_bases=None) -> KVCache:
+               options: Optional[KVOptions] = None, svd_bases=None, shard_group=None) -> KVCache:
     """A KVCache of method `policy` (STORAGE[@SHARE]+SELECTION or a single name) for `model` (a pikv
     Transformer) at a budget: `ratio` (fp16 full bytes / kept bytes, split by the module's rule) or
     `tokens` (the selection's tokens per layer). total_tokens: the sequence length the cache will
     hold (ratios of token budgets, KIVI's plan, the buffers' preallocation). ValueError for an
-    unknown name or an impossible budget, naming both parts."""
+    unknown name or an impossible budget, naming both parts. shard_group: a process group of world
+    size > 1 shards every layer's tokens over its ranks (pikv/kv/sharded.py; every rank calls the
+    model with the same tokens); nbytes() is then this rank's bytes."""
     method = parse_method(policy)
     L, G, D = _dims(model)
     opt = options or KVOptions()
@@ -259,8 +263,14 @@ def make_cache(policy: str, model, *, ratio: Optional[float] = None, tokens: Opt
                 budgets = pyramid_budgets(M, L, opt.pyramid_beta, opt.snap_window, total_tokens, lo)
     evicts = selection_cls.evicts
     capacity = [b + 1 for b in budgets] if evicts else [total_tokens or 0] * L
+    cls, shard = KVCache, {}
+    if shard_group is not None and dist.get_world_size(shard_group) > 1:  # the sharded cache
+        check_shardable(method.name, method.storage, method.selection, opt.prefill_only)
+        block = shard_block(method.storage, method.selection, opt.quant_group, opt.quest_page)
+        capacity = shard_capacity(capacity, evicts, dist.get_world_size(shard_group), block)
+        cls, shard = ShardedKVCache, {"group": shard_group, "block": block}
     build = _store_factory(method, model, params, capacity, store_dtype, opt, svd_bases, evicts)
-    cache = KVCache(L, name=method.name, store=build, selection=selection_cls(opt), budgets=budgets,
-                    options=opt, capacity=capacity, store_dtype=store_dtype)
+    cache = cls(L, name=method.name, store=build, selection=selection_cls(opt), budgets=budgets,
+                options=opt, capacity=capacity, store_dtype=store_dtype, **shard)
     cache.info = params
     return cache

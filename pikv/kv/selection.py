@@ -191,15 +191,8 @@ class Quest(Selection):
         bounds = self._update_bounds(cache, li, k_BGSD)
         if q_BNTD.shape[2] > 1:  # a prefill attends to everything
             return None
-        B, N, _, D = q_BNTD.shape
-        G, S, page = k_BGSD.shape[1], k_BGSD.shape[2], self.opt.quest_page
-        q_BGnD = q_BNTD[:, :, 0].view(B, G, N // G, D).float()
-        kmin, kmax = bounds.view("kmin").float()[:, :, None], bounds.view("kmax").float()[:, :, None]
-        ub_BGP = torch.maximum(q_BGnD[:, :, :, None, :] * kmin, q_BGnD[:, :, :, None, :] * kmax).sum(-1).sum(2)
-        P = ub_BGP.shape[-1]
-        ub_BGP[:, :, -1] = float("inf")  # the current page
-        top_BGK = ub_BGP.topk(min(P, max(1, cache.budgets[li] // page)), dim=-1).indices
-        sel_BGP = torch.zeros(B, G, P, dtype=torch.bool, device=q_BNTD.device).scatter(2, top_BGK, True)
+        S, page = k_BGSD.shape[2], self.opt.quest_page
+        sel_BGP = quest_pages(q_BNTD, bounds, cache.budgets[li] // page)
         keep_BGS = sel_BGP.repeat_interleave(page, dim=2)[:, :, :S]
         kmin = bounds.view("kmin")
         cache.bytes_read += int(keep_BGS.sum()) * cache.stores[li].token_bytes() + 2 * kmin.numel() * kmin.element_size()
@@ -222,6 +215,21 @@ class Quest(Selection):
         bounds.write({"kmin": torch.nan_to_num(tail, nan=float("inf")).amin(3).to(dtype),
                       "kmax": torch.nan_to_num(tail, nan=float("-inf")).amax(3).to(dtype)})
         return bounds
+
+
+def quest_pages(q_BNTD: torch.Tensor, bounds, pages: int) -> torch.Tensor:
+    """Quest's read set of one decode query: the `pages` pages (at least 1) with the largest upper
+    bound of q.k summed over a kv head's query heads, and the current (last) page: [B, G, P] bool.
+    bounds: Buffers of per-page per-channel key bounds kmin/kmax [B, G, P, D]."""
+    B, N, _, D = q_BNTD.shape
+    kmin, kmax = bounds.view("kmin").float()[:, :, None], bounds.view("kmax").float()[:, :, None]
+    G = kmin.shape[1]
+    q_BGnD = q_BNTD[:, :, 0].view(B, G, N // G, D).float()
+    ub_BGP = torch.maximum(q_BGnD[:, :, :, None, :] * kmin, q_BGnD[:, :, :, None, :] * kmax).sum(-1).sum(2)
+    P = ub_BGP.shape[-1]
+    ub_BGP[:, :, -1] = float("inf")  # the current page
+    top_BGK = ub_BGP.topk(min(P, max(1, pages)), dim=-1).indices
+    return torch.zeros(B, G, P, dtype=torch.bool, device=q_BNTD.device).scatter(2, top_BGK, True)
 
 
 SELECTIONS = {cls.name: cls for cls in (Selection, Window, Streaming, H2O, SnapKV, Pyramid, LRU, Quest)}
