@@ -109,7 +109,9 @@ def test_ep2_decodes_the_tokens_and_logits_of_one_process(ckpts, kv, ratio, tol)
     assert report.expert_params_per_rank == [experts // 2] * 2 and experts > 0
     expert_bytes = 4 * experts // 2  # fp32: what each rank does not hold
     assert report.param_bytes_per_rank == [4 * single.num_params() - expert_bytes] * 2
-    assert report.kv_bytes_per_rank == results[1][0].kv_bytes_per_rank and min(report.kv_bytes_per_rank) > 0
+    assert report.kv_bytes_per_rank == results[1][0].kv_bytes_per_rank  # gathered: every rank reports the same list
+    # the cache is sharded over the ranks: KIVI shards in 32-token blocks, so a short sequence may sit on one rank
+    assert sum(report.kv_bytes_per_rank) > 0 and len(report.kv_bytes_per_rank) == 2
     assert report.text == results[1][0].text
 
 
