@@ -249,7 +249,8 @@ class KiviStore(_QuantAttention):
                                                             self.kblocks.view("kz")[:, :, lo:hi]),
                        lambda p, lo=lo, hi=hi: _token_values(p, *self._token_block("v", self.vtokens, lo * g, hi * g, un)))
         S = self.vtokens.n
-        yield _exact_block(S, S + self.buf.n, self.buf.view("k"), self.buf.view("v"))
+        if self.buf.n:
+            yield _exact_block(S, S + self.buf.n, self.buf.view("k"), self.buf.view("v"))
 
     def settle(self):
         g, bits = self.group, self.bits
