@@ -74,6 +74,7 @@ class Unpacker:
     def __init__(self, bits: int):
         self.bits, self.per = bits, 8 // bits
         self._bytes = self._floats = None
+        self._shifts = {}  # (lane dtype, device) -> the planes' bit offsets
 
     def _scratch(self, name: str, numel: int, like: torch.Tensor, dtype) -> torch.Tensor:
         buf = getattr(self, name)
@@ -88,7 +89,10 @@ class Unpacker:
         bits, per, F = self.bits, self.per, packed.shape[-1]
         unit = next(u for u in _UNITS if F % u.itemsize == 0)  # the widest lane whose views stay aligned
         lanes = packed.view(unit)
-        shifts = torch.arange(0, 8, bits, dtype=unit, device=packed.device).view(per, *[1] * lanes.dim())
+        key = (unit, packed.device)
+        if key not in self._shifts:
+            self._shifts[key] = torch.arange(0, 8, bits, dtype=unit, device=packed.device)
+        shifts = self._shifts[key].view(per, *[1] * lanes.dim())
         shifted = self._scratch("_bytes", per * packed.numel(), packed, torch.uint8).view(unit).view(per, *lanes.shape)
         torch.bitwise_right_shift(lanes.unsqueeze(0), shifts, out=shifted)
         shifted.bitwise_and_(int.from_bytes(bytes([2 ** bits - 1]) * unit.itemsize, "little"))
