@@ -100,6 +100,12 @@ class Unpacker:
         return out.copy_(shifted.view(torch.uint8).view(per, *packed.shape))
 
 
+def _add_contiguous(x_permuted, y):
+    """x + y into a contiguous tensor in x's logical order (an elementwise result keeps a permuted
+    input's memory order, and the reshape after it would copy again: 0.096 -> 0.068 ms measured)."""
+    return torch.add(x_permuted, y, out=x_permuted.new_empty(x_permuted.shape))
+
+
 def _token_scores(q_BGMD, codes, scale_BGKn, zero_BGKn):
     """Scores of keys quantized per token over n groups of channels, without dequantizing:
     q . k_t = sum_n scale_tn (q_n . code_tn) + sum_n zero_tn sum(q_n). codes: fp32 planes
@@ -123,7 +129,7 @@ def _token_values(p_BGMK, codes, scale_BGKn, zero_BGKn):
     p_scaled = p_BGMK[:, :, None] * scale_BGKn.float().permute(0, 1, 3, 2)[:, :, :, None]  # [B, G, n, M, K]
     o = (p_scaled @ codes.permute(0, 1, 2, 4, 3, 5)).permute(1, 2, 4, 3, 0, 5)  # [B, G, M, n, per, rb]
     zero_BGMn = p_BGMK @ zero_BGKn.float()
-    return (o + zero_BGMn[..., None, None]).reshape(B, G, M, n * per * rb)
+    return _add_contiguous(o, zero_BGMn[..., None, None]).view(B, G, M, n * per * rb)
 
 
 def _exact_block(lo, hi, k_BGKD, v_BGKD):
@@ -206,7 +212,7 @@ def _kivi_scores(q_BGMD, planes, scale_BGnD, zero_BGnD):
     q_scaled = q_BGMD[:, :, None] * scale_BGnD.float()[:, :, :, None, :]  # [B, G, n, M, D]
     dots = q_scaled @ planes.view(per, B, G, n, D, -1)  # [per, B, G, n, M, row bytes]
     zero_BGMn = q_BGMD @ zero_BGnD.float().transpose(-1, -2)
-    return (dots.permute(1, 2, 4, 3, 0, 5) + zero_BGMn[..., None, None]).reshape(B, G, M, -1)
+    return _add_contiguous(dots.permute(1, 2, 4, 3, 0, 5), zero_BGMn[..., None, None]).view(B, G, M, -1)
 
 
 class KiviStore(_QuantAttention):
