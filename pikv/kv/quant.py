@@ -138,8 +138,9 @@ def _exact_block(lo, hi, k_BGKD, v_BGKD):
 
 
 class _QuantAttention(Store):
-    """Attention over a quantized store in its compressed domain (`_blocks`), or, with
-    compressed_attention False, by the base class: dequantize everything, then attend (the reference)."""
+    """Attention over a quantized store in its compressed domain, or, with compressed_attention
+    False, by the base class: dequantize everything, then attend (the reference). A subclass's
+    `_blocks()` yields (lo, hi, scores(q_BGMD), values(p_BGMK)) over its stored tokens in order."""
     compressed_attention = True
     block_codes = 1 << 19  # codes of one tensor unpacked at a time (see the module docstring)
 
@@ -151,10 +152,6 @@ class _QuantAttention(Store):
             mask = extra if mask is None else mask & extra
         G = next(iter(self.buf.t.values())).shape[1]
         return blockwise_attention(q_BNTD, G, self._blocks(), mask, need_probs)
-
-    def _blocks(self):
-        """(lo, hi, scores(q_BGMD), values(p_BGMK)) over the stored tokens in order."""
-        raise NotImplementedError
 
     def _token_block(self, prefix: str, buf: Buffers, lo: int, hi: int, unpacker: Unpacker):
         """Planes of the per-token codes of tokens lo..hi-1 [per, B, G, K, n, row bytes], scale, zero [B, G, K, n]."""
