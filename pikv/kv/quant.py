@@ -9,8 +9,9 @@ Both stores attend in the compressed domain (`attend`), block by block with an o
 a step never builds a full-precision copy of the cache: per-channel keys fold their scale into the
 query per token group and their zero point into one dot product per group; per-token keys and
 values fold theirs into the scores / the attention weights. Only a block's codes are unpacked, into
-a preallocated buffer. Why this shape (measured on the 1-thread CPU, batch 4, 8k tokens, head dim
-32, 2M codes per tensor; bench/kv_decode_speed.py for the end to end numbers):
+a preallocated buffer. Why this shape (one-off timings of the alternatives, best of 20-40 calls, 1
+thread on the shared 2-core Xeon at load 1-15, so only the large gaps count; batch 4, 8k tokens,
+head dim 32: 2M codes per tensor; bench/kv_decode_speed.py has the end-to-end numbers):
 - packing is planar: byte k of a row of n codes holds codes k, k + n*bits/8, ... in its bit fields,
   so unpacking is `per` whole-row shifts of the packed bytes read as int64 (8 codes per lane), one
   mask and one uint8 -> fp32 copy: 0.57 ms, where shifting every byte into its own slot (the old
@@ -21,8 +22,11 @@ a preallocated buffer. Why this shape (measured on the 1-thread CPU, batch 4, 8k
 - torch.compile of the fused block (unpack + folded scores + softmax + values) with dynamic shapes
   (the cache grows every step) compiled for 137 s and then ran in 26 ms vs 1.2 ms eager (batch 1,
   8k): not used;
-- blocks of ~2^19 codes (2 MB of fp32, this CPU's L2 per core) bound the scratch memory;
-  fewer, larger blocks mean fewer Python-level ops per step.
+- blocks of ~2^19 codes (2 MB of fp32, this CPU's L2 per core) bound the scratch memory; 2^17 to
+  2^21 measured alike (within the noise); fewer, larger blocks mean fewer Python-level ops per step.
+What is left is dispatch: a decode step of one layer runs ~60 small ops here against the full
+cache's cast + SDPA, which costs most at batch 1 and short contexts; a fused kernel (C++/Triton)
+reading the packed bytes once is the next step.
 """
 
 from __future__ import annotations
