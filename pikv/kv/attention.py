@@ -78,20 +78,20 @@ class OnlineSoftmax:
         # -1e30, not -inf: a query whose keys so far are all masked then gets exp(-inf - -1e30) = 0
         # weights and a finite running max, without a special case
         m = s.amax(-1, keepdim=True).clamp_min(-1e30)
-        if self.max is not None:
+        if self.max is not None:  # out of place throughout: autograd may be on
             m = torch.maximum(self.max, m)
             alpha = torch.exp(self.max - m)
-            self.sum.mul_(alpha)
-            self.out.mul_(alpha)
+            self.sum, self.out = self.sum * alpha, self.out * alpha
         p = torch.exp(s - m)
-        self.sum = p.sum(-1, keepdim=True) if self.sum is None else self.sum.add_(p.sum(-1, keepdim=True))
+        p_sum = p.sum(-1, keepdim=True)
+        self.sum = p_sum if self.sum is None else self.sum + p_sum
         self.max = m
         if self.scores is not None:
             self.scores.append(s)
         return p
 
     def add(self, out: torch.Tensor) -> None:
-        self.out = out if self.out is None else self.out.add_(out)
+        self.out = out if self.out is None else self.out + out
 
     def result(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(output, probabilities over every key or None)."""

@@ -78,7 +78,8 @@ _UNITS = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 class Unpacker:
     """Unpacks blocks of planar-packed codes into fp32 planes, reusing two scratch buffers (the
-    shifted bytes and the fp32 codes) that grow to the largest block and are then kept."""
+    shifted bytes and the fp32 codes) that grow to the largest block and are then kept (under
+    no_grad; with autograd on, every block gets its own)."""
 
     def __init__(self, bits: int):
         self.bits, self.per = bits, 8 // bits
@@ -86,6 +87,8 @@ class Unpacker:
         self._shifts = {}  # (lane dtype, device) -> the planes' bit offsets
 
     def _scratch(self, name: str, numel: int, like: torch.Tensor, dtype) -> torch.Tensor:
+        if torch.is_grad_enabled():  # autograd may save a block's codes for backward: never overwrite them
+            return torch.empty(numel, dtype=dtype, device=like.device)
         buf = getattr(self, name)
         if buf is None or buf.numel() < numel or buf.device != like.device:
             buf = torch.empty(numel, dtype=dtype, device=like.device)
