@@ -141,7 +141,8 @@ def _token_values(p_BGMK, codes, scale_BGKn, zero_BGKn):
     per, B, G, K, n, rb = codes.shape
     M = p_BGMK.shape[2]
     p_scaled = p_BGMK[:, :, None] * scale_BGKn.float().permute(0, 1, 3, 2)[:, :, :, None]  # [B, G, n, M, K]
-    o = torch.stack([p_scaled @ codes[i].transpose(2, 3) for i in range(per)]).permute(1, 2, 4, 3, 0, 5)  # [B, G, M, n, per, rb]
+    o = torch.stack([p_scaled @ codes[i].transpose(2, 3) for i in range(per)])  # [per, B, G, n, M, rb]
+    o = o.permute(1, 2, 4, 3, 0, 5)  # [B, G, M, n, per, rb]: channel n * group + i * rb + j
     zero_BGMn = p_BGMK @ zero_BGKn.float()
     return _add_contiguous(o, zero_BGMn[..., None, None]).view(B, G, M, n * per * rb)
 
