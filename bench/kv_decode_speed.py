@@ -4,6 +4,7 @@
       [--policies full,window,streaming,h2o,learned,quant] [--ratios 4,8] [--steps 16] [--repeats 5] [--out DIR]
       [--rotary-fraction 0.5]
   python bench/kv_decode_speed.py --contexts 64 --batch 1 --ratios 4 --steps 2 --repeats 2   # quickest check
+  python bench/kv_decode_speed.py --policies full,quant --dequantized   # + each quant method's old path
 
 The model is the default configuration (pikv/config.py) with max_seq_len raised to the longest
 context (and model.rotary_fraction = --rotary-fraction: below 1 the learned latent is the decoupled
@@ -18,12 +19,16 @@ For each (batch, context) every method's cache is built first, then pikv.benchma
 round and `--repeats` rounds, each timing `--steps` decode steps of every method in turn (rotating
 order), so a burst of load on this shared machine hits all methods of a round alike; the table
 gives the median tokens/s and the median of the per-round speed-up vs the full cache.
+--dequantized also times every quantized method through dequantize-then-attend (`Store.attend`,
+the path before the stores attended in their compressed domain) on a copy of the same filled cache,
+as "METHOD (dequantized)".
 Threads: use at most the idle cores. With 2 OpenMP threads on a 2-core machine that also runs
 something else, a decode step took ~28 ms instead of ~3 ms (measured): the threads spin-wait for
 a core, which swamps everything this benchmark measures.
 """
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -78,6 +83,8 @@ def main(argv):
     ap.add_argument("--rotary-fraction", type=float, default=1.0,
                     help="model.rotary_fraction (< 1: the decoupled latent, absorbed attention)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
+    ap.add_argument("--dequantized", action="store_true",
+                    help="also time each quantized method through dequantize-then-attend (its old path)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,6 +109,11 @@ def main(argv):
                         continue
                     fill(model, cache, B, S)
                     methods[(policy, ratio)] = cache
+                    if args.dequantized and hasattr(cache.stores[0], "compressed_attention"):
+                        old = copy.deepcopy(cache)
+                        for store in old.stores:
+                            store.compressed_attention = False
+                        methods[(f"{policy} (dequantized)", ratio)] = old
             if not methods:
                 continue
             has_full = ("full", None) in methods

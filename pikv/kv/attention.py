@@ -96,3 +96,62 @@ def merge_partials(o_RBNTD: torch.Tensor, lse_RBNT: torch.Tensor) -> tuple[torch
     total_BNT = w_RBNT.sum(dim=0)
     o_BNTD = (w_RBNT[..., None] * o_RBNTD.float()).sum(dim=0) / total_BNT.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
     return o_BNTD, m_BNT + torch.log(total_BNT)
+
+class OnlineSoftmax:
+    """Softmax attention accumulated over blocks of keys (flash attention's running max and sum), so
+    no score matrix over all keys is held: a store that attends in its compressed domain feeds each
+    block's scores [..., K] (fp32, -inf = masked) to `weights`, multiplies the returned unnormalised
+    weights into that block's values itself and adds the result with `add`. With keep_scores, the
+    blocks' scores are kept to return the probabilities per key (a selection that scores tokens by
+    attention needs them)."""
+
+    def __init__(self, keep_scores: bool):
+        self.max = self.sum = self.out = None
+        self.scores = [] if keep_scores else None
+
+    def weights(self, s: torch.Tensor) -> torch.Tensor:
+        # -1e30, not -inf: a query whose keys so far are all masked then gets exp(-inf - -1e30) = 0
+        # weights and a finite running max, without a special case
+        m = s.amax(-1, keepdim=True).clamp_min(-1e30)
+        if self.max is not None:  # out of place throughout: autograd may be on
+            m = torch.maximum(self.max, m)
+            alpha = torch.exp(self.max - m)
+            self.sum, self.out = self.sum * alpha, self.out * alpha
+        p = torch.exp(s - m)
+        p_sum = p.sum(-1, keepdim=True)
+        self.sum = p_sum if self.sum is None else self.sum + p_sum
+        self.max = m
+        if self.scores is not None:
+            self.scores.append(s)
+        return p
+
+    def add(self, out: torch.Tensor) -> None:
+        self.out = out if self.out is None else self.out + out
+
+    def result(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(output, probabilities over every key or None)."""
+        probs = None
+        if self.scores is not None:
+            probs = torch.exp(torch.cat(self.scores, -1) - self.max) / self.sum
+        return self.out / self.sum, probs
+
+
+def blockwise_attention(q_BNTD, G: int, blocks, mask, need_probs: bool):
+    """Softmax attention (GQA, as `attention`) over keys/values a store gives block by block, each
+    block as (lo, hi, scores(q_BGMD) -> s_BGMK, values(p_BGMK) -> o_BGMD) over stored tokens lo..hi-1
+    (M = N/G * T: a kv head's query heads and queries; q is fp32, already scaled by 1/sqrt(D)).
+    mask: bool [T, S] or [B, H, T, S] (H in 1, G) or None. Computed in fp32; returns (o_BNTD in
+    q's dtype, probs_BNTS or None)."""
+    B, N, T, D = q_BNTD.shape
+    q_BGMD = (q_BNTD.float() / math.sqrt(D)).reshape(B, G, N // G * T, D)
+    acc = OnlineSoftmax(need_probs)
+    for lo, hi, scores, values in blocks:
+        s_BGMK = scores(q_BGMD)
+        if mask is not None:
+            keep = mask[..., lo:hi]
+            keep = keep[:, :, None] if keep.dim() == 4 else keep
+            s_BGMK = s_BGMK.reshape(B, G, N // G, T, hi - lo).masked_fill(~keep, float("-inf")).view(s_BGMK.shape)
+        acc.add(values(acc.weights(s_BGMK)))
+    o_BGMD, p_BGMS = acc.result()
+    probs = None if p_BGMS is None else p_BGMS.view(B, N, T, -1)
+    return o_BGMD.view(B, N, T, D).to(q_BNTD.dtype), probs
