@@ -23,29 +23,31 @@ MAX_STEPS = 8  # proportional steps (measured ~ budget x a constant): 2-3 suffic
 
 
 @torch.no_grad()
-def dry_run_ratio(model, policy: str, ratio: Optional[float], total: int, prefill: int, svd_bases=None) -> float:
-    """Measured ratio of `policy` at `ratio` for sequences of `total` tokens decoded as the
-    evaluation does (prefill `prefill`, then one token per step up to total - 1): fp16 full peak
-    bytes / the method's, from the caches' own accounting on random K/V."""
+def dry_run_peak(model, cache, total: int, prefill: int, layers: int) -> int:
+    """`cache.peak_nbytes` after the evaluation's steps (prefill `prefill` tokens, then one per step
+    up to total - 1) on random keys/values of one sequence in its first `layers` layers."""
     cfg = model.cfg
     D = cfg.hidden_size // cfg.num_heads
     gen = torch.Generator().manual_seed(0)
+    for start, T in [(0, prefill)] + [(t, 1) for t in range(prefill, total - 1)]:
+        for li in range(layers):
+            q = torch.randn(1, cfg.num_heads, T, D, generator=gen)
+            k = torch.randn(1, cfg.num_kv_heads, T, D, generator=gen)
+            v = torch.randn(1, cfg.num_kv_heads, T, D, generator=gen)
+            cache.attend(li, q, model.rope(k, start), v, k_pre_BGTD=k, rope=model.rope, start=start)
+    return cache.peak_nbytes
 
-    def peak(cache, layers: int) -> int:
-        for start, T in [(0, prefill)] + [(t, 1) for t in range(prefill, total - 1)]:
-            for li in range(layers):
-                q = torch.randn(1, cfg.num_heads, T, D, generator=gen)
-                k = torch.randn(1, cfg.num_kv_heads, T, D, generator=gen)
-                v = torch.randn(1, cfg.num_kv_heads, T, D, generator=gen)
-                cache.attend(li, q, model.rope(k, start), v, k_pre_BGTD=k, rope=model.rope, start=start)
-        return cache.peak_nbytes
 
+def dry_run_ratio(model, policy: str, ratio: Optional[float], total: int, prefill: int, svd_bases=None) -> float:
+    """Measured ratio of `policy` at `ratio` for sequences of `total` tokens decoded as the
+    evaluation does: fp16 full peak bytes / the method's, from the caches' own accounting."""
     method = make_cache(policy, model, ratio=None if policy == "full" else ratio, total_tokens=total,
                         svd_bases=svd_bases)
     # Layers with equal budgets allocate alike step by step: one stands for all, against one layer
     # of the full cache (the ratio is the same); per-layer budgets (PyramidKV) run every layer.
-    layers = 1 if len(set(method.budgets or [0])) == 1 else cfg.num_layers
-    return peak(make_cache("full", model, total_tokens=total), layers) / peak(method, layers)
+    layers = 1 if len(set(method.budgets or [0])) == 1 else model.cfg.num_layers
+    full = make_cache("full", model, total_tokens=total)
+    return dry_run_peak(model, full, total, prefill, layers) / dry_run_peak(model, method, total, prefill, layers)
 
 
 def match_budget(model, policy: str, target: float, total: int, prefill: int, svd_bases=None) -> tuple[float, float]:

@@ -119,8 +119,10 @@ def _score_batch(model, seq_BN: torch.Tensor, prefill: int, rows: dict, acc: dic
     return full_cache.peak_nbytes, _full_read_bytes(model.cfg, B, prefill, N - prefill)
 
 
-def _finish_row(row: KVEvalRow, a: dict, full_nll_X: np.ndarray, full_peak: int, full_read: int,
+def finish_row(row: KVEvalRow, a: dict, full_nll_X: np.ndarray, full_peak: int, full_read: int,
                 X: int, C: int, batches: int) -> None:
+    """Fill `row` from its accumulators `a` (per-sequence NLL sums, KL / top-1 / seconds / peak and
+    read bytes summed over batches) against the full cache's per-sequence NLL, peak and read bytes."""
     nll_X = np.concatenate(a["nll"]) / C
     row.nll = float(nll_X.mean())
     row.perplexity = math.exp(row.nll)
@@ -132,7 +134,7 @@ def _finish_row(row: KVEvalRow, a: dict, full_nll_X: np.ndarray, full_peak: int,
     row.tokens_per_s = X * (C - 1) / a["time"] if a["time"] > 0 else None
     row.kv_peak_bytes = int(a["peak"] / batches)
     row.compression_ratio = full_peak / a["peak"]
-    if parse_method(row.policy).selection == "quest" and a["read"]:
+    if a["read"] and parse_method(row.policy).selection == "quest":
         row.read_ratio = full_read / a["read"]
     row.sequences, row.scored_tokens = X, X * C
     row.nll_per_sequence = [float(x) for x in nll_X]
@@ -164,7 +166,7 @@ def evaluate_kv(model, seq_XN: torch.Tensor, prefill: int, specs: list[tuple[str
     full_nll_X = np.concatenate(acc[("full", 1.0)]["nll"]) / (N - prefill)
     for spec, row in rows.items():
         if not row.skipped:
-            _finish_row(row, acc[spec], full_nll_X, full_peak, full_read, X, N - prefill, batches)
+            finish_row(row, acc[spec], full_nll_X, full_peak, full_read, X, N - prefill, batches)
     return list(rows.values())
 
 
