@@ -6,6 +6,7 @@ decoding protocol; and the passkey probe.
       [--presses SnapKV,StreamingLLM,...] [--ratios 2,4,8,16] [--sequences 16] [--prefill 384]
       [--length 512] [--data PATH] [--no-match-bytes] [--steps 96] [--batch-size 2]
       [--compressor PATH (load instead of fitting)] [--probe-windows 8] [--out runs/bench/kv_learned_smollm2]
+  ... --merge DIR,DIR --out DIR      # one table from runs on the same windows (e.g. one per ratio)
 
 Protocol: windows of `--length` held-out tokens, `--prefill` prefilled, the rest decoded one token
 at a time with every cache's budget enforced after every step (pikv/eval/kv.py). Each method is
@@ -46,7 +47,7 @@ from pikv.config import KVConfig, TrainConfig  # noqa: E402
 from pikv.data.probe import NATURAL, PasskeyProbe  # noqa: E402
 from pikv.benchmark.kvpress_decode import PRESSES, kvpress_rows  # noqa: E402
 from pikv.eval.budget_match import dry_run_peak  # noqa: E402
-from pikv.eval.kv import add_probe, evaluate_kv, parse_specs, write_results  # noqa: E402
+from pikv.eval.kv import add_probe, evaluate_kv, merge_results, parse_specs, write_results  # noqa: E402
 from pikv.kv import make_cache, parse_method  # noqa: E402
 from pikv.kv.fit import calibrate_svd, fit_compressors, load_compressors, pca_init_, save_compressors  # noqa: E402
 from pikv.training.schedule import lr_at  # noqa: E402
@@ -106,11 +107,18 @@ def parse_args(argv):
     ap.add_argument("--probe-windows", type=int, default=8, help="held-out windows x 5 depths (0 = no probe)")
     ap.add_argument("--eval-batch", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("runs/bench/kv_learned_smollm2"))
+    ap.add_argument("--merge", default=None, help="DIR,DIR,...: write one table from these runs' results.json "
+                    "(same windows, e.g. one run per ratio side by side) into --out, evaluating nothing")
     return ap.parse_args(argv)
 
 
 def main(argv):
     args = parse_args(argv)
+    if args.merge:  # runs of the same windows side by side (one per ratio): one table
+        rows, meta = merge_results([Path(d) for d in args.merge.split(",")])
+        write_results(rows, args.out, meta)
+        print((args.out / "results.md").read_text())
+        return 0
     specs = parse_specs(args.policies, args.ratios) if args.policies else []
     presses = [p for p in args.presses.split(",") if p]
     learned = any(parse_method(p).storage == "learned" for p, _ in specs)

@@ -240,6 +240,24 @@ def expand_methods(policies: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def merge_results(dirs: list[Path]) -> tuple[list[KVEvalRow], dict]:
+    """Rows and meta of several runs' results.json on the same windows (e.g. one run per ratio, run
+    side by side), one full-cache row; ValueError when their full caches' NLLs differ (other windows)."""
+    rows: list[KVEvalRow] = []
+    meta: dict = {}
+    names = {f.name for f in fields(KVEvalRow)}
+    for d in dirs:
+        report = json.loads((Path(d) / "results.json").read_text())
+        got = [KVEvalRow(**{k: v for k, v in r.items() if k in names}) for r in report["rows"]]
+        full = next(r for r in got if r.policy == "full")
+        if rows and full.nll_per_sequence != rows[0].nll_per_sequence:
+            raise ValueError(f"{d}: its full cache's per-window NLL differs from {dirs[0]}'s: not the same windows")
+        rows += [r for r in got if not (rows and r.policy == "full")]
+        meta.update({k: v for k, v in report.items() if k not in ("rows", "learned_vs", "pareto")})
+    meta["merged_from"] = [str(d) for d in dirs]
+    return rows, meta
+
+
 def parse_specs(policies: str, ratios: str) -> list[tuple[str, float]]:
     """'h2o,learned,quant+snapkv' x '2,4,8' -> [(canonical method name, ratio)] (names: pikv.kv.registry,
     STORAGE[@SHARE]+SELECTION or a single name, or `pareto`); ValueError on a bad name or ratio."""

@@ -11,7 +11,7 @@ from matplotlib.container import ErrorbarContainer
 
 from pikv.config import ModelConfig, MoEConfig
 from pikv.eval.budget_match import dry_run_ratio
-from pikv.eval.kv import KVEvalRow, evaluate_kv, expand_methods, parse_specs, write_results
+from pikv.eval.kv import KVEvalRow, evaluate_kv, expand_methods, merge_results, parse_specs, write_results
 from pikv.eval.pareto import PARETO_METHODS, pareto_figure, pareto_markdown, pareto_summary
 from pikv.eval.stats import bootstrap_ci
 from pikv.kv import make_cache
@@ -132,3 +132,37 @@ def test_results_at_matched_bytes_from_a_real_decoding_evaluation(tmp_path):
     assert [p["ratio"] for p in pareto] == [2.0, 8.0] and "quant" in pareto[1]["impossible"]
     assert pareto[0]["best"] == min((r for r in rows if r.ratio == 2.0 and not r.skipped),
                                     key=lambda r: r.delta_nll).policy
+
+
+def test_merge_results_of_runs_on_the_same_windows(tmp_path):
+    model, seq = tiny_model()
+    for name, ratio, windows in (("a", "2", seq), ("b", "8", seq), ("c", "8", seq.flip(0))):
+        write_results(evaluate_kv(model, windows, 224, parse_specs("h2o", ratio), batch_size=4), tmp_path / name, {})
+    rows, meta = merge_results([tmp_path / "a", tmp_path / "b"])
+    assert [(r.policy, r.ratio) for r in rows] == [("full", 1.0), ("h2o", 2.0), ("h2o", 8.0)]
+    assert [s["ratio"] for s in pareto_summary(rows)] == [2.0, 8.0] and meta["merged_from"][1].endswith("b")
+    with pytest.raises(ValueError, match="not the same windows"):
+        merge_results([tmp_path / "a", tmp_path / "c"])
+
+
+def test_eval_entry_point_expands_pareto_and_matches_bytes_by_default():
+    import argparse
+    import importlib.util
+    from pathlib import Path
+    from pikv.config import JobConfig
+    spec = importlib.util.spec_from_file_location("pikv_eval_entry", Path(__file__).parents[2] / "train" / "eval.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    cfg = JobConfig()
+    cfg.kv.compressor = "none"
+
+    def specs(kv, ratio=None, match=None):
+        args = argparse.Namespace(kv=kv, ratio=ratio, match_bytes=match)
+        return entry.kv_specs_of(args, cfg), args.match_bytes
+
+    got, match = specs("pareto")
+    assert match is True and {r for _, r in got} == {2.0, 4.0, 8.0, 16.0}
+    assert {p for p, _ in got} == {p for p in PARETO_METHODS if not p.startswith("learned")}  # no latent here
+    got, match = specs("pareto,learned", "4", False)
+    assert match is False and ("learned", 4.0) in got and ("learned+h2o", 4.0) not in got  # named: kept (error row)
+    assert specs("h2o", "2")[0] == [("h2o", 2.0)] and specs("h2o", "2")[1] is False
