@@ -166,3 +166,17 @@ def test_eval_entry_point_expands_pareto_and_matches_bytes_by_default():
     got, match = specs("pareto,learned", "4", False)
     assert match is False and ("learned", 4.0) in got and ("learned+h2o", 4.0) not in got  # named: kept (error row)
     assert specs("h2o", "2")[0] == [("h2o", 2.0)] and specs("h2o", "2")[1] is False
+
+
+def test_bench_windows_from_a_local_text_file(tmp_path):
+    from pikv.benchmark.smollm2 import sequences
+
+    def byte_tokenizer(text, add_special_tokens=False):  # one token per byte: windows checkable by hand
+        return {"input_ids": list(text.encode())}
+
+    text = "".join(chr(97 + i % 26) for i in range(100))
+    (tmp_path / "mine.txt").write_text(text)
+    got = sequences(byte_tokenizer, 30, 5, data=str(tmp_path / "mine.txt"))
+    assert got.tolist() == [list(text[i:i + 30].encode()) for i in (0, 30, 60)]  # 3 whole windows in 100 bytes
+    with pytest.raises(ValueError, match="holds 200 tokens"):
+        sequences(byte_tokenizer, 200, 5, data=str(tmp_path / "mine.txt"))
