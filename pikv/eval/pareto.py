@@ -131,16 +131,22 @@ def pareto_figure(rows):
         if len(panels) > 2:
             axes[2].plot(xs, [r.probe_accuracy for r in rs], **style)
     targets = sorted({r.ratio for r in rows if r.policy != "full" and r.ratio})
+    xs = targets + [_x(r) for rs in by_policy.values() for r in rs]
+    lows = [r.delta_nll_ci95[0] for rs in by_policy.values() for r in rs]
     for ax, (field, label) in zip(axes, panels):
         ax.axhline({"delta_nll": 0.0, "speed": 1.0}.get(field, full.probe_accuracy if full else 0.0) or 0.0,
                    color="k", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xticks(targets, [f"{t:g}x" for t in targets])
         ax.minorticks_off()
+        if xs:  # a margin around the points, so a single target's tick is not on the frame
+            ax.set_xlim(min(xs) / 1.3, max(xs) * 1.3)
         ax.set_xlabel("measured compression (fp16 full bytes / peak bytes)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("symlog", linthresh=0.05)  # +0.01 and +2 nats on one readable axis
+    if lows:
+        axes[0].set_ylim(bottom=min(min(lows) * 1.2, -0.005))  # no empty negative decade
     if len(panels) > 2:
         axes[2].set_ylim(-0.03, 1.03)
     handles, labels = axes[0].get_legend_handles_labels()
