@@ -28,6 +28,15 @@ PRESSES = {"SnapKV": "SnapKVPress", "StreamingLLM": "StreamingLLMPress", "Observ
            "ExpectedAttention": "ExpectedAttentionPress", "TOVA": "TOVAPress", "Knorm": "KnormPress"}
 
 
+# Presses whose score is a function of the slot index, which per-step compression breaks: kvpress's
+# ScorerPress gathers the top-k slots unsorted (ties in any order), so after one compression the
+# cache is no longer in position order, and StreamingLLM's next "oldest non-sink" is an arbitrary
+# token (seen: first decode step equal to PiKV's streaming, later ones not; tests/unit/test_kvpress_decode.py).
+BY_SLOT_ORDER = {"StreamingLLM": "kvpress StreamingLLM scores cache slots by index, and its top-k gather reorders "
+                                 "the slots, so compressing after every decoded token evicts arbitrary tokens "
+                                 "(PiKV's streaming equals kvpress's in the prefill-only protocol: bench/kv_vs_kvpress.py)"}
+
+
 def press_for(name: str, budget: int, prefill: int):
     """kvpress's PrefillDecodingPress keeping `budget` tokens per layer from the prefill on."""
     import kvpress
@@ -41,7 +50,9 @@ def press_for(name: str, budget: int, prefill: int):
 
 @torch.no_grad()
 def hf_decode(hf, seq_BN: torch.Tensor, prefill: int, press=None) -> tuple[torch.Tensor, float, int]:
-    """(log-probs [B, C, V] of tokens prefill..N-1, decode seconds, peak K/V elements per window)."""
+    """(log-probs [B, C, V] of tokens prefill..N-1, decode seconds, peak K/V elements per window:
+    after each step, plus with a press the decoded token each layer held before compressing, as
+    PiKV's caches count their one slot of capacity; the prefill's transient is counted by neither)."""
     import contextlib
     from transformers import DynamicCache
     B, N = seq_BN.shape
@@ -50,7 +61,10 @@ def hf_decode(hf, seq_BN: torch.Tensor, prefill: int, press=None) -> tuple[torch
     def step(ids, pos):
         nonlocal peak
         logits = hf(ids, past_key_values=cache, position_ids=pos[None]).logits[:, -1].float()
-        peak = max(peak, sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) // B)
+        held = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) // B
+        if press is not None and ids.shape[1] == 1:  # a layer held the new token before its compression
+            held += sum(layer.keys[0, :, :1].numel() + layer.values[0, :, :1].numel() for layer in cache.layers)
+        peak = max(peak, held)
         return logits
 
     with press(hf) if press is not None else contextlib.nullcontext():
@@ -79,6 +93,10 @@ def kvpress_rows(hf, seq_XN: torch.Tensor, prefill: int, presses: list[str], tar
         budget = int(full_peak_bytes / target // token_bytes) - 1  # peak: budget + 1 tokens per layer
         for name in presses:
             row = KVEvalRow(f"kvpress:{name}", target)
+            if name in BY_SLOT_ORDER:
+                row.skipped = BY_SLOT_ORDER[name]
+                rows.append(row)
+                continue
             if budget < 1:
                 row.skipped = f"{target:g}x leaves no token of budget for kvpress (needs M + 1 tokens at the peak)"
                 rows.append(row)
