@@ -52,13 +52,16 @@ def dry_run_ratio(model, policy: str, ratio: Optional[float], total: int, prefil
 
 def match_budget(model, policy: str, target: float, total: int, prefill: int, svd_bases=None) -> tuple[float, float]:
     """(budget ratio to give make_cache, its measured ratio): the target itself when it already
-    measures >= target, else budgets raised in proportion to the shortfall until it does.
+    measures >= target, else budgets raised in proportion to the shortfall until it does; the
+    target itself when raising the budget does not shrink the bytes (Quest) or 8 steps do not reach it.
     ValueError (the registry's) when some budget on the way is impossible for the method."""
     budget = target
-    measured = dry_run_ratio(model, policy, budget, total, prefill, svd_bases)
+    measured = first = dry_run_ratio(model, policy, budget, total, prefill, svd_bases)
     for _ in range(MAX_STEPS):
         if measured >= target * (1 - 1e-9):
-            break
+            return budget, measured
         budget *= target / measured * 1.001  # 0.1% beyond proportional: ceil() steps converge from above
-        measured = dry_run_ratio(model, policy, budget, total, prefill, svd_bases)
-    return budget, measured
+        last, measured = measured, dry_run_ratio(model, policy, budget, total, prefill, svd_bases)
+        if measured <= last:  # bytes that do not shrink with the budget (Quest frees nothing)
+            break
+    return target, first  # not reachable: evaluated as requested, its measured ratio shown

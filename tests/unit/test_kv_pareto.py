@@ -10,7 +10,7 @@ import torch
 from matplotlib.container import ErrorbarContainer
 
 from pikv.config import ModelConfig, MoEConfig
-from pikv.eval.budget_match import dry_run_ratio
+from pikv.eval.budget_match import dry_run_ratio, match_budget
 from pikv.eval.kv import KVEvalRow, evaluate_kv, expand_methods, merge_results, parse_specs, write_results
 from pikv.eval.pareto import PARETO_METHODS, pareto_figure, pareto_markdown, pareto_summary
 from pikv.eval.stats import bootstrap_ci
@@ -124,6 +124,8 @@ def test_results_at_matched_bytes_from_a_real_decoding_evaluation(tmp_path):
             assert r.compression_ratio == dry_run_ratio(model, r.policy, r.budget_ratio or r.ratio, 256, 224)
     assert got[("h2o", 8.0)].budget_ratio > 8.0  # positions and scores cost h2o bytes: it gets a smaller budget
     assert got[("quant", 2.0)].budget_ratio is None  # KIVI's plan already reaches 2x
+    # Quest frees nothing: no budget reaches 2x in bytes, so it is evaluated as requested
+    assert match_budget(model, "quest", 2.0, 256, 224) == (2.0, dry_run_ratio(model, "quest", 2.0, 256, 224))
     write_results(rows, tmp_path, {"model": "tiny"})
     md = (tmp_path / "results.md").read_text()
     assert "## Pareto" in md and "### 2x: best **" in md and "| quant | impossible: " in md and "(given " in md
