@@ -204,7 +204,8 @@ def markdown_table(rows: list[KVEvalRow]) -> str:
             continue
         probe = "—" if r.probe_accuracy is None else f"{r.probe_accuracy:.3f}"
         comp = f"{r.compression_ratio:.2f}x" + (f" (reads {r.read_ratio:.2f}x less)" if r.read_ratio else "")
-        lines.append(f"| {r.policy} | {r.ratio:g} | {comp} | {r.nll:.4f} | {r.perplexity:.2f} | "
+        asked = f"{r.ratio:g}" + (f" (given {r.budget_ratio:.2f})" if r.budget_ratio else "")
+        lines.append(f"| {r.policy} | {asked} | {comp} | {r.nll:.4f} | {r.perplexity:.2f} | "
                      f"{r.delta_nll:+.4f} [{r.delta_nll_ci95[0]:+.4f}, {r.delta_nll_ci95[1]:+.4f}] | "
                      f"{r.ppl_change_pct:+.2f} | {r.kl:.4f} | {r.top1_agreement:.3f} | {probe} | {r.tokens_per_s:.0f} | "
                      f"{r.kv_peak_bytes} |")
