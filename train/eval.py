@@ -10,6 +10,7 @@ Writes <out>/heldout_eval.json and <out>/heldout_eval.md.
 
 KV-cache decoding evaluation (pikv/eval/kv.py, docs/kv.md), on the same documents:
   python train/eval.py --checkpoint runs/tiny --kv h2o,snapkv,learned --ratio 2,4,8 [--out DIR]
+  python train/eval.py --checkpoint runs/tiny --kv pareto          # every single + composed method at 2,4,8,16
 writes <out>/kv/results.{json,md,png} (with the retrieval probe's accuracy by needle depth when the
 model was trained with data.probe_rate > 0) and logs them to the run's W&B run unless --no-wandb.
 Without --kv it runs the run's kv.eval_policies at kv.eval_ratio (the KV table of `make train`);
@@ -40,8 +41,9 @@ from pikv.distributed import DistContext  # noqa: E402
 from pikv.eval import evaluate_lm  # noqa: E402
 from pikv.eval.kv import log_to_wandb, parse_specs, run_kv_evaluation  # noqa: E402
 from pikv.eval.kv import markdown_table as kv_markdown_table  # noqa: E402
+from pikv.eval.pareto import PARETO_RATIOS  # noqa: E402
 from pikv.inference import stored_config  # noqa: E402  (shared with train/generate.py)
-from pikv.kv import parse_method  # noqa: E402
+from pikv.kv import parse_method, resolve_policy  # noqa: E402
 from pikv.models import Transformer  # noqa: E402
 from pikv.models.pretrained import resolve_pretrained  # noqa: E402
 from pikv.tasks import build_task, load_job  # noqa: E402
@@ -71,13 +73,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="output directory (default <run>/eval)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--kv", default=None, help="kv methods, comma separated: single names (h2o, quant, "
-                        "learned) or STORAGE[@SHARE]+SELECTION (quant+snapkv, learned@2+h2o; docs/kv.md) "
+                        "learned) or STORAGE[@SHARE]+SELECTION (quant+snapkv, learned@2+h2o; docs/kv.md); 'pareto': "
+                        "pikv.eval.pareto.PARETO_METHODS (singles and compositions) at --ratio 2,4,8,16 by default "
                         "(default: the config's kv.eval_policies; 'none' skips the KV evaluation)")
-    parser.add_argument("--ratio", default=None, help="compression ratios, comma separated (default kv.eval_ratio)")
+    parser.add_argument("--ratio", default=None, help="compression ratios, comma separated (default kv.eval_ratio; 2,4,8,16 with --kv pareto)")
     parser.add_argument("--prefill", type=int, default=None, help="context tokens (default seq_len / 2)")
     parser.add_argument("--max-sequences", type=int, default=None,
                         help="held-out windows decoded per method (default 48 with --kv, 32 for the default table)")
     parser.add_argument("--kv-batch-size", type=int, default=16)
+    parser.add_argument("--match-bytes", action=argparse.BooleanOptionalAction, default=None,
+                        help="give each method the mildest budget whose measured ratio reaches --ratio "
+                        "(equal measured bytes; pikv/eval/budget_match.py); default: on with --kv pareto")
     parser.add_argument("--no-wandb", action="store_true",
                         help="do not log the KV evaluation to the run's W&B run (default: the run's logging.wandb_mode)")
     return parser.parse_args(argv)
@@ -134,7 +140,8 @@ def evaluate_kv_table(model, tokenizer, docs, data_name: str, ckpt: Path, state,
     train_docs = run_data(cfg).documents("train", limit=2)
     rows = run_kv_evaluation(model, tokenizer, docs, train_docs, kv_specs, out / "kv", length,
                              args.prefill or length // 2, args.max_sequences or (48 if args.kv else 32),
-                             args.kv_batch_size, {"checkpoint": str(ckpt), "data": data_name}, probe=probe)
+                             args.kv_batch_size, {"checkpoint": str(ckpt), "data": data_name}, probe=probe,
+                             match_bytes=args.match_bytes)
     print(kv_markdown_table(rows))
     print(f"kv results: {out / 'kv' / 'results.json'}, results.md, results.png")
     if not args.no_wandb and log_to_wandb(ckpt.parent.parent, cfg, rows, out / "kv", state.step):
@@ -148,6 +155,21 @@ def load_hf(args: argparse.Namespace):
     path = resolve_pretrained(args.hf, cache_dir=cfg.data.cache_dir)
     model = load_hf_teacher(args.hf, cfg.data.cache_dir, cfg.model.max_seq_len)
     return model, load_tokenizer(cfg.data.tokenizer), cfg, path
+
+
+def kv_specs_of(args: argparse.Namespace, cfg) -> list[tuple[str, float]]:
+    """(method, ratio) pairs of --kv / --ratio, else of the config's kv.eval_policies at kv.eval_ratio;
+    `pareto` expands to PARETO_METHODS at 2,4,8,16. Learned storage needs a model trained with it:
+    dropped from the defaults and from `pareto` for other models (named explicitly, it is an error row)."""
+    pareto = "pareto" in [p.strip().lower() for p in (args.kv or "").split(",")]
+    if args.match_bytes is None:
+        args.match_bytes = pareto
+    ratios = args.ratio or (PARETO_RATIOS if pareto else str(cfg.kv.eval_ratio))
+    specs = parse_specs(args.kv or ",".join(cfg.kv.eval_policies), ratios)
+    if (args.kv is None or pareto) and cfg.kv.compressor != "learned":
+        named = {resolve_policy(p) for p in (args.kv or "").split(",") if p.strip() and p.strip().lower() != "pareto"}
+        specs = [(p, r) for p, r in specs if parse_method(p).storage != "learned" or p in named]
+    return specs
 
 
 def main(argv: list[str]) -> int:
@@ -172,9 +194,7 @@ def main(argv: list[str]) -> int:
         load_model_weights(ckpt, model)
         kv_specs = []
         if (args.kv or "").lower() != "none":
-            policies = args.kv or ",".join(p for p in cfg.kv.eval_policies  # learned storage: trained models only
-                                           if parse_method(p).storage != "learned" or cfg.kv.compressor == "learned")
-            kv_specs = parse_specs(policies, args.ratio or str(cfg.kv.eval_ratio))
+            kv_specs = kv_specs_of(args, cfg)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -193,8 +213,7 @@ def main_hf(args: argparse.Namespace) -> int:
         probe = PasskeyProbe(tokenizer) if cfg.data.probe_rate > 0 else None
         kv_specs = []
         if (args.kv or "").lower() != "none":
-            kv_specs = parse_specs(args.kv or ",".join(p for p in cfg.kv.eval_policies if parse_method(p).storage
-                                                       != "learned"), args.ratio or str(cfg.kv.eval_ratio))
+            kv_specs = kv_specs_of(args, cfg)  # no compressor: learned methods only when named (an error row)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -59,11 +59,17 @@ def window_ids(token_lists: list[list[int]], length: int, count: int) -> list[li
     return out
 
 
-def sequences(tokenizer, length: int, count: int, split: str = "heldout") -> torch.Tensor:
-    """[<= count, length] windows of the embedded corpus's `split` in `tokenizer` (see `window_ids`)."""
-    docs = split_documents(load_documents(DataConfig()), DataConfig())[split]
+def sequences(tokenizer, length: int, count: int, split: str = "heldout", data: Optional[str] = None) -> torch.Tensor:
+    """[<= count, length] windows of the embedded corpus's `split` in `tokenizer` (see `window_ids`);
+    with `data` (a local text file, directory or any data.source), of every document of it instead
+    (the benches' --data: held-out text of the user's). ValueError when no document holds `length` tokens."""
+    docs = load_documents(DataConfig(source=data)) if data else split_documents(load_documents(DataConfig()),
+                                                                                 DataConfig())[split]
     ids = [tokenizer(d.text, add_special_tokens=False)["input_ids"] for d in docs]
-    return torch.tensor(window_ids(ids, length, count))
+    windows = window_ids(ids, length, count)
+    if not windows:
+        raise ValueError(f"no document of {data or split!r} holds {length} tokens: nothing to evaluate")
+    return torch.tensor(windows)
 
 
 def bos_id(tokenizer, choice: str) -> Optional[int]:

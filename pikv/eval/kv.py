@@ -30,7 +30,10 @@ import numpy as np
 import torch
 
 from pikv.eval import probe as probe_eval
+from pikv.eval.budget_match import match_budget
 from pikv.eval.decode import decode_logprobs
+from pikv.eval.pareto import PARETO_METHODS, pareto_markdown, pareto_summary, plot
+from pikv.eval.stats import bootstrap_ci
 from pikv.kv.fit import calibrate_svd
 from pikv.kv import make_cache, parse_method, resolve_policy
 
@@ -38,7 +41,7 @@ from pikv.kv import make_cache, parse_method, resolve_policy
 @dataclass
 class KVEvalRow:
     policy: str
-    ratio: Optional[float]  # requested
+    ratio: Optional[float]  # requested (the target, with match_bytes)
     compression_ratio: Optional[float] = None  # measured from bytes
     nll: Optional[float] = None
     perplexity: Optional[float] = None
@@ -56,6 +59,7 @@ class KVEvalRow:
     scored_tokens: int = 0
     skipped: Optional[str] = None  # why this budget is impossible for this method
     nll_per_sequence: Optional[list[float]] = None  # mean NLL of each sequence (paired comparisons)
+    budget_ratio: Optional[float] = None  # the ratio given to make_cache when raised to meet `ratio` in bytes
 
 
 def heldout_sequences(tokenizer, docs, length: int, max_sequences: int) -> torch.Tensor:
@@ -80,12 +84,6 @@ def heldout_sequences(tokenizer, docs, length: int, max_sequences: int) -> torch
     return torch.from_numpy(np.stack([tokens[starts[i]:starts[i] + length] for i in pick]).astype(np.int64))
 
 
-def bootstrap_ci(x: np.ndarray, iters: int = 2000, seed: int = 0) -> list[float]:
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(iters, len(x)))].mean(1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-
-
 def _full_read_bytes(cfg, B: int, prefill: int, C: int) -> int:
     """Bytes a full fp16 cache reads over the C - 1 decode steps (all stored K/V of every layer)."""
     G, D, L = cfg.num_kv_heads, cfg.hidden_size // cfg.num_heads, cfg.num_layers
@@ -105,7 +103,8 @@ def _score_batch(model, seq_BN: torch.Tensor, prefill: int, rows: dict, acc: dic
         lp, cache, secs = ref, full_cache, ref_secs
         if spec != ("full", 1.0):
             try:
-                cache = make_cache(spec[0], model, ratio=spec[1], total_tokens=N, svd_bases=svd_bases)
+                cache = make_cache(spec[0], model, ratio=row.budget_ratio or spec[1], total_tokens=N,
+                                   svd_bases=svd_bases)
             except ValueError as err:
                 row.skipped = str(err)
                 continue
@@ -120,8 +119,10 @@ def _score_batch(model, seq_BN: torch.Tensor, prefill: int, rows: dict, acc: dic
     return full_cache.peak_nbytes, _full_read_bytes(model.cfg, B, prefill, N - prefill)
 
 
-def _finish_row(row: KVEvalRow, a: dict, full_nll_X: np.ndarray, full_peak: int, full_read: int,
+def finish_row(row: KVEvalRow, a: dict, full_nll_X: np.ndarray, full_peak: int, full_read: int,
                 X: int, C: int, batches: int) -> None:
+    """Fill `row` from its accumulators `a` (per-sequence NLL sums, KL / top-1 / seconds / peak and
+    read bytes summed over batches) against the full cache's per-sequence NLL, peak and read bytes."""
     nll_X = np.concatenate(a["nll"]) / C
     row.nll = float(nll_X.mean())
     row.perplexity = math.exp(row.nll)
@@ -133,7 +134,7 @@ def _finish_row(row: KVEvalRow, a: dict, full_nll_X: np.ndarray, full_peak: int,
     row.tokens_per_s = X * (C - 1) / a["time"] if a["time"] > 0 else None
     row.kv_peak_bytes = int(a["peak"] / batches)
     row.compression_ratio = full_peak / a["peak"]
-    if parse_method(row.policy).selection == "quest" and a["read"]:
+    if a["read"] and parse_method(row.policy).selection == "quest":
         row.read_ratio = full_read / a["read"]
     row.sequences, row.scored_tokens = X, X * C
     row.nll_per_sequence = [float(x) for x in nll_X]
@@ -141,8 +142,10 @@ def _finish_row(row: KVEvalRow, a: dict, full_nll_X: np.ndarray, full_peak: int,
 
 @torch.no_grad()
 def evaluate_kv(model, seq_XN: torch.Tensor, prefill: int, specs: list[tuple[str, Optional[float]]],
-                batch_size: int = 16, svd_bases=None, progress=None) -> list[KVEvalRow]:
-    """Evaluate each (policy, ratio) of `specs` against the full fp16 cache on the same sequences."""
+                batch_size: int = 16, svd_bases=None, progress=None, match_bytes: bool = False) -> list[KVEvalRow]:
+    """Evaluate each (policy, ratio) of `specs` against the full fp16 cache on the same sequences.
+    match_bytes: give each method the mildest budget whose measured ratio reaches `ratio`
+    (pikv/eval/budget_match.py), so methods compare at equal measured bytes."""
     model.eval()
     X, N = seq_XN.shape
     if not 0 < prefill < N - 1:
@@ -150,6 +153,8 @@ def evaluate_kv(model, seq_XN: torch.Tensor, prefill: int, specs: list[tuple[str
     specs = [(resolve_policy(p), r) for p, r in specs]
     specs = [s for s in specs if s[0] != "full"]  # the full cache is always the reference row
     rows = {spec: KVEvalRow(spec[0], spec[1]) for spec in [("full", 1.0)] + specs}
+    if match_bytes:
+        _match_budgets(model, rows, N, prefill, svd_bases)
     acc = {spec: {"nll": [], "kl": 0.0, "agree": 0.0, "time": 0.0, "peak": 0, "read": 0} for spec in rows}
     full_peak, full_read = 0, 0
     batches = -(-X // batch_size)
@@ -161,8 +166,19 @@ def evaluate_kv(model, seq_XN: torch.Tensor, prefill: int, specs: list[tuple[str
     full_nll_X = np.concatenate(acc[("full", 1.0)]["nll"]) / (N - prefill)
     for spec, row in rows.items():
         if not row.skipped:
-            _finish_row(row, acc[spec], full_nll_X, full_peak, full_read, X, N - prefill, batches)
+            finish_row(row, acc[spec], full_nll_X, full_peak, full_read, X, N - prefill, batches)
     return list(rows.values())
+
+
+def _match_budgets(model, rows: dict, N: int, prefill: int, svd_bases) -> None:
+    for (policy, ratio), row in rows.items():
+        if policy != "full" and ratio is not None:
+            try:
+                budget, _ = match_budget(model, policy, ratio, N, prefill, svd_bases)
+            except ValueError as err:
+                row.skipped = str(err)
+                continue
+            row.budget_ratio = budget if budget != ratio else None
 
 
 def paired_comparisons(rows: list[KVEvalRow], method: str = "learned") -> list[dict]:
@@ -188,54 +204,20 @@ def markdown_table(rows: list[KVEvalRow]) -> str:
             continue
         probe = "—" if r.probe_accuracy is None else f"{r.probe_accuracy:.3f}"
         comp = f"{r.compression_ratio:.2f}x" + (f" (reads {r.read_ratio:.2f}x less)" if r.read_ratio else "")
-        lines.append(f"| {r.policy} | {r.ratio:g} | {comp} | {r.nll:.4f} | {r.perplexity:.2f} | "
+        asked = f"{r.ratio:g}" + (f" (given {r.budget_ratio:.2f})" if r.budget_ratio else "")
+        lines.append(f"| {r.policy} | {asked} | {comp} | {r.nll:.4f} | {r.perplexity:.2f} | "
                      f"{r.delta_nll:+.4f} [{r.delta_nll_ci95[0]:+.4f}, {r.delta_nll_ci95[1]:+.4f}] | "
                      f"{r.ppl_change_pct:+.2f} | {r.kl:.4f} | {r.top1_agreement:.3f} | {probe} | {r.tokens_per_s:.0f} | "
                      f"{r.kv_peak_bytes} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[KVEvalRow], path: Path) -> None:
-    """ΔNLL (and, when measured, retrieval-probe accuracy) vs measured compression ratio, one line
-    per method (PNG)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    with_probe = any(r.probe_accuracy is not None for r in rows)
-    fig, axes = plt.subplots(1, 2 if with_probe else 1, figsize=(13 if with_probe else 7, 4.5), squeeze=False)
-    by_policy: dict[str, list[KVEvalRow]] = {}
-    for r in rows:
-        if not r.skipped and r.policy != "full":
-            by_policy.setdefault(r.policy, []).append(r)
-    full = next((r for r in rows if r.policy == "full" and r.probe_accuracy is not None), None)
-    panels = [("delta_nll", "ΔNLL vs full cache (nats/token)")]
-    if with_probe:
-        panels.append(("probe_accuracy", "retrieval probe accuracy (black: full cache)"))
-    for ax, (field, label) in zip(axes[0], panels):
-        for policy, rs in sorted(by_policy.items()):
-            # Quest frees nothing: it is placed at its read ratio (bytes read per decode step)
-            x = (lambda r: r.read_ratio or r.compression_ratio) if policy == "quest" else (lambda r: r.compression_ratio)
-            rs = sorted(rs, key=x)
-            ax.plot([x(r) for r in rs], [getattr(r, field) for r in rs], marker="o",
-                    label="quest (read ratio)" if policy == "quest" else policy)
-        ax.axhline(full.probe_accuracy if field == "probe_accuracy" and full else 0.0, color="k", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("measured compression ratio (fp16 full bytes / peak resident bytes)")
-        ax.set_ylabel(label)
-        if field == "probe_accuracy":
-            ax.set_ylim(-0.03, 1.03)
-        ax.legend(fontsize=8, ncol=2)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def write_results(rows: list[KVEvalRow], out: Path, meta: dict, probe_md: str = "") -> None:
     out.mkdir(parents=True, exist_ok=True)
     pairs = paired_comparisons(rows)
+    summary = pareto_summary(rows)
     (out / "results.json").write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows],
-                                                  "learned_vs": pairs}, indent=1))
+                                                  "learned_vs": pairs, "pareto": summary}, indent=1))
     head = "\n".join(f"- {k}: {v}" for k, v in meta.items())
     text = f"# KV-cache held-out decoding evaluation\n\n{head}\n\n" + markdown_table(rows)
     if pairs:
@@ -243,16 +225,44 @@ def write_results(rows: list[KVEvalRow], out: Path, meta: dict, probe_md: str = 
                  "| ratio | other | other's measured ratio | ΔNLL [95% CI] |\n|---|---|---|---|\n")
         text += "".join(f"| {p['ratio']:g} | {p['other']} | {p['other_compression_ratio']:.2f}x | "
                         f"{p['delta_nll']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}] |\n" for p in pairs)
+    text += "\n" + pareto_markdown(rows, summary)
     if probe_md:
         text += "\n## Retrieval probe: passkey accuracy by needle depth\n\n" + probe_md
     (out / "results.md").write_text(text)
     plot(rows, out / "results.png")
 
 
+def expand_methods(policies: str) -> list[str]:
+    """'h2o,pareto' -> canonical names, `pareto` standing for PARETO_METHODS (pikv/eval/pareto.py),
+    each name once, in order."""
+    names = []
+    for p in (p.strip() for p in policies.split(",") if p.strip()):
+        names += list(PARETO_METHODS) if p.lower() == "pareto" else [resolve_policy(p)]
+    return list(dict.fromkeys(names))
+
+
+def merge_results(dirs: list[Path]) -> tuple[list[KVEvalRow], dict]:
+    """Rows and meta of several runs' results.json on the same windows (e.g. one run per ratio, run
+    side by side), one full-cache row; ValueError when their full caches' NLLs differ (other windows)."""
+    rows: list[KVEvalRow] = []
+    meta: dict = {}
+    names = {f.name for f in fields(KVEvalRow)}
+    for d in dirs:
+        report = json.loads((Path(d) / "results.json").read_text())
+        got = [KVEvalRow(**{k: v for k, v in r.items() if k in names}) for r in report["rows"]]
+        full = next(r for r in got if r.policy == "full")
+        if rows and full.nll_per_sequence != rows[0].nll_per_sequence:
+            raise ValueError(f"{d}: its full cache's per-window NLL differs from {dirs[0]}'s: not the same windows")
+        rows += [r for r in got if not (rows and r.policy == "full")]
+        meta.update({k: v for k, v in report.items() if k not in ("rows", "learned_vs", "pareto")})
+    meta["merged_from"] = [str(d) for d in dirs]
+    return rows, meta
+
+
 def parse_specs(policies: str, ratios: str) -> list[tuple[str, float]]:
     """'h2o,learned,quant+snapkv' x '2,4,8' -> [(canonical method name, ratio)] (names: pikv.kv.registry,
-    STORAGE[@SHARE]+SELECTION or a single name); ValueError on a bad name or ratio."""
-    names = [resolve_policy(p) for p in policies.split(",") if p.strip()]
+    STORAGE[@SHARE]+SELECTION or a single name, or `pareto`); ValueError on a bad name or ratio."""
+    names = expand_methods(policies)
     try:
         rs = [float(r) for r in ratios.split(",") if r.strip()]
     except ValueError:
@@ -264,7 +274,7 @@ def parse_specs(policies: str, ratios: str) -> list[tuple[str, float]]:
 
 def run_kv_evaluation(model, tokenizer, docs, calib_docs, specs, out: Path, length: int, prefill: int,
                       max_sequences: int, batch_size: int, meta: dict, probe=None,
-                      probe_fillers: int = 16) -> list[KVEvalRow]:
+                      probe_fillers: int = 16, match_bytes: bool = False) -> list[KVEvalRow]:
     """Held-out decoding evaluation end to end: sequences, SVD calibration (on `calib_docs`, never
     the evaluated ones), rows, the retrieval probe when `probe` (a PasskeyProbe: the model was
     trained on it) is given, results.json / results.md / results.png under `out`."""
@@ -273,8 +283,8 @@ def run_kv_evaluation(model, tokenizer, docs, calib_docs, specs, out: Path, leng
     if any(parse_method(p).storage == "svd" for p, _ in specs):
         bases = calibrate_svd(model, heldout_sequences(tokenizer, calib_docs, length, 8))
     t0 = time.perf_counter()
-    rows = evaluate_kv(model, seq, prefill, specs, batch_size, svd_bases=bases)
-    meta = {**meta, "sequences": int(seq.shape[0]), "sequence_length": length, "prefill": prefill,
+    rows = evaluate_kv(model, seq, prefill, specs, batch_size, svd_bases=bases, match_bytes=match_bytes)
+    meta = {**meta, "budgets": "matched to the target's measured bytes" if match_bytes else "as requested", "sequences": int(seq.shape[0]), "sequence_length": length, "prefill": prefill,
             "scored_tokens_per_sequence": length - prefill, "seconds": round(time.perf_counter() - t0, 1),
             "protocol": "prefill the context, then teacher-forced sequential decoding with the budget "
                         "enforced after every step; reference = the same model with a full fp16 cache"}
@@ -290,9 +300,11 @@ def add_probe(rows: list[KVEvalRow], model, probe, fillers_XN: torch.Tensor, spe
               svd_bases=None) -> tuple[dict, str]:
     """The retrieval probe for the full cache and every spec on `fillers_XN`: each row gets its
     accuracy (overall and by depth); returns (the probe's summary, its markdown table)."""
+    budget = {(r.policy, r.ratio): r.budget_ratio for r in rows if r.budget_ratio}  # matched bytes: the same caches
+    specs = [(p, budget.get((p, r), r)) for p, r in specs]
     results = probe_eval.evaluate_probe(model, probe, fillers_XN, specs, batch_size, svd_bases=svd_bases)
     for row in rows:
-        r = results.get((row.policy, row.ratio), {})
+        r = results.get((row.policy, row.budget_ratio or row.ratio), {})
         row.probe_accuracy, row.probe_by_depth = r.get("accuracy"), r.get("by_depth")
     X, N = fillers_XN.shape
     return probe_eval.summary(results, probe, X * len(probe_eval.DEPTHS), N), probe_eval.markdown(results)
