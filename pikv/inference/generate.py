@@ -62,6 +62,9 @@ class GenerateOptions:
         if self.kv != "full" and self.ratio is None:
             raise ValueError(f"--kv {self.kv} compresses the cache: give --ratio R (fp16 full bytes / kept bytes, "
                              "R >= 1); only --kv full needs none")
+        if self.kv == "full" and self.ratio is not None:
+            raise ValueError(f"--ratio {self.ratio} with --kv full: the full cache keeps everything; "
+                             "drop --ratio or name a compressing method (--kv h2o, quant, quant+h2o, ...)")
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"--kv-dtype {self.kv_dtype!r}: allowed are {', '.join(KV_DTYPES)}")
         if self.ratio is not None and not self.ratio >= 1:

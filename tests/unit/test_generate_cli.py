@@ -48,6 +48,7 @@ def _main(argv, capsys) -> tuple[int, str]:
     (["--kv", "h3o"], "error: unknown kv policy 'h3o': allowed are full, window, streaming, h2o,"),
     (["--kv", "h2o"], "error: --kv h2o compresses the cache: give --ratio R"),
     (["--kv", "quant+snapkv", "--ratio", "0.5"], "error: --ratio 0.5 must be >= 1"),
+    (["--kv", "full", "--ratio", "4"], "error: --ratio 4.0 with --kv full: the full cache keeps everything"),
     (["--top-k", "0"], "error: top_k=0 must be a positive integer or None"),
     (["--batch-size", "0"], "error: --batch-size 0 must be >= 1"),
 ])
