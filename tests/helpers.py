@@ -17,6 +17,7 @@ import torch
 from pikv.config import to_dict
 from pikv.data import train_bpe
 from pikv.distributed import init_distributed
+from pikv.kv import KVTrainState
 from pikv.models import Transformer
 from pikv.models.parallelize import apply_parallelism
 from pikv.moe import create_moe
@@ -120,3 +121,19 @@ def load_entry_point(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def latent_single_pass(model, tokens: torch.Tensor, rank: int, prefill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits from position prefill - 1 on of the training-time single pass through the learned
+    latent at `rank`, and of the same model on the full K/V (the reference that decoding from a
+    latent cache must equal, and must differ from)."""
+    kv = KVTrainState.attach(model)
+    kv.set(rank)
+    try:
+        with torch.no_grad():
+            one_pass = model(tokens[:, :-1])[:, prefill - 1:]
+            kv.set(None)
+            full = model(tokens[:, :-1])[:, prefill - 1:]
+    finally:
+        model.set_kv_train_state(None)
+    return one_pass, full

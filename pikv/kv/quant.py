@@ -162,9 +162,7 @@ class _QuantAttention(Store):
     def attend(self, q_BNTD, read, pos, start, T, extra, need_probs):
         if not self.compressed_attention:
             return super().attend(q_BNTD, read, pos, start, T, extra, need_probs)
-        mask = self.mask(torch.arange(start, start + T, device=q_BNTD.device), pos, start, T)
-        if extra is not None:
-            mask = extra if mask is None else mask & extra
+        mask = self.read_mask(q_BNTD.device, pos, start, T, extra, None)  # one key per stored token
         G = next(iter(self.buf.t.values())).shape[1]
         return blockwise_attention(q_BNTD, G, self._blocks(), mask, need_probs)
 

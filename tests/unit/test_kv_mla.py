@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pikv.config import KVConfig, ModelConfig, MoEConfig
-from pikv.kv import KVCache, KVTrainState, make_cache
+from pikv.kv import KVCache, make_cache
 from pikv.kv.learned import LatentKVCompressor, dequantize_latent, latent_rank, quantize_latent
 from pikv.kv.mla import MLAStore
 from pikv.kv.selection import SELECTIONS
@@ -15,7 +15,7 @@ from pikv.kv.storage import LatentStore, Store
 from pikv.models import Transformer
 from pikv.models.transformer import RotaryEmbedding
 from pikv.tasks import load_job
-from tests.helpers import REORDERED_FP32, seeded
+from tests.helpers import REORDERED_FP32, latent_single_pass, seeded
 from tests.unit import test_kv_compose as compose
 
 L, G, D, N_HEADS, N_TOK, PREFILL = 2, 2, 16, 4, 40, 16
@@ -111,15 +111,7 @@ def test_decode_from_the_cache_equals_the_single_pass_and_bytes_are_exact(bits, 
     tokens = torch.randint(0, 96, (2, N_TOK), generator=seeded(4))
     cache = make_cache("learned", model, ratio=2, total_tokens=N_TOK, store_dtype=torch.float32)
     seq = decode(model, tokens, cache)
-    kv = KVTrainState.attach(model)
-    kv.set(cache.info["rank"])
-    try:
-        with torch.no_grad():
-            one_pass = model(tokens[:, :-1])[:, PREFILL - 1:]
-            kv.set(None)
-            full = model(tokens[:, :-1])[:, PREFILL - 1:]
-    finally:
-        model.set_kv_train_state(None)
+    one_pass, full = latent_single_pass(model, tokens, cache.info["rank"], PREFILL)
     # fp32 reordering through two layers; an int8 code may round the other way (both are right)
     torch.testing.assert_close(seq, one_pass, atol=1e-4, rtol=1e-4)
     assert (seq - full).abs().max() > 1e-3  # the latent is really read

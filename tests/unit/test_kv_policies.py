@@ -10,12 +10,11 @@ from pikv.config import KVConfig, ModelConfig, MoEConfig
 from pikv.kv import KVCache, KVOptions, calibrate_svd, make_cache, resolve_policy
 from pikv.kv.attention import attention
 from pikv.kv.budgets import pyramid_budgets, quant_nbytes_per_head, quant_plan
-from pikv.kv.learned import KVTrainState
 from pikv.kv.quant import KiviStore, dequantize, pack, quantize, unpack
 from pikv.kv.selection import SELECTIONS, SnapKV
 from pikv.models import Transformer
 from pikv.models.generation import generate
-from tests.helpers import REORDERED_FP32, seeded
+from tests.helpers import REORDERED_FP32, latent_single_pass, seeded
 
 L, G, D, N_HEADS = 3, 2, 16, 4
 N_TOK, PREFILL = 64, 24
@@ -304,15 +303,7 @@ def test_learned_decode_equals_single_pass_and_bytes_fill_the_budget(tokens, bit
     cache = make_cache("learned", model, ratio=4, total_tokens=N_TOK, store_dtype=torch.float32)
     widths = []
     seq = decode(model, tokens, cache, check=lambda c: widths.append(c.length(0)))
-    kv = KVTrainState.attach(model)
-    kv.set(cache.info["rank"])
-    try:
-        with torch.no_grad():
-            one_pass = model(tokens[:, :-1])[:, PREFILL - 1:]
-            kv.set(None)
-            full = model(tokens[:, :-1])[:, PREFILL - 1:]
-    finally:
-        model.set_kv_train_state(None)
+    one_pass, full = latent_single_pass(model, tokens, cache.info["rank"], PREFILL)
     nll = lambda lg: torch.nn.functional.cross_entropy(lg.flatten(0, 1), tokens[:, PREFILL:].flatten())  # noqa: E731
     assert abs(float((nll(seq) - nll(one_pass)).detach())) < 1e-4  # fp32 reordering, averaged NLL ~4.6
     assert float((seq - full).abs().max().detach()) > 1e-3  # the latent is really read
