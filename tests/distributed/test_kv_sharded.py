@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import pikv.kv.sharded as sharded
-from pikv.config import ModelConfig, MoEConfig
+from pikv.config import KVConfig, ModelConfig, MoEConfig
 from pikv.kv import KVOptions, calibrate_svd, make_cache
 from pikv.kv.attention import attention, attention_lse, merge_partials
 from pikv.models import Transformer
@@ -31,7 +31,13 @@ CASES = {  # policy -> make_cache budget (the evicting budgets are below the pro
     "quest": {"tokens": 32},
     "quant+h2o": {"tokens": 24},  # per-token quantized under a global budget
     "svd": {"ratio": 2},  # rank D / 2 codes, decoded keys rotated at their global positions
+    "streaming": {"tokens": 24, "options": KVOptions(sinks=4)},
+    # SnapKV / PyramidKV: an observation window of 8 prompt queries (each rank scores it over every key)
+    "snapkv": {"tokens": 24, "options": KVOptions(snap_window=8)},
+    "pyramid": {"tokens": 24, "options": KVOptions(snap_window=8)},
+    "lru": {"tokens": 24},  # hit set: a global top-3 of each step's attention mass
 }
+EVICTING = ("window", "h2o", "quant+h2o", "streaming", "snapkv", "pyramid", "lru")
 
 
 def tiny_model(max_seq_len=TOTAL + NEW_TOKENS):
@@ -95,9 +101,9 @@ def test_sharded_logits_and_greedy_tokens_equal_one_process(model, tokens, polic
         torch.testing.assert_close(res["logits"], ref_logits, **REORDERED_FP32, msg=f"rank {r}")
         assert torch.equal(res["tokens"], ref_tokens), f"rank {r}"
         assert (res["seq_len"], res["decode_steps"]) == (ref_cache.seq_len, ref_cache.decode_steps)
-        if "tokens" in CASES[policy] and policy != "quest":  # the global budget, split evenly
-            M = CASES[policy]["tokens"]
-            assert res["layer_lengths"] == [len(range(r, M, world))] * L
+        if policy in EVICTING:  # the global budget, split evenly: M kept + the next victim
+            M = [ref_cache.length(li) for li in range(L)]  # pyramid: per layer
+            assert res["layer_lengths"] == [len(range(r, m + 1, world)) for m in M]
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -194,19 +200,22 @@ def _count_child(rank, world, model, x, policy):
     return per_step
 
 
-@pytest.mark.parametrize("policy,per_layer", [("full", 1), ("quant", 1), ("quest", 1), ("window", 2), ("h2o", 2)])
+@pytest.mark.parametrize("policy,per_layer", [("full", 1), ("quant", 1), ("quest", 1), ("window", 1), ("h2o", 1),
+                                              ("snapkv", 1), ("lru", 2)])
 def test_collectives_per_layer_and_decode_step(model, tokens, policy, per_layer):
-    """The merge is one all_gather per layer; an evicting selection at its budget adds one
-    all_gather of each rank's eviction candidate (docs/kv.md)."""
+    """The merge is one all_gather per layer, an evicting selection's eviction candidates included
+    (deferred by a step: sharded_budget.py); LRU's hit set (a global top-k of this step's attention
+    mass) adds one all_gather."""
     for steps in run_distributed(_count_child, 2, model, tokens, policy):
         assert steps == [["all_gather"] * (per_layer * L)] * 4
 
 
-def _errors_child(rank, world, model):
+def _errors_child(rank, world, model, latent_model):
     group, out = dist.group.WORLD, []
-    for policy, kwargs in [("snapkv", {"tokens": 24}), ("quant+quest", {"tokens": 32}), ("lru", {"tokens": 24})]:
+    for m, policy, kwargs in [(latent_model, "learned@2+h2o", {"tokens": 24}), (model, "quant+quest", {"tokens": 32}),
+                              (model, "h2o", {"tokens": 24, "options": KVOptions(prefill_only=True)})]:
         try:
-            make_cache(policy, model, total_tokens=64, shard_group=group, **kwargs)
+            make_cache(policy, m, ratio=kwargs.pop("ratio", None), total_tokens=64, shard_group=group, **kwargs)
         except ValueError as err:
             out.append(str(err))
     alone = [dist.new_group([r]) for r in range(world)][rank]  # every rank creates every group
@@ -223,10 +232,14 @@ def _errors_child(rank, world, model):
 
 
 def test_unsupported_methods_are_named_and_a_group_of_one_is_the_plain_cache(model):
-    errors = run_distributed(_errors_child, 2, model)[0]
+    torch.manual_seed(0)
+    latent_model = Transformer(model.cfg, MoEConfig(every_n_layers=0),
+                               kv_cfg=KVConfig(compressor="learned", latent_window=2)).eval()
+    errors = run_distributed(_errors_child, 2, model, latent_model)[0]
     assert len(errors) == 5
     assert errors.pop(3) == "KVCache"  # a group of one rank: today's cache
-    assert "'snapkv' cannot be sharded across ranks: supported storages exact, quant, svd" in errors[0]
+    assert ("'learned@2+h2o' cannot be sharded across ranks: supported storages exact, quant, svd, "
+            "selections all, quest, window, streaming, h2o, snapkv, pyramid, lru") in errors[0]
     assert "sharded quest (shard-skipping) needs exact storage" in errors[1]
-    assert "'lru' cannot be sharded" in errors[2]
+    assert "KVOptions.prefill_only is not supported across ranks" in errors[2]
     assert "takes a prefill at position 0 and then one token per step; got 8 tokens at position 8" in errors[3]
