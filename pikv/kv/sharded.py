@@ -28,11 +28,12 @@ from pikv.kv.buffers import Buffers
 from pikv.kv.cache import KVCache
 from pikv.kv.selection import quest_pages
 from pikv.kv.sharded_budget import GlobalBudget
+from pikv.kv.sharded_latent import ShardedLatentStore
 
 # torch 2.13 renamed all_gather_into_tensor (deprecated there, the only name before)
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
-SHARDED_STORAGES = ("exact", "quant", "svd")
+SHARDED_STORAGES = ("exact", "quant", "svd", "learned")
 SHARDED_SELECTIONS = ("all", "quest", "window", "streaming", "h2o", "snapkv", "pyramid", "lru")
 
 
@@ -41,7 +42,12 @@ def check_shardable(name: str, storage: str, selection: str, prefill_only: bool)
     if storage not in SHARDED_STORAGES or selection not in SHARDED_SELECTIONS:
         raise ValueError(f"kv method {name!r} cannot be sharded across ranks: supported storages "
                          f"{', '.join(SHARDED_STORAGES)}, selections {', '.join(SHARDED_SELECTIONS)} "
-                         "(the learned latent's exact window and joint keep sets are not split across ranks)")
+                         "(learned: with selection all)")
+    if storage == "learned" and selection != "all":
+        raise ValueError(f"kv method {name!r}: the sharded learned latent keeps every token (selection 'all'): "
+                         "its keep sets are joint over kv heads and its exact window is replicated; "
+                         f"selections with learned storage across ranks: all (else: {', '.join(SHARDED_SELECTIONS[2:])} "
+                         "with exact, quant or svd storage)")
     if selection == "quest" and storage != "exact":
         raise ValueError(f"kv method {name!r}: sharded quest (shard-skipping) needs exact storage: every rank "
                          "bounds every page from the keys as computed, which other storages change when read")
@@ -91,7 +97,9 @@ class ShardedKVCache(GlobalBudget, KVCache):
         li, T = layer_idx, k_BGTD.shape[2]
         self._count_step(li, start, T)
         k_pre_BGTD = k_BGTD if k_pre_BGTD is None else k_pre_BGTD
-        if not self.selection.evicts:
+        if isinstance(self.stores[li], ShardedLatentStore):
+            o_BNTD = self._attend_latent(li, q_BNTD, k_pre_BGTD, k_BGTD, v_BGTD, rope, start)
+        elif not self.selection.evicts:
             o_BNTD = self._attend_blocks(li, q_BNTD, k_pre_BGTD, k_BGTD, v_BGTD, rope, start)
         elif T == 1:
             o_BNTD = self._decode_evicting(li, q_BNTD, k_pre_BGTD, k_BGTD, v_BGTD, rope, start)
@@ -102,6 +110,16 @@ class ShardedKVCache(GlobalBudget, KVCache):
                              f"per step; got {T} tokens at position {start}")
         self._account(li, T)
         return o_BNTD.to(q_BNTD.dtype)
+
+    def _attend_latent(self, li, q_BNTD, k_pre_BGTD, k_BGTD, v_BGTD, rope, start):
+        """The learned latent's share (pikv/kv/sharded_latent.py): its keys under its mask, merged."""
+        store = self.stores[li]
+        store.append(k_pre_BGTD, k_BGTD, v_BGTD)
+        k_BGKD, v_BGKD, mask_TK = store.share(q_BNTD.dtype, rope, start, k_BGTD.shape[2])
+        o_BNTD, lse_BNT, _ = attention_lse(q_BNTD, k_BGKD, v_BGKD, mask_TK)
+        o_BNTD, _ = self._merge(o_BNTD, lse_BNT)
+        store.settle()
+        return o_BNTD
 
     # -- the merge: the one collective of a layer's step ---------------------------------------
     def _merge(self, o_BNTD, lse_BNT):

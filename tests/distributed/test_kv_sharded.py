@@ -106,6 +106,64 @@ def test_sharded_logits_and_greedy_tokens_equal_one_process(model, tokens, polic
             assert res["layer_lengths"] == [len(range(r, m + 1, world)) for m in M]
 
 
+def latent_model(window: int, rotary_fraction: float = 1.0, bits: int = 16):
+    """The tiny model with a learned KV latent, weights seeded; rotary_fraction < 1: the decoupled
+    latent (MLA)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V, hidden_size=N_HEADS * D, num_layers=L, num_heads=N_HEADS, num_kv_heads=G,
+                      ffn_hidden_size=64, max_seq_len=TOTAL + NEW_TOKENS, rotary_fraction=rotary_fraction)
+    return Transformer(cfg, MoEConfig(every_n_layers=0),
+                       kv_cfg=KVConfig(compressor="learned", latent_window=window, latent_bits=bits)).eval()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("window,rotary_fraction", [(0, 1.0), (6, 1.0), (6, 0.5)])
+def test_sharded_learned_latent_equals_one_process(tokens, window, rotary_fraction, world):
+    """The learned latent, joint (rotary_fraction 1) and decoupled (MLA: 0.5): codes striped over
+    ranks, the exact window replicated; logits and greedy tokens as one process's (window 6: not a
+    multiple of the ranks, so tokens leave it onto every rank). fp32 codes: int8 codes can round the
+    other way when a layer's input differs in the last bit (the merge's reordered sums), seen as one
+    code step = 2e-5 in the logits (MLA, 4 ranks); the int8 path is tested per layer below."""
+    model = latent_model(window, rotary_fraction)
+    CASES["learned"] = {"ratio": 2}
+    try:
+        ref_logits, _ = decode_logits(model, tokens, "learned", None)
+        ref_tokens = greedy(model, tokens, "learned", None)
+        for r, res in enumerate(run_distributed(_parity_child, world, model, tokens, "learned")):
+            torch.testing.assert_close(res["logits"], ref_logits, **REORDERED_FP32, msg=f"rank {r}")
+            assert torch.equal(res["tokens"], ref_tokens), f"rank {r}"
+    finally:
+        del CASES["learned"]
+
+
+@torch.no_grad()
+def latent_attend(model, q, k, v, group):
+    """One layer's outputs through a learned cache: a prefill of PREFILL tokens, then one per step."""
+    cache = make_cache("learned", model, ratio=2, total_tokens=q.shape[2], store_dtype=torch.float32, shard_group=group)
+    att = lambda a, b: cache.attend(0, q[:, :, a:b], model.rope(k[:, :, a:b], a), v[:, :, a:b], k_pre_BGTD=k[:, :, a:b],
+                                    rope=model.rope, start=a)
+    return torch.cat([att(0, PREFILL)] + [att(t, t + 1) for t in range(PREFILL, q.shape[2])], 2), cache.nbytes()
+
+
+def _latent_layer_child(rank, world, model, q, k, v):
+    return latent_attend(model, q, k, v, dist.group.WORLD)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("rotary_fraction", [1.0, 0.5])
+def test_sharded_int8_latent_layer_equals_one_process(world, rotary_fraction):
+    """int8 codes (kv.latent_bits=8), the same keys/values given to one layer's cache: the sharded
+    attention (the single process's absorbed path for MLA decode steps) within fp32 reordering."""
+    model = latent_model(6, rotary_fraction, bits=8)
+    g = seeded(6)
+    q = torch.randn(2, N_HEADS, TOTAL, D, generator=g)
+    k, v = (torch.randn(2, G, TOTAL, D, generator=g) for _ in range(2))
+    ref, ref_bytes = latent_attend(model, q, k, v, None)
+    for r, (out, nbytes) in enumerate(run_distributed(_latent_layer_child, world, model, q, k, v)):
+        torch.testing.assert_close(out, ref, **REORDERED_FP32, msg=f"rank {r}")
+        assert nbytes < ref_bytes
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_quest_shards_read_the_single_process_pages_and_skip(model, tokens, world):
     """Sharded Quest reads exactly the single process's tokens (split over ranks; every rank reads
