@@ -115,9 +115,7 @@ class ShardedKVCache(GlobalBudget, KVCache):
         """The learned latent's share (pikv/kv/sharded_latent.py): its keys under its mask, merged."""
         store = self.stores[li]
         store.append(k_pre_BGTD, k_BGTD, v_BGTD)
-        k_BGKD, v_BGKD, mask_TK = store.share(q_BNTD.dtype, rope, start, k_BGTD.shape[2])
-        o_BNTD, lse_BNT, _ = attention_lse(q_BNTD, k_BGKD, v_BGKD, mask_TK)
-        o_BNTD, _ = self._merge(o_BNTD, lse_BNT)
+        o_BNTD, _ = self._merge(*store.attend_share(q_BNTD, rope, start, k_BGTD.shape[2]))
         store.settle()
         return o_BNTD
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from pikv.kv.attention import visible
+from pikv.kv.attention import attention_lse, visible
 from pikv.kv.mla import MLAStore
 from pikv.kv.storage import LatentStore
 
@@ -41,6 +41,12 @@ class ShardedLatentStore(LatentStore):
             key_pos = torch.cat([pos_lat, pos_E])
         return k_BGKD, v_BGKD, mask_TK & (key_pos % self.world == self.shard_rank)
 
+    def attend_share(self, q_BNTD, rope, start: int, T: int):
+        """This rank's partial attention (o_BNTD, lse_BNT), for the log-sum-exp merge."""
+        k_BGKD, v_BGKD, mask_TK = self.share(q_BNTD.dtype, rope, start, T)
+        o_BNTD, lse_BNT, _ = attention_lse(q_BNTD, k_BGKD, v_BGKD, mask_TK)
+        return o_BNTD, lse_BNT
+
     def append(self, k_pre_BGTD, k_BGTD, v_BGTD, at=None):
         super().append(k_pre_BGTD, k_BGTD, v_BGTD, at)
         self.seen += k_BGTD.shape[2]
@@ -62,5 +68,21 @@ class ShardedLatentStore(LatentStore):
 
 
 class ShardedMLAStore(ShardedLatentStore, MLAStore):
-    """The decoupled latent's share (MLAStore: codes + rotated key dims): the same layout; its
-    keys are read explicitly (MLAStore.read: the rotated dims as stored, the rest decoded)."""
+    """The decoupled latent's share (MLAStore: codes + rotated key dims), the same layout. A prefill
+    reads its keys explicitly (MLAStore.read); a decode step attends in the latent domain
+    (MLAStore.absorbed_scores / absorbed_values), its softmax taken over this rank's tokens only
+    (its codes, and the E newest at its positions) with the log-sum-exp the merge needs."""
+
+    def attend_share(self, q_BNTD, rope, start: int, T: int):
+        if T > 1:
+            return super().attend_share(q_BNTD, rope, start, T)
+        B, N, _, D = q_BNTD.shape
+        E, device = self._E[0].shape[2], q_BNTD.device
+        pos_E = torch.arange(start + 1 - E, start + 1, device=device)
+        own_K = torch.cat([torch.ones(self.buf.n, dtype=torch.bool, device=device),
+                           pos_E % self.world == self.shard_rank])
+        s_BGMK = self.absorbed_scores(q_BNTD).float().masked_fill(~own_K, float("-inf"))
+        lse_BGM = torch.logsumexp(s_BGMK, dim=-1)
+        finite_BGM = lse_BGM.masked_fill(torch.isinf(lse_BGM), 0.0)  # a rank with no token: weights 0
+        p_BGMK = torch.exp(s_BGMK - finite_BGM[..., None]).to(q_BNTD.dtype)
+        return self.absorbed_values(p_BGMK).view(B, N, 1, D), lse_BGM.view(B, N, 1)

@@ -106,12 +106,12 @@ def test_sharded_logits_and_greedy_tokens_equal_one_process(model, tokens, polic
             assert res["layer_lengths"] == [len(range(r, m + 1, world)) for m in M]
 
 
-def latent_model(window: int, rotary_fraction: float = 1.0, bits: int = 16):
+def latent_model(window: int, rotary_fraction: float = 1.0, bits: int = 16, max_seq_len: int = TOTAL + NEW_TOKENS):
     """The tiny model with a learned KV latent, weights seeded; rotary_fraction < 1: the decoupled
     latent (MLA)."""
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=V, hidden_size=N_HEADS * D, num_layers=L, num_heads=N_HEADS, num_kv_heads=G,
-                      ffn_hidden_size=64, max_seq_len=TOTAL + NEW_TOKENS, rotary_fraction=rotary_fraction)
+                      ffn_hidden_size=64, max_seq_len=max_seq_len, rotary_fraction=rotary_fraction)
     return Transformer(cfg, MoEConfig(every_n_layers=0),
                        kv_cfg=KVConfig(compressor="learned", latent_window=window, latent_bits=bits)).eval()
 
@@ -197,17 +197,21 @@ def _bytes_child(rank, world, model, x, policy, kwargs, chunk):
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("policy,kwargs,length,chunk", [
     ("full", {}, 2048, 512), ("h2o", {"tokens": 256}, 1024, 1024),
-    ("quant", {"ratio": 3, "options": KVOptions(quant_residual=0)}, 4096, 512)])
+    ("quant", {"ratio": 3, "options": KVOptions(quant_residual=0)}, 4096, 512), ("learned", {"ratio": 4}, 2048, 512)])
 def test_kv_bytes_per_rank_within_share(policy, kwargs, length, chunk, world):
-    """nbytes() per rank <= single-process nbytes / world + 5% (fp16 storage, capacity included).
+    """nbytes() per rank <= single-process nbytes / world + 5% (fp16 storage, capacity included;
+    the learned latent: int8 codes).
     KIVI's fp16 buffer of the group being filled (32 tokens per layer and kv head, allocated once)
     exists on every shard: a constant the bound adds (world - 1) / world of; at 4096 tokens, 2 bits
-    and 2 ranks a rank holds total / 2 + 3.4%, at 4 ranks + 10%."""
-    model = tiny_model(max_seq_len=length)
+    and 2 ranks a rank holds total / 2 + 3.4%, at 4 ranks + 10%. Likewise the learned latent's
+    exact window (8 tokens), replicated."""
+    # the learned latent: int8 codes, its exact window of 8 tokens replicated on every rank
+    model = latent_model(8, bits=8, max_seq_len=length) if policy == "learned" else tiny_model(max_seq_len=length)
     x = torch.randint(0, V, (1, length), generator=seeded(2))
     ref = make_cache(policy, model, total_tokens=x.shape[1], **kwargs)
     fill_and_decode(model, x, ref, chunk)
-    group_buffer = L * G * 32 * D * 2 * 2 if policy == "quant" else 0  # fp16 keys + values
+    # per rank constants, fp16 keys + values: KIVI's group being filled, the latent's exact window
+    group_buffer = L * G * {"quant": 32, "learned": 8}.get(policy, 0) * D * 2 * 2
     for nbytes, peak in run_distributed(_bytes_child, world, model, x, policy, kwargs, chunk):
         assert nbytes <= ref.nbytes() / world * 1.05 + group_buffer * (world - 1) / world
         assert peak <= ref.peak_nbytes / world * 1.05 + group_buffer * (world - 1) / world
@@ -268,9 +272,9 @@ def test_collectives_per_layer_and_decode_step(model, tokens, policy, per_layer)
         assert steps == [["all_gather"] * (per_layer * L)] * 4
 
 
-def _errors_child(rank, world, model, latent_model):
+def _errors_child(rank, world, model, with_latent):
     group, out = dist.group.WORLD, []
-    for m, policy, kwargs in [(latent_model, "learned@2+h2o", {"tokens": 24}), (model, "quant+quest", {"tokens": 32}),
+    for m, policy, kwargs in [(with_latent, "learned@2+h2o", {"tokens": 24}), (model, "quant+quest", {"tokens": 32}),
                               (model, "h2o", {"tokens": 24, "options": KVOptions(prefill_only=True)})]:
         try:
             make_cache(policy, m, ratio=kwargs.pop("ratio", None), total_tokens=64, shard_group=group, **kwargs)
@@ -290,14 +294,12 @@ def _errors_child(rank, world, model, latent_model):
 
 
 def test_unsupported_methods_are_named_and_a_group_of_one_is_the_plain_cache(model):
-    torch.manual_seed(0)
-    latent_model = Transformer(model.cfg, MoEConfig(every_n_layers=0),
-                               kv_cfg=KVConfig(compressor="learned", latent_window=2)).eval()
-    errors = run_distributed(_errors_child, 2, model, latent_model)[0]
+    errors = run_distributed(_errors_child, 2, model, latent_model(2))[0]
     assert len(errors) == 5
     assert errors.pop(3) == "KVCache"  # a group of one rank: today's cache
-    assert ("'learned@2+h2o' cannot be sharded across ranks: supported storages exact, quant, svd, "
-            "selections all, quest, window, streaming, h2o, snapkv, pyramid, lru") in errors[0]
+    assert ("'learned@2+h2o': the sharded learned latent keeps every token (selection 'all')" in errors[0]
+            and "selections with learned storage across ranks: all (else: window, streaming, h2o, snapkv, pyramid, "
+                "lru with exact, quant or svd storage)" in errors[0])
     assert "sharded quest (shard-skipping) needs exact storage" in errors[1]
     assert "KVOptions.prefill_only is not supported across ranks" in errors[2]
     assert "takes a prefill at position 0 and then one token per step; got 8 tokens at position 8" in errors[3]
