@@ -7,7 +7,7 @@ attention (the sharded full cache) and single-process Quest.
 
 Held-out windows of the run's data (seq_len tokens, pikv.eval.kv.heldout_sequences), the first
 half as the prompt, then teacher-forced decoding (pikv.eval.decode) of the rest; NLL in nats per
-scored token. Quest (`make_cache("quest", tokens=BUDGET)`) reads BUDGET / 16 pages of 16 tokens
+scored token, per window; ΔNLL paired per window with a bootstrap 95% interval over windows. Quest (`make_cache("quest", tokens=BUDGET)`) reads BUDGET / 16 pages of 16 tokens
 per kv head and step plus the current page; sharded, every rank bounds every page and reads its
 tokens in the chosen pages only (pikv/kv/sharded.py). Bytes: KV read / KV a full read would touch,
 per rank, over all decode steps and layers; page bounds (read by every rank) given apart.
@@ -21,6 +21,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
@@ -28,6 +29,7 @@ from pikv.benchmark import machine_info, write_report  # noqa: E402
 from pikv.data import load_tokenizer  # noqa: E402
 from pikv.eval.decode import decode_logprobs  # noqa: E402
 from pikv.eval.kv import heldout_sequences  # noqa: E402
+from pikv.eval.stats import bootstrap_ci  # noqa: E402
 from pikv.kv import make_cache  # noqa: E402
 from pikv.models import Transformer  # noqa: E402
 from pikv.testing import run_distributed  # noqa: E402
@@ -38,20 +40,19 @@ from train.eval import run_data, stored_config  # noqa: E402
 
 
 def nll_and_reads(model, seq_XN, prefill: int, batch: int, policy: str, tokens, group) -> dict:
-    """Mean NLL of tokens prefill.. under `policy`, and this rank's read counters."""
-    total, count, reads = 0.0, 0, {"read": 0, "bounds": 0, "full": 0, "skipped": 0, "steps": 0}
+    """NLL per window (mean over its tokens prefill..) under `policy`, and this rank's read counters."""
+    nll, reads = [], {"read": 0, "bounds": 0, "full": 0, "skipped": 0, "steps": 0}
     for i in range(0, seq_XN.shape[0], batch):
         seq = seq_XN[i:i + batch]
         cache = make_cache(policy, model, tokens=tokens, total_tokens=seq.shape[1], shard_group=group)
         logp_BCV, _ = decode_logprobs(model, seq, prefill, cache)
-        total -= float(logp_BCV.gather(-1, seq[:, prefill:, None]).sum())
-        count += seq[:, prefill:].numel()
+        nll += (-logp_BCV.gather(-1, seq[:, prefill:, None])[..., 0].double().mean(1)).tolist()
         reads["read"] += cache.bytes_read
         reads["bounds"] += getattr(cache, "bounds_bytes_read", 0)
         reads["full"] += getattr(cache, "full_bytes_read", 0)
         reads["skipped"] += getattr(cache, "skipped_reads", 0)
         reads["steps"] += cache.decode_steps * cache.num_layers
-    return {"nll": total / count, **reads}
+    return {"nll": nll, **reads}
 
 
 def _worker(rank, world, model, seq_XN, prefill, batch, budgets):
@@ -63,17 +64,21 @@ def _worker(rank, world, model, seq_XN, prefill, batch, budgets):
 
 
 def table(single: dict, ranks: list, budgets: list, world: int) -> str:
-    full = ranks[0]["full"]["nll"]
-    lines = [f"| Quest budget (tokens) | NLL sharded | ΔNLL vs exact sharded | NLL 1 process | KV bytes read / full "
-             f"read, per rank | + page bounds | reads skipped per rank |", "|---|---|---|---|---|---|---|"]
-    lines.append(f"| exact (full, {world} ranks) | {full:.4f} | 0 | {single['full']:.4f} | 1 | | |")
+    """Mean NLL per window; ΔNLL paired per window against exact sharded attention, with its
+    bootstrap 95% interval over windows."""
+    full = np.array(ranks[0]["full"]["nll"])
+    lines = [f"| Quest budget (tokens) | NLL sharded | ΔNLL vs exact sharded [95% CI] | NLL 1 process | KV bytes read "
+             f"/ full read, per rank | + page bounds | reads skipped per rank |", "|---|---|---|---|---|---|---|"]
+    lines.append(f"| exact (full, {world} ranks) | {full.mean():.4f} | 0 | {np.mean(single['full']):.4f} | 1 | | |")
     for M in budgets:
         rows = [r[M] for r in ranks]
+        d = np.array(rows[0]["nll"]) - full
+        lo, hi = bootstrap_ci(d)
         kv = ", ".join(f"{(r['read'] - r['bounds']) / r['full']:.3f}" for r in rows)
         bounds = ", ".join(f"{r['bounds'] / r['full']:.3f}" for r in rows)
         skipped = ", ".join(f"{r['skipped'] / r['steps']:.3f}" for r in rows)
-        lines.append(f"| {M} | {rows[0]['nll']:.4f} | {rows[0]['nll'] - full:+.4f} | {single[M]:.4f} | {kv} | "
-                     f"{bounds} | {skipped} |")
+        lines.append(f"| {M} | {np.mean(rows[0]['nll']):.4f} | {d.mean():+.4f} [{lo:+.4f}, {hi:+.4f}] | "
+                     f"{np.mean(single[M]):.4f} | {kv} | {bounds} | {skipped} |")
     return "\n".join(lines)
 
 

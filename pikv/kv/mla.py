@@ -94,16 +94,30 @@ class MLAStore(LatentStore):
         keys/values (module docstring): one key per stored token in stored order, so no mask, and
         the probabilities are per stored token. Returns (o_BNTD, probs [B, N, 1, S] or None), the
         same as `LatentStore.attend` over `read` up to fp rounding."""
+        B, N, T, D = q_BNTD.shape
+        s_BGMS = self.absorbed_scores(q_BNTD)
+        p_BGMS = torch.softmax(s_BGMS.float(), dim=-1).to(q_BNTD.dtype)
+        return self.absorbed_values(p_BGMS).view(B, N, T, D), p_BGMS.view(B, N, T, -1) if need_probs else None
+
+    def _codes(self, dtype):
+        """The codes of the tokens that left the window [B, S0, r] and their per-token scale [B, 1, S0]
+        (None without int8)."""
+        c_BSR = self.buf.view("c")[:, 0].to(dtype)
+        return c_BSR, self.buf.view("c_scale")[:, :, :, 0].to(dtype) if self.comp.bits == 8 else None
+
+    def absorbed_scores(self, q_BNTD) -> torch.Tensor:
+        """Scaled logits [B, G, M, S0 + E] of the queries (one kv head's N/G heads as M rows): the
+        codes' (the key up-projection absorbed into the query), then this step's E newest tokens'.
+        Split from the softmax so a sharded cache can take the log-sum-exp of its share."""
         comp, r, P, S0 = self.comp, self.rank, self.comp.rot, self.buf.n
         B, N, T, D = q_BNTD.shape
         G, dtype = comp.G, q_BNTD.dtype
         M = N // G * T
         q_BGMD = q_BNTD.reshape(B, G, M, D) * (1 / math.sqrt(D))
-        k_new, v_new = self._newest(dtype)
-        scores = [q_BGMD @ k_new.transpose(-1, -2)]
+        scores = [q_BGMD @ self._newest(dtype)[0].transpose(-1, -2)]
         if S0:  # the tokens that left the window: codes [B, S0, r] and rotated dims [B, G, S0, P]
-            c_BSR, kr_BGSP = self.buf.view("c")[:, 0].to(dtype), self.buf.view("kr").to(dtype)
-            scale_B1S = self.buf.view("c_scale")[:, :, :, 0].to(dtype) if comp.bits == 8 else None
+            c_BSR, scale_B1S = self._codes(dtype)
+            kr_BGSP = self.buf.view("kr").to(dtype)
             q_abs_BXR = (q_BGMD[..., P:] @ comp.up_k_GCR(r).to(dtype)).view(B, G * M, r)
             s_BXS = q_abs_BXR @ c_BSR.transpose(1, 2)
             s_rot_BGMS = q_BGMD[..., :P] @ kr_BGSP.transpose(-1, -2)
@@ -111,10 +125,18 @@ class MLAStore(LatentStore):
                 s_BXS = s_BXS * scale_B1S
                 s_rot_BGMS = s_rot_BGMS * self.buf.view("kr_scale")[:, :, :, 0].to(dtype)[:, :, None]
             scores.insert(0, s_BXS.view(B, G, M, S0) + s_rot_BGMS)
-        p_BGMS = torch.softmax(torch.cat(scores, -1).float(), dim=-1).to(dtype)
-        o_BGMD = p_BGMS[..., S0:] @ v_new
+        return torch.cat(scores, -1)
+
+    def absorbed_values(self, p_BGMS: torch.Tensor) -> torch.Tensor:
+        """sum_j p_j v_j [B, G, M, D] for weights p over `absorbed_scores`' keys (the value
+        up-projection applied once per query row)."""
+        comp, r, S0 = self.comp, self.rank, self.buf.n
+        B, G, M, _ = p_BGMS.shape
+        dtype = p_BGMS.dtype
+        o_BGMD = p_BGMS[..., S0:] @ self._newest(dtype)[1]
         if S0:
-            p_BXS = p_BGMS.view(B, G * M, -1)[..., :S0]  # a strided view: bmm reads it in place
+            c_BSR, scale_B1S = self._codes(dtype)
+            p_BXS = p_BGMS.reshape(B, G * M, -1)[..., :S0]  # a strided view: bmm reads it in place
             o_BXR = (p_BXS * scale_B1S if scale_B1S is not None else p_BXS) @ c_BSR
             o_BGMD = o_BGMD + o_BXR.view(B, G, M, r) @ comp.up_v_GDR(r).to(dtype).transpose(-1, -2)
-        return o_BGMD.view(B, N, T, D), p_BGMS.view(B, N, T, -1) if need_probs else None
+        return o_BGMD

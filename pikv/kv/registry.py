@@ -32,6 +32,7 @@ from pikv.kv.mla import MLAStore
 from pikv.kv.quant import KiviStore, TokenQuantStore
 from pikv.kv.selection import SELECTIONS
 from pikv.kv.sharded import ShardedKVCache, check_shardable, shard_block, shard_capacity
+from pikv.kv.sharded_latent import ShardedLatentStore, ShardedMLAStore
 from pikv.kv.storage import LatentStore, Store, SVDStore
 
 STORAGES = ("exact", "quant", "svd", "learned")
@@ -214,7 +215,7 @@ def _composed(method: Method, model, ratio, tokens, total_tokens, opt: KVOptions
 
 
 def _store_factory(method: Method, model, params: dict, capacity: list[int], store_dtype, opt: KVOptions,
-                   svd_bases, evicts: bool):
+                   svd_bases, evicts: bool, shard_group=None):
     def build(li: int) -> Store:
         cap = capacity[li]
         if method.storage == "quant":
@@ -225,6 +226,10 @@ def _store_factory(method: Method, model, params: dict, capacity: list[int], sto
             return SVDStore(svd_bases[li], params["rank"], store_dtype, 256, cap)
         if method.storage == "learned":
             comp = model.layers[li].self_attn.kv_compressor  # decoupled (partial rotary): absorbed attention
+            if shard_group is not None:
+                return (ShardedMLAStore if comp.rot else ShardedLatentStore)(
+                    comp, params["rank"], store_dtype, 256, cap, shard_rank=dist.get_rank(shard_group),
+                    world=dist.get_world_size(shard_group))
             return (MLAStore if comp.rot else LatentStore)(comp, params["rank"], store_dtype, 256, cap)
         return Store(store_dtype, 256, cap)
     return build
@@ -269,7 +274,7 @@ def make_cache(policy: str, model, *, ratio: Optional[float] = None, tokens: Opt
         block = shard_block(method.storage, method.selection, opt.quant_group, opt.quest_page)
         capacity = shard_capacity(capacity, evicts, dist.get_world_size(shard_group), block)
         cls, shard = ShardedKVCache, {"group": shard_group, "block": block}
-    build = _store_factory(method, model, params, capacity, store_dtype, opt, svd_bases, evicts)
+    build = _store_factory(method, model, params, capacity, store_dtype, opt, svd_bases, evicts, shard.get("group"))
     cache = cls(L, name=method.name, store=build, selection=selection_cls(opt), budgets=budgets,
                 options=opt, capacity=capacity, store_dtype=store_dtype, **shard)
     cache.info = params

@@ -169,8 +169,10 @@ class LRU(H2O):
         return 0, 1
 
     def scores(self, cache, li):
-        used, pos = cache.meta[li].view("used"), cache.positions(li)  # older first among ties
-        return used.double() * (pos.max().double() + 1) + pos.double()
+        # older first among ties; a constant multiplier (positions < 2^31, exact in float64) so that
+        # scores compare across the ranks of a sharded cache
+        used, pos = cache.meta[li].view("used"), cache.positions(li)
+        return used.double() * 2.0 ** 31 + pos.double()
 
 
 class Quest(Selection):

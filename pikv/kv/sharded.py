@@ -11,13 +11,10 @@ Layouts (both keep every rank's share within one token, or one block, of total /
   robin over blocks. block = KIVI's group for quant storage (a shard's groups are then exactly the
   single process's groups, so the codes are identical), Quest's page for quest (a page lives on one
   rank), else 1 (striped).
-- evicting selections (`window`, `streaming`, `h2o`): every rank appends all new tokens (it computed
-  their keys anyway) and attends over its own part only. A prefill keeps the global top M by score,
-  which every rank computes from the same numbers, and rank r keeps the kept tokens r, r + R, ... in
-  position order. A decode step's token is attended by rank (held % R); if the budget is not reached
-  it stays there, else the global victim of each row (one all_gather of each rank's lowest-scored
-  token) is replaced by the new token on the victim's rank, and the other ranks drop it. Every row
-  thus keeps floor or ceil(M / R) tokens on every rank, whichever rows lose which tokens.
+- evicting selections (`window`, `streaming`, `h2o`, `snapkv`, `pyramid`, `lru`): a global budget
+  of M tokens per row, the single process's kept set, every rank holding floor or ceil of M / R
+  (+ 1 at the budget: the next victim); one collective per layer and decode step (LRU: two).
+  pikv/kv/sharded_budget.py.
 """
 
 from __future__ import annotations
@@ -30,12 +27,14 @@ from pikv.kv.attention import attention_lse, merge_partials, visible
 from pikv.kv.buffers import Buffers
 from pikv.kv.cache import KVCache
 from pikv.kv.selection import quest_pages
+from pikv.kv.sharded_budget import GlobalBudget
+from pikv.kv.sharded_latent import ShardedLatentStore
 
 # torch 2.13 renamed all_gather_into_tensor (deprecated there, the only name before)
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
-SHARDED_STORAGES = ("exact", "quant", "svd")
-SHARDED_SELECTIONS = ("all", "quest", "window", "streaming", "h2o")
+SHARDED_STORAGES = ("exact", "quant", "svd", "learned")
+SHARDED_SELECTIONS = ("all", "quest", "window", "streaming", "h2o", "snapkv", "pyramid", "lru")
 
 
 def check_shardable(name: str, storage: str, selection: str, prefill_only: bool) -> None:
@@ -43,8 +42,12 @@ def check_shardable(name: str, storage: str, selection: str, prefill_only: bool)
     if storage not in SHARDED_STORAGES or selection not in SHARDED_SELECTIONS:
         raise ValueError(f"kv method {name!r} cannot be sharded across ranks: supported storages "
                          f"{', '.join(SHARDED_STORAGES)}, selections {', '.join(SHARDED_SELECTIONS)} "
-                         "(the learned latent's window and SnapKV's pooled, LRU's per-rank hit scores are "
-                         "not split exactly)")
+                         "(learned: with selection all)")
+    if storage == "learned" and selection != "all":
+        raise ValueError(f"kv method {name!r}: the sharded learned latent keeps every token (selection 'all'): "
+                         "its keep sets are joint over kv heads and its exact window is replicated; "
+                         f"selections with learned storage across ranks: all (else: {', '.join(SHARDED_SELECTIONS[2:])} "
+                         "with exact, quant or svd storage)")
     if selection == "quest" and storage != "exact":
         raise ValueError(f"kv method {name!r}: sharded quest (shard-skipping) needs exact storage: every rank "
                          "bounds every page from the keys as computed, which other storages change when read")
@@ -59,14 +62,15 @@ def shard_block(storage: str, selection: str, quant_group: int, quest_page: int)
 
 def shard_capacity(capacity: list[int], evicts: bool, world: int, block: int) -> list[int]:
     """Tokens each rank's buffers are allocated for: its largest share of the single process's
-    capacity (M + 1 for an evicting selection: ceil(M / R) + the step's new token)."""
+    capacity (M + 1 for an evicting selection: ceil((M + 1) / R), the kept tokens and the next
+    victim, + the step's new token)."""
     if evicts:
-        return [-(-(c - 1) // world) + 1 for c in capacity]
+        return [-(-c // world) + 1 for c in capacity]
     blocks = [-(-c // block) for c in capacity]
     return [-(-b // world) * block for b in blocks]
 
 
-class ShardedKVCache(KVCache):
+class ShardedKVCache(GlobalBudget, KVCache):
     """A KVCache holding this rank's share of every layer (build with
     `make_cache(..., shard_group=group)`). attend() returns the exact attention output on every
     rank; nbytes() / peak_nbytes are this rank's; bytes_read (quest) this rank's reads;
@@ -93,7 +97,9 @@ class ShardedKVCache(KVCache):
         li, T = layer_idx, k_BGTD.shape[2]
         self._count_step(li, start, T)
         k_pre_BGTD = k_BGTD if k_pre_BGTD is None else k_pre_BGTD
-        if not self.selection.evicts:
+        if isinstance(self.stores[li], ShardedLatentStore):
+            o_BNTD = self._attend_latent(li, q_BNTD, k_pre_BGTD, k_BGTD, v_BGTD, rope, start)
+        elif not self.selection.evicts:
             o_BNTD = self._attend_blocks(li, q_BNTD, k_pre_BGTD, k_BGTD, v_BGTD, rope, start)
         elif T == 1:
             o_BNTD = self._decode_evicting(li, q_BNTD, k_pre_BGTD, k_BGTD, v_BGTD, rope, start)
@@ -104,6 +110,14 @@ class ShardedKVCache(KVCache):
                              f"per step; got {T} tokens at position {start}")
         self._account(li, T)
         return o_BNTD.to(q_BNTD.dtype)
+
+    def _attend_latent(self, li, q_BNTD, k_pre_BGTD, k_BGTD, v_BGTD, rope, start):
+        """The learned latent's share (pikv/kv/sharded_latent.py): its keys under its mask, merged."""
+        store = self.stores[li]
+        store.append(k_pre_BGTD, k_BGTD, v_BGTD)
+        o_BNTD, _ = self._merge(*store.attend_share(q_BNTD, rope, start, k_BGTD.shape[2]))
+        store.settle()
+        return o_BNTD
 
     # -- the merge: the one collective of a layer's step ---------------------------------------
     def _merge(self, o_BNTD, lse_BNT):
@@ -189,101 +203,3 @@ class ShardedKVCache(KVCache):
         bounds.n = first
         bounds.write({"kmin": kmin.to(k_BGTD.dtype if self.store_dtype is None else self.store_dtype),
                       "kmax": kmax.to(k_BGTD.dtype if self.store_dtype is None else self.store_dtype)})
-
-    # -- evicting selections: a global budget -------------------------------------------------
-    def _append_all(self, li, k_pre_BGTD, k_BGTD, v_BGTD, start):
-        store, B, G, T = self.stores[li], *k_BGTD.shape[:3]
-        store.append(k_pre_BGTD, k_BGTD, v_BGTD)
-        self.meta[li].write(self.selection.new_meta(self, B, G, T, start, k_BGTD.device))
-        return self.positions(li)
-
-    def _prefill_evicting(self, li, q_BNTD, k_pre_BGTD, k_BGTD, v_BGTD, rope):
-        store, sel, T = self.stores[li], self.selection, k_BGTD.shape[2]
-        pos_BGS = self._append_all(li, k_pre_BGTD, k_BGTD, v_BGTD, 0)
-        mine_K = torch.arange(self.rank, T, self.world, device=k_BGTD.device)  # this rank's part, striped
-        visible_TK = visible(torch.arange(T, device=k_BGTD.device), mine_K)
-        k_BGSD, v_BGSD, _ = store.read(q_BNTD.dtype, rope, pos_BGS, 0, T)
-        o_BNTD, lse_BNT, s_BNTK = attention_lse(q_BNTD, k_BGSD.index_select(2, mine_K),
-                                                v_BGSD.index_select(2, mine_K), visible_TK)
-        o_BNTD, lse_BNT = self._merge(o_BNTD, lse_BNT)
-        if sel.needs_probs:  # H2O: scores of this rank's part, then everyone's (each token scored once)
-            p_BNTK = torch.exp(s_BNTK - lse_BNT[..., None]).masked_fill(~visible_TK, 0.0)
-            sel.update(self, li, p_BNTK.new_zeros(*p_BNTK.shape[:3], T).index_copy_(-1, mine_K, p_BNTK), 0)
-            score_BGS = self.meta[li].view("score")
-            total_BGS = score_BGS.contiguous()  # a view of a larger buffer is strided
-            dist.all_reduce(total_BGS, group=self.group)
-            score_BGS.copy_(total_BGS)
-        store.settle()
-        M, (B, G) = self.budgets[li], k_BGTD.shape[:2]
-        keep_BGM = (self._global_keep(li, 0, T) if T > M
-                    else torch.arange(T, device=k_BGTD.device).expand(B, G, T))
-        mine_BGK = keep_BGM[:, :, self.rank::self.world]
-        for buf in (store, self.meta[li]):
-            buf.keep(mine_BGK)
-            buf.shrink(self._capacity[li])
-        self._held[li] = min(T, M)
-        return o_BNTD
-
-    def _global_keep(self, li: int, start: int, T: int) -> torch.Tensor:
-        """The single process's keep set (KVCache._evict), from scores every rank holds."""
-        sinks, recent = self._protected(li)
-        pos_BGS = self.positions(li)
-        protected_BGS = (pos_BGS < sinks) | (pos_BGS > start + T - 1 - recent)
-        score_BGS = self.selection.scores(self, li).masked_fill(protected_BGS, float("inf"))
-        return score_BGS.topk(self.budgets[li], dim=-1).indices.sort(dim=-1).values
-
-    def _protected(self, li: int) -> tuple[int, int]:
-        sinks, recent = self.selection.protect(self, li)
-        return sinks, max(recent, self.stores[li].tail)
-
-    def _decode_evicting(self, li, q_BNTD, k_pre_BGTD, k_BGTD, v_BGTD, rope, start):
-        store, sel = self.stores[li], self.selection
-        pos_BGS = self._append_all(li, k_pre_BGTD, k_BGTD, v_BGTD, start)
-        S, owner = store.length(), self._held[li] % self.world
-        k_BGSD, v_BGSD, _ = store.read(q_BNTD.dtype, rope, pos_BGS, start, 1)
-        # the new token (last) apart: its logit is then the same on every rank, whichever keeps it
-        o_new, lse_new, s_new = attention_lse(q_BNTD, k_BGSD[:, :, S - 1:], v_BGSD[:, :, S - 1:], None)
-        if S > 1:
-            o_BNTD, lse_BNT, s_BNTS = attention_lse(q_BNTD, k_BGSD[:, :, :S - 1], v_BGSD[:, :, :S - 1], None)
-        else:
-            (o_BNTD, lse_BNT), s_BNTS = self._nothing(q_BNTD), s_new[..., :0]
-        if self.rank == owner:
-            o_BNTD, lse_BNT = merge_partials(torch.stack([o_BNTD, o_new]), torch.stack([lse_BNT, lse_new]))
-        o_BNTD, lse_BNT = self._merge(o_BNTD, lse_BNT)
-        if sel.needs_probs:
-            sel.update(self, li, torch.exp(torch.cat([s_BNTS, s_new], -1) - lse_BNT[..., None]), start)
-        store.settle()
-        self._place_new(li, start, owner)
-        return o_BNTD
-
-    def _place_new(self, li: int, start: int, owner: int) -> None:
-        """The new token (last slot of every rank) stays with one rank per row: its owner while the
-        budget is not reached, else the rank of the row's global victim, in the victim's slot."""
-        store, S = self.stores[li], self.stores[li].length()
-        B, G = self.positions(li).shape[:2]
-        last_BG = torch.full((B, G), S - 1, device=self.positions(li).device)
-        if self._held[li] < self.budgets[li]:
-            self._held[li] += 1
-            if self.rank == owner:
-                return
-            slot_BG = last_BG
-        else:
-            slot_BG = self._victim_slots(li, start, last_BG)
-        for buf in (store, self.meta[li]):
-            buf.move_last(slot_BG[..., None])
-
-    def _victim_slots(self, li: int, start: int, last_BG) -> torch.Tensor:
-        """Each row's global victim (lowest score, the oldest among ties; protected tokens and the
-        new one never): its local slot on the rank that holds it, the new token's slot elsewhere."""
-        sinks, recent = self._protected(li)
-        pos_BGS = self.positions(li)
-        protected_BGS = (pos_BGS < sinks) | (pos_BGS > start - recent)
-        protected_BGS[:, :, -1] = True
-        score_BGS = self.selection.scores(self, li).masked_fill(protected_BGS, float("inf"))
-        low_BG, slot_BG = score_BGS.min(dim=-1)
-        mine = torch.stack([low_BG, pos_BGS.gather(2, slot_BG[..., None])[..., 0].double()], dim=-1)
-        cands = self._gather(mine)
-        score_RBG, pos_RBG = cands[..., 0], cands[..., 1]
-        tied_RBG = score_RBG == score_RBG.amin(dim=0)
-        victim_BG = pos_RBG.masked_fill(~tied_RBG, float("inf")).argmin(dim=0)
-        return torch.where(victim_BG == self.rank, slot_BG, last_BG)

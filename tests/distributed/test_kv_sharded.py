@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import pikv.kv.sharded as sharded
-from pikv.config import ModelConfig, MoEConfig
+from pikv.config import KVConfig, ModelConfig, MoEConfig
 from pikv.kv import KVOptions, calibrate_svd, make_cache
 from pikv.kv.attention import attention, attention_lse, merge_partials
 from pikv.models import Transformer
@@ -31,7 +31,13 @@ CASES = {  # policy -> make_cache budget (the evicting budgets are below the pro
     "quest": {"tokens": 32},
     "quant+h2o": {"tokens": 24},  # per-token quantized under a global budget
     "svd": {"ratio": 2},  # rank D / 2 codes, decoded keys rotated at their global positions
+    "streaming": {"tokens": 24, "options": KVOptions(sinks=4)},
+    # SnapKV / PyramidKV: an observation window of 8 prompt queries (each rank scores it over every key)
+    "snapkv": {"tokens": 24, "options": KVOptions(snap_window=8)},
+    "pyramid": {"tokens": 24, "options": KVOptions(snap_window=8)},
+    "lru": {"tokens": 24},  # hit set: a global top-3 of each step's attention mass
 }
+EVICTING = ("window", "h2o", "quant+h2o", "streaming", "snapkv", "pyramid", "lru")
 
 
 def tiny_model(max_seq_len=TOTAL + NEW_TOKENS):
@@ -95,9 +101,67 @@ def test_sharded_logits_and_greedy_tokens_equal_one_process(model, tokens, polic
         torch.testing.assert_close(res["logits"], ref_logits, **REORDERED_FP32, msg=f"rank {r}")
         assert torch.equal(res["tokens"], ref_tokens), f"rank {r}"
         assert (res["seq_len"], res["decode_steps"]) == (ref_cache.seq_len, ref_cache.decode_steps)
-        if "tokens" in CASES[policy] and policy != "quest":  # the global budget, split evenly
-            M = CASES[policy]["tokens"]
-            assert res["layer_lengths"] == [len(range(r, M, world))] * L
+        if policy in EVICTING:  # the global budget, split evenly: M kept + the next victim
+            M = [ref_cache.length(li) for li in range(L)]  # pyramid: per layer
+            assert res["layer_lengths"] == [len(range(r, m + 1, world)) for m in M]
+
+
+def latent_model(window: int, rotary_fraction: float = 1.0, bits: int = 16, max_seq_len: int = TOTAL + NEW_TOKENS):
+    """The tiny model with a learned KV latent, weights seeded; rotary_fraction < 1: the decoupled
+    latent (MLA)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V, hidden_size=N_HEADS * D, num_layers=L, num_heads=N_HEADS, num_kv_heads=G,
+                      ffn_hidden_size=64, max_seq_len=max_seq_len, rotary_fraction=rotary_fraction)
+    return Transformer(cfg, MoEConfig(every_n_layers=0),
+                       kv_cfg=KVConfig(compressor="learned", latent_window=window, latent_bits=bits)).eval()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("window,rotary_fraction", [(0, 1.0), (6, 1.0), (6, 0.5)])
+def test_sharded_learned_latent_equals_one_process(tokens, window, rotary_fraction, world):
+    """The learned latent, joint (rotary_fraction 1) and decoupled (MLA: 0.5): codes striped over
+    ranks, the exact window replicated; logits and greedy tokens as one process's (window 6: not a
+    multiple of the ranks, so tokens leave it onto every rank). fp32 codes: int8 codes can round the
+    other way when a layer's input differs in the last bit (the merge's reordered sums), seen as one
+    code step = 2e-5 in the logits (MLA, 4 ranks); the int8 path is tested per layer below."""
+    model = latent_model(window, rotary_fraction)
+    CASES["learned"] = {"ratio": 2}
+    try:
+        ref_logits, _ = decode_logits(model, tokens, "learned", None)
+        ref_tokens = greedy(model, tokens, "learned", None)
+        for r, res in enumerate(run_distributed(_parity_child, world, model, tokens, "learned")):
+            torch.testing.assert_close(res["logits"], ref_logits, **REORDERED_FP32, msg=f"rank {r}")
+            assert torch.equal(res["tokens"], ref_tokens), f"rank {r}"
+    finally:
+        del CASES["learned"]
+
+
+@torch.no_grad()
+def latent_attend(model, q, k, v, group):
+    """One layer's outputs through a learned cache: a prefill of PREFILL tokens, then one per step."""
+    cache = make_cache("learned", model, ratio=2, total_tokens=q.shape[2], store_dtype=torch.float32, shard_group=group)
+    att = lambda a, b: cache.attend(0, q[:, :, a:b], model.rope(k[:, :, a:b], a), v[:, :, a:b], k_pre_BGTD=k[:, :, a:b],
+                                    rope=model.rope, start=a)
+    return torch.cat([att(0, PREFILL)] + [att(t, t + 1) for t in range(PREFILL, q.shape[2])], 2), cache.nbytes()
+
+
+def _latent_layer_child(rank, world, model, q, k, v):
+    return latent_attend(model, q, k, v, dist.group.WORLD)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("rotary_fraction", [1.0, 0.5])
+def test_sharded_int8_latent_layer_equals_one_process(world, rotary_fraction):
+    """int8 codes (kv.latent_bits=8), the same keys/values given to one layer's cache: the sharded
+    attention (the single process's absorbed path for MLA decode steps) within fp32 reordering."""
+    model = latent_model(6, rotary_fraction, bits=8)
+    g = seeded(6)
+    q = torch.randn(2, N_HEADS, TOTAL, D, generator=g)
+    k, v = (torch.randn(2, G, TOTAL, D, generator=g) for _ in range(2))
+    ref, ref_bytes = latent_attend(model, q, k, v, None)
+    for r, (out, nbytes) in enumerate(run_distributed(_latent_layer_child, world, model, q, k, v)):
+        torch.testing.assert_close(out, ref, **REORDERED_FP32, msg=f"rank {r}")
+        assert nbytes < ref_bytes
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -133,17 +197,21 @@ def _bytes_child(rank, world, model, x, policy, kwargs, chunk):
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("policy,kwargs,length,chunk", [
     ("full", {}, 2048, 512), ("h2o", {"tokens": 256}, 1024, 1024),
-    ("quant", {"ratio": 3, "options": KVOptions(quant_residual=0)}, 4096, 512)])
+    ("quant", {"ratio": 3, "options": KVOptions(quant_residual=0)}, 4096, 512), ("learned", {"ratio": 4}, 2048, 512)])
 def test_kv_bytes_per_rank_within_share(policy, kwargs, length, chunk, world):
-    """nbytes() per rank <= single-process nbytes / world + 5% (fp16 storage, capacity included).
+    """nbytes() per rank <= single-process nbytes / world + 5% (fp16 storage, capacity included;
+    the learned latent: int8 codes).
     KIVI's fp16 buffer of the group being filled (32 tokens per layer and kv head, allocated once)
     exists on every shard: a constant the bound adds (world - 1) / world of; at 4096 tokens, 2 bits
-    and 2 ranks a rank holds total / 2 + 3.4%, at 4 ranks + 10%."""
-    model = tiny_model(max_seq_len=length)
+    and 2 ranks a rank holds total / 2 + 3.4%, at 4 ranks + 10%. Likewise the learned latent's
+    exact window (8 tokens), replicated."""
+    # the learned latent: int8 codes, its exact window of 8 tokens replicated on every rank
+    model = latent_model(8, bits=8, max_seq_len=length) if policy == "learned" else tiny_model(max_seq_len=length)
     x = torch.randint(0, V, (1, length), generator=seeded(2))
     ref = make_cache(policy, model, total_tokens=x.shape[1], **kwargs)
     fill_and_decode(model, x, ref, chunk)
-    group_buffer = L * G * 32 * D * 2 * 2 if policy == "quant" else 0  # fp16 keys + values
+    # per rank constants, fp16 keys + values: KIVI's group being filled, the latent's exact window
+    group_buffer = L * G * {"quant": 32, "learned": 8}.get(policy, 0) * D * 2 * 2
     for nbytes, peak in run_distributed(_bytes_child, world, model, x, policy, kwargs, chunk):
         assert nbytes <= ref.nbytes() / world * 1.05 + group_buffer * (world - 1) / world
         assert peak <= ref.peak_nbytes / world * 1.05 + group_buffer * (world - 1) / world
@@ -194,19 +262,22 @@ def _count_child(rank, world, model, x, policy):
     return per_step
 
 
-@pytest.mark.parametrize("policy,per_layer", [("full", 1), ("quant", 1), ("quest", 1), ("window", 2), ("h2o", 2)])
+@pytest.mark.parametrize("policy,per_layer", [("full", 1), ("quant", 1), ("quest", 1), ("window", 1), ("h2o", 1),
+                                              ("snapkv", 1), ("lru", 2)])
 def test_collectives_per_layer_and_decode_step(model, tokens, policy, per_layer):
-    """The merge is one all_gather per layer; an evicting selection at its budget adds one
-    all_gather of each rank's eviction candidate (docs/kv.md)."""
+    """The merge is one all_gather per layer, an evicting selection's eviction candidates included
+    (deferred by a step: sharded_budget.py); LRU's hit set (a global top-k of this step's attention
+    mass) adds one all_gather."""
     for steps in run_distributed(_count_child, 2, model, tokens, policy):
         assert steps == [["all_gather"] * (per_layer * L)] * 4
 
 
-def _errors_child(rank, world, model):
+def _errors_child(rank, world, model, with_latent):
     group, out = dist.group.WORLD, []
-    for policy, kwargs in [("snapkv", {"tokens": 24}), ("quant+quest", {"tokens": 32}), ("lru", {"tokens": 24})]:
+    for m, policy, kwargs in [(with_latent, "learned@2+h2o", {"tokens": 24}), (model, "quant+quest", {"tokens": 32}),
+                              (model, "h2o", {"tokens": 24, "options": KVOptions(prefill_only=True)})]:
         try:
-            make_cache(policy, model, total_tokens=64, shard_group=group, **kwargs)
+            make_cache(policy, m, ratio=kwargs.pop("ratio", None), total_tokens=64, shard_group=group, **kwargs)
         except ValueError as err:
             out.append(str(err))
     alone = [dist.new_group([r]) for r in range(world)][rank]  # every rank creates every group
@@ -223,10 +294,12 @@ def _errors_child(rank, world, model):
 
 
 def test_unsupported_methods_are_named_and_a_group_of_one_is_the_plain_cache(model):
-    errors = run_distributed(_errors_child, 2, model)[0]
+    errors = run_distributed(_errors_child, 2, model, latent_model(2))[0]
     assert len(errors) == 5
     assert errors.pop(3) == "KVCache"  # a group of one rank: today's cache
-    assert "'snapkv' cannot be sharded across ranks: supported storages exact, quant, svd" in errors[0]
+    assert ("'learned@2+h2o': the sharded learned latent keeps every token (selection 'all')" in errors[0]
+            and "selections with learned storage across ranks: all (else: window, streaming, h2o, snapkv, pyramid, "
+                "lru with exact, quant or svd storage)" in errors[0])
     assert "sharded quest (shard-skipping) needs exact storage" in errors[1]
-    assert "'lru' cannot be sharded" in errors[2]
+    assert "KVOptions.prefill_only is not supported across ranks" in errors[2]
     assert "takes a prefill at position 0 and then one token per step; got 8 tokens at position 8" in errors[3]
