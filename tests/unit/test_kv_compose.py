@@ -18,6 +18,7 @@ from pikv.config import KVConfig, ModelConfig, MoEConfig
 from pikv.kv import KVCache, KVOptions, make_cache, parse_method, resolve_policy
 from pikv.kv.learned import LatentKVCompressor, dequantize_latent, quantize_latent
 from pikv.kv.quant import KiviStore, TokenQuantStore
+from pikv.kv.rotated import RotatedQuantStore, rotation_matrix
 from pikv.kv.selection import SELECTIONS
 from pikv.kv.storage import LatentStore, Store, SVDStore
 from pikv.models import Transformer
@@ -27,13 +28,14 @@ from tests.helpers import REORDERED_FP32, seeded
 B, N, G, D = 2, 4, 2, 16
 PREFILL, TOTAL, BUDGET = 20, 44, 12
 BITS, GROUP, RESIDUAL, RANK, WINDOW = 4, 16, 8, 6, 3
+VALUE_BITS = 2  # rquant's values (keys: BITS): key and value bits apart
 OPT = KVOptions(sinks=2, snap_window=4, snap_kernel=3, quest_page=4, quant_group=GROUP, lru_hit_fraction=0.25)
 SELECTION_NAMES = tuple(SELECTIONS)
 
 
-def minmax_roundtrip(x, dim):
+def minmax_roundtrip(x, dim, bits=BITS):
     """KIVI's asymmetric min-max quantization and back (fp16 min / scale), written from its formula."""
-    levels = 2 ** BITS - 1
+    levels = 2 ** bits - 1
     mn = x.amin(dim, keepdim=True).half().float()
     scale = ((x.amax(dim, keepdim=True).half().float() - mn) / levels).clamp_min(1e-8).half().float()
     return torch.round((x - mn) / scale).clamp(0, levels) * scale + mn
@@ -59,6 +61,9 @@ class Reference:
         if self.storage == "quant":  # per token, groups of GROUP channels
             return (minmax_roundtrip(k.view(G, D // GROUP, GROUP), -1).view(G, D),
                     minmax_roundtrip(v.view(G, D // GROUP, GROUP), -1).view(G, D))
+        if self.storage == "rquant":  # rotate, per-token codes (one group = the head dim here), rotate back
+            R = rotation_matrix(D, OPT.rotation_seed)
+            return minmax_roundtrip(k @ R, -1) @ R.T, minmax_roundtrip(v @ R, -1, VALUE_BITS) @ R.T
         if self.storage == "svd":
             Uk = self.bases[0][:, :, :RANK]
             Uv = self.bases[1][:, :, :RANK]
@@ -210,6 +215,8 @@ def build(storage, selection, comp, bases):
     elif storage == "quant":
         evicts = SELECTIONS[selection].evicts
         store = TokenQuantStore(BITS, GROUP) if evicts else KiviStore(BITS, GROUP, RESIDUAL, torch.float32)
+    elif storage == "rquant":
+        store = RotatedQuantStore(rotation_matrix(D, OPT.rotation_seed), BITS, GROUP, value_bits=VALUE_BITS)
     elif storage == "svd":
         store = SVDStore(bases, RANK, torch.float32)
     else:
@@ -223,7 +230,7 @@ def cache_positions(cache, b, h):
 
 
 @pytest.mark.parametrize("selection", SELECTION_NAMES)
-@pytest.mark.parametrize("storage", ["exact", "quant", "svd", "learned"])
+@pytest.mark.parametrize("storage", ["exact", "quant", "rquant", "svd", "learned"])
 @pytest.mark.parametrize("rotary_fraction", [1.0, 0.5])  # low-rank stores re-rotate kept keys: partial rotary too
 def test_every_storage_x_selection_equals_the_reference_loop(storage, selection, rotary_fraction):
     torch.manual_seed(0)
