@@ -175,9 +175,28 @@ def rquant_format(ratio: Optional[float], head_dim: int, group: int, share: Opti
     return rquant_split(ratio, head_dim, formats)
 
 
+# The default split of rquant x a selection, chosen on development windows (8 windows of the embedded
+# corpus's train split, SmolLM2-135M, rquant+h2o; docs/benchmarks.md): 2-bit codes are never worth it
+# (values 2-bit: +16-23% alone, keys 2-bit: +500%), k8v4 is lossless (-0.4% at 2.46x) and k4v4 costs
+# ~3-5% at 3.56x. At 4x k8v4 + H2O 1.63x beat k4v4 + H2O 1.12x (+0.6% vs +5.1%); at 8x k4v4 + H2O
+# 2.25x beat k8v4 + H2O 3.25x (+5.9% vs +8.7%), and at 16x (+21.5% vs +27.4%): eviction beyond ~2x
+# costs more than halving the key bits.
+RQUANT_SPLIT_FORMATS = ((8, 8), (8, 4), (4, 4))
+RQUANT_MAX_SELECTION = 2.0
+
+
 def rquant_split(ratio: Optional[float], head_dim: int, formats: list[QuantFormat]) -> QuantFormat:
-    """The default split of a composition: placeholder, measured below."""
-    return next(f for f in formats if (f.key_bits, f.value_bits) == (4, 4))
+    """The default format of rquant in a composition at `ratio`: of RQUANT_SPLIT_FORMATS no stronger
+    than the ratio, the mildest that leaves the selection <= RQUANT_MAX_SELECTION, else k4v4 (the
+    strongest of them); a ratio below all of them gets the mildest (the registry reports the
+    impossible split). No ratio (a token budget): k4v4."""
+    split = [f for f in formats if (f.key_bits, f.value_bits) in RQUANT_SPLIT_FORMATS]
+    if ratio is None:
+        return split[-1]
+    fits = [f for f in split if f.ratio(head_dim) <= ratio + 1e-9]
+    if not fits:
+        return split[0]
+    return next((f for f in fits if ratio / f.ratio(head_dim) <= RQUANT_MAX_SELECTION + 1e-9), fits[-1])
 
 
 def quant_plan(ratio: float, head_dim: int, total_tokens: Optional[int] = None, group: int = 32,

@@ -139,7 +139,7 @@ def _compressor(model, method: Method):
     if comp is None:
         raise ValueError(f"kv method {method.name!r}: storage 'learned' needs a model trained with "
                          f"kv.compressor=learned (this model has no KV compressor); allowed storages here: "
-                         "exact, quant, svd")
+                         "exact, quant, rquant, svd")
     return comp
 
 

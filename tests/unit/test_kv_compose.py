@@ -272,7 +272,7 @@ def test_names_compose_and_canonicalise():
     assert (m.storage, m.selection, m.share) == ("quant", "pyramid", 5.5)
     with pytest.raises(ValueError, match=r"unknown kv policy 'h3o' in 'quant\+h3o': allowed are full, window"):
         parse_method("quant+h3o")
-    with pytest.raises(ValueError, match=r"must be STORAGE\+SELECTION: storage one of exact, quant, svd, learned"):
+    with pytest.raises(ValueError, match=r"must be STORAGE\+SELECTION: storage one of exact, quant, rquant, svd, learned"):
         parse_method("h2o+quant")
     with pytest.raises(ValueError, match=r"a storage share needs a selection"):
         parse_method("quant@4")
@@ -282,6 +282,18 @@ def test_names_compose_and_canonicalise():
         parse_method("exact@2+h2o")
     with pytest.raises(ValueError, match=r"kv policy 'lora' is retired"):
         parse_method("lora+h2o")
+
+
+def test_rquant_names_carry_a_format_or_a_share():
+    m = parse_method("QuaRot:K4V2+snapkv")
+    assert (m.storage, m.selection, m.fmt, m.name) == ("rquant", "snapkv", "k4v2g64", "rquant:k4v2g64+snapkv")
+    assert resolve_policy("rquant:k8v4g32") == "rquant:k8v4g32" and resolve_policy("rotated@3+h2o") == "rquant@3+h2o"
+    with pytest.raises(ValueError, match=r"'quant:k4v2\+h2o': a format \(:k4v2\) is given to rquant storage only"):
+        parse_method("quant:k4v2+h2o")
+    with pytest.raises(ValueError, match=r"give rquant a format or a share, not both"):
+        parse_method("rquant@4:k4v2+h2o")
+    with pytest.raises(ValueError, match=r"quant format 'k3v2' must be kKvV\[gG\]: key and value bits in 2, 4, 8"):
+        parse_method("rquant:k3v2")
 
 
 def tiny_model(learned=True):
@@ -331,7 +343,7 @@ def test_impossible_combinations_name_both_parts():
     with pytest.raises(ValueError, match=r"quant share 2 is below its mildest format \(4-bit, 2\.67x\)"):
         make_cache("quant@2+h2o", model, ratio=8, total_tokens=64)
     with pytest.raises(ValueError, match=r"'learned\+h2o': storage 'learned' needs a model trained with "
-                                         r"kv.compressor=learned .*allowed storages here: exact, quant, svd"):
+                                         r"kv.compressor=learned .*allowed storages here: exact, quant, rquant, svd"):
         make_cache("learned+h2o", tiny_model(learned=False), ratio=8, total_tokens=64)
     with pytest.raises(ValueError, match=r"'learned@2\+window': selection 'window' keeps 4 tokens per layer, not more "
                                          r"than the learned latent's exact window of 4"):
