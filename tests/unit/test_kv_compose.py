@@ -305,7 +305,8 @@ def tiny_model(learned=True):
 
 
 @pytest.mark.parametrize("method,ratio", [("quant+h2o", 8), ("quant@5.3+window", 16), ("learned+snapkv", 8),
-                                          ("svd+streaming", 8), ("learned@2+lru", 6)])
+                                          ("svd+streaming", 8), ("learned@2+lru", 6), ("rquant+h2o", 8),
+                                          ("rquant:k4v2+window", 16), ("rquant@2+snapkv", 8)])
 def test_composition_splits_the_budget_and_meets_it_in_measured_bytes(method, ratio):
     model = tiny_model()
     total = 256
@@ -323,6 +324,10 @@ def test_composition_splits_the_budget_and_meets_it_in_measured_bytes(method, ra
     D_ = 16
     if m.storage == "quant":  # 4-bit (the default) or 2-bit (share >= its 5.33x): fp16 tokens per storage token
         per_token = 2 * D_ * 2 / (2 * D_ * cache.info["bits"] / 8 + 8)
+    elif m.storage == "rquant":  # its format's nominal ratio (k4v4 by the split rule; k4v2 named; k8v4 for share 2)
+        per_token = cache.info["format"].ratio(D_)
+        want = {"rquant+h2o": (4, 4), "rquant:k4v2g64+window": (4, 2), "rquant@2+snapkv": (8, 4)}[m.name]
+        assert (cache.info["format"].key_bits, cache.info["format"].value_bits) == want
     elif m.storage == "svd":
         per_token = D_ / cache.info["rank"]
     else:
@@ -333,6 +338,26 @@ def test_composition_splits_the_budget_and_meets_it_in_measured_bytes(method, ra
     # metadata (positions, scores: 4-8 bytes per token and head), the learned latent's window and
     # the decode step's extra slot cost a share of the requested ratio; the ratio itself is the product
     assert ratio * 0.6 < measured <= ratio * 1.05, measured
+
+
+def test_rquant_split_rule_and_its_errors():
+    """budgets.rquant_format at SmolLM2's head dim 64: in a composition, k8v4 (2.46x) while the selection
+    keeps <= 2x, else k4v4 (3.56x); alone, the mildest format meeting the ratio; an explicit share, the
+    mildest format reaching it."""
+    from pikv.kv.budgets import rquant_format
+    pick = {r: rquant_format(r, 64, 64).name for r in (2, 3, 4, 5, 8, 16)}
+    assert pick == {2: "k8v8g64", 3: "k8v8g64", 4: "k8v4g64", 5: "k4v4g64", 8: "k4v4g64", 16: "k4v4g64"}
+    assert rquant_format(4, 64, 64, alone=True).name == "k4v2g64" and rquant_format(3, 64, 64, share=3).name == "k4v4g64"
+    with pytest.raises(ValueError, match=r"rquant ratio 8 is beyond its strongest format \(k2v2g64, 6\.40x\)"):
+        rquant_format(8, 64, 64, alone=True)
+    model = tiny_model(learned=False)  # head dim 16: k2v2 reaches 4x
+    with pytest.raises(ValueError, match=r"kv method 'rquant' at ratio 8: rquant ratio 8 is beyond its strongest"):
+        make_cache("rquant", model, ratio=8, total_tokens=64)
+    with pytest.raises(ValueError, match=r"kv ratio 1\.2 is impossible for 'rquant\+h2o': storage 'rquant' alone "
+                                         r"takes 1\.60x"):
+        make_cache("rquant+h2o", model, ratio=1.2, total_tokens=64)
+    with pytest.raises(ValueError, match=r"quant format 'k4v4g12': group 12 must divide the head dim 16"):
+        make_cache("rquant:k4v4g12+h2o", model, ratio=8, total_tokens=64)
 
 
 def test_impossible_combinations_name_both_parts():
