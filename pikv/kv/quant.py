@@ -206,7 +206,8 @@ class TokenQuantStore(_QuantAttention):
     def _dequant(self, name: str, dtype) -> torch.Tensor:
         scale, zero = self.buf.view(f"{name}s"), self.buf.view(f"{name}z")
         B, G, S, n_groups = scale.shape
-        codes = unpack(self.buf.view(f"{name}c").view(B, G, S, n_groups, -1), self.bits if name == "k" else self.value_bits)
+        bits = self.bits if name == "k" else self.value_bits
+        codes = unpack(self.buf.view(f"{name}c").view(B, G, S, n_groups, -1), bits)
         return dequantize(codes, scale[..., None], zero[..., None], dtype).view(B, G, S, -1)
 
     def _blocks(self):

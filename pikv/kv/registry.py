@@ -1,14 +1,15 @@
 """The registry of KV methods: names -> (storage, selection), the byte-budget split, `make_cache`.
 
-A method name is `STORAGE[@SHARE]+SELECTION` (`quant+snapkv`, `learned@2+h2o`, `svd+window`); a
+A method name is `STORAGE[@SHARE|:FORMAT]+SELECTION` (`quant+snapkv`, `learned@2+h2o`, `svd+window`,
+`rquant:k4v4g64+h2o`: rquant's key bits, value bits, channels per scale group); a
 single name is that part with the other at its neutral value (`h2o` = exact+h2o, `quant` =
 quant+all, `full` = exact+all). Canonical names drop the neutral parts, so every single method keeps
 its name. The budget rule (docs/kv.md, "One byte budget"): `ratio` is against an fp16 full cache of
 the same tokens. A single storage takes all of it; a single selection keeps ceil(total / ratio)
 tokens per layer; a composition gives the storage its share (SHARE, else the default: 4-bit codes
-for quant, the geometric split sqrt(ratio) for svd / learned) and the selection keeps
-ceil(total / (ratio / storage ratio)) tokens. The measured ratio (peak bytes, metadata and capacity
-included) is what the evaluation reports.
+for quant, budgets.rquant_format's rule for rquant, the geometric split sqrt(ratio) for svd /
+learned) and the selection keeps ceil(total / (ratio / storage ratio)) tokens. The measured ratio
+(peak bytes, metadata and capacity included) is what the evaluation reports.
 
 To add a method: a `Selection` subclass in selection.py (a score and a protect rule) and its
 name in SELECTIONS, or a `Store` subclass (append / read / settle / keep) and a branch in
@@ -42,7 +43,8 @@ POLICIES = ("full",) + SELECTION_NAMES[1:] + STORAGES[1:]
 # Names users of the original PiKV know (Pyramid / SVD / Quantization compressors, LRU / H2O / QUEST
 # caches) and common spellings.
 ALIASES = {"quantized": "quant", "quantization": "quant", "kivi": "quant", "fp16": "exact",
-           "rotated": "rquant", "quarot": "rquant", "sliding": "window", "streamingllm": "streaming", "sink": "streaming", "pyramidkv": "pyramid"}
+           "rotated": "rquant", "quarot": "rquant",
+           "sliding": "window", "streamingllm": "streaming", "sink": "streaming", "pyramidkv": "pyramid"}
 # Names that meant something else here: 'lora' was the learned latent, while LoRA in PiKV means the
 # LoRA experts of moe.kind=pikv (one word, one meaning).
 RETIRED = {"lora": "'learned' (the jointly trained KV latent; LoRA experts are moe.kind=pikv)"}
@@ -58,7 +60,8 @@ class Method:
     @property
     def name(self) -> str:
         """Canonical name: neutral parts dropped (`h2o`, `quant`, `quant@4+h2o`, `rquant:k4v2g64+h2o`, `full`)."""
-        store = self.storage + (f"@{self.share:g}" if self.share is not None else "") + (f":{self.fmt}" if self.fmt else "")
+        store = self.storage + (f"@{self.share:g}" if self.share is not None else "")
+        store += f":{self.fmt}" if self.fmt else ""
         if self.selection == "all":
             return "full" if self.storage == "exact" else store
         return self.selection if self.storage == "exact" else f"{store}+{self.selection}"
