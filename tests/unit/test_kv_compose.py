@@ -18,6 +18,7 @@ from pikv.config import KVConfig, ModelConfig, MoEConfig
 from pikv.kv import KVCache, KVOptions, make_cache, parse_method, resolve_policy
 from pikv.kv.learned import LatentKVCompressor, dequantize_latent, quantize_latent
 from pikv.kv.quant import KiviStore, TokenQuantStore
+from pikv.kv.rotated import RotatedQuantStore, rotation_matrix
 from pikv.kv.selection import SELECTIONS
 from pikv.kv.storage import LatentStore, Store, SVDStore
 from pikv.models import Transformer
@@ -27,13 +28,14 @@ from tests.helpers import REORDERED_FP32, seeded
 B, N, G, D = 2, 4, 2, 16
 PREFILL, TOTAL, BUDGET = 20, 44, 12
 BITS, GROUP, RESIDUAL, RANK, WINDOW = 4, 16, 8, 6, 3
+VALUE_BITS = 2  # rquant's values (keys: BITS): key and value bits apart
 OPT = KVOptions(sinks=2, snap_window=4, snap_kernel=3, quest_page=4, quant_group=GROUP, lru_hit_fraction=0.25)
 SELECTION_NAMES = tuple(SELECTIONS)
 
 
-def minmax_roundtrip(x, dim):
+def minmax_roundtrip(x, dim, bits=BITS):
     """KIVI's asymmetric min-max quantization and back (fp16 min / scale), written from its formula."""
-    levels = 2 ** BITS - 1
+    levels = 2 ** bits - 1
     mn = x.amin(dim, keepdim=True).half().float()
     scale = ((x.amax(dim, keepdim=True).half().float() - mn) / levels).clamp_min(1e-8).half().float()
     return torch.round((x - mn) / scale).clamp(0, levels) * scale + mn
@@ -59,6 +61,9 @@ class Reference:
         if self.storage == "quant":  # per token, groups of GROUP channels
             return (minmax_roundtrip(k.view(G, D // GROUP, GROUP), -1).view(G, D),
                     minmax_roundtrip(v.view(G, D // GROUP, GROUP), -1).view(G, D))
+        if self.storage == "rquant":  # rotate, per-token codes (one group = the head dim here), rotate back
+            R = rotation_matrix(D, OPT.rotation_seed)
+            return minmax_roundtrip(k @ R, -1) @ R.T, minmax_roundtrip(v @ R, -1, VALUE_BITS) @ R.T
         if self.storage == "svd":
             Uk = self.bases[0][:, :, :RANK]
             Uv = self.bases[1][:, :, :RANK]
@@ -210,6 +215,8 @@ def build(storage, selection, comp, bases):
     elif storage == "quant":
         evicts = SELECTIONS[selection].evicts
         store = TokenQuantStore(BITS, GROUP) if evicts else KiviStore(BITS, GROUP, RESIDUAL, torch.float32)
+    elif storage == "rquant":
+        store = RotatedQuantStore(rotation_matrix(D, OPT.rotation_seed), BITS, GROUP, value_bits=VALUE_BITS)
     elif storage == "svd":
         store = SVDStore(bases, RANK, torch.float32)
     else:
@@ -223,7 +230,7 @@ def cache_positions(cache, b, h):
 
 
 @pytest.mark.parametrize("selection", SELECTION_NAMES)
-@pytest.mark.parametrize("storage", ["exact", "quant", "svd", "learned"])
+@pytest.mark.parametrize("storage", ["exact", "quant", "rquant", "svd", "learned"])
 @pytest.mark.parametrize("rotary_fraction", [1.0, 0.5])  # low-rank stores re-rotate kept keys: partial rotary too
 def test_every_storage_x_selection_equals_the_reference_loop(storage, selection, rotary_fraction):
     torch.manual_seed(0)
@@ -265,7 +272,7 @@ def test_names_compose_and_canonicalise():
     assert (m.storage, m.selection, m.share) == ("quant", "pyramid", 5.5)
     with pytest.raises(ValueError, match=r"unknown kv policy 'h3o' in 'quant\+h3o': allowed are full, window"):
         parse_method("quant+h3o")
-    with pytest.raises(ValueError, match=r"must be STORAGE\+SELECTION: storage one of exact, quant, svd, learned"):
+    with pytest.raises(ValueError, match=r"must be STORAGE\+SELECTION: storage one of exact, quant, rquant, svd, learned"):
         parse_method("h2o+quant")
     with pytest.raises(ValueError, match=r"a storage share needs a selection"):
         parse_method("quant@4")
@@ -277,6 +284,18 @@ def test_names_compose_and_canonicalise():
         parse_method("lora+h2o")
 
 
+def test_rquant_names_carry_a_format_or_a_share():
+    m = parse_method("QuaRot:K4V2+snapkv")
+    assert (m.storage, m.selection, m.fmt, m.name) == ("rquant", "snapkv", "k4v2g64", "rquant:k4v2g64+snapkv")
+    assert resolve_policy("rquant:k8v4g32") == "rquant:k8v4g32" and resolve_policy("rotated@3+h2o") == "rquant@3+h2o"
+    with pytest.raises(ValueError, match=r"'quant:k4v2\+h2o': a format \(:k4v2\) is given to rquant storage only"):
+        parse_method("quant:k4v2+h2o")
+    with pytest.raises(ValueError, match=r"give rquant a format or a share, not both"):
+        parse_method("rquant@4:k4v2+h2o")
+    with pytest.raises(ValueError, match=r"quant format 'k3v2' must be kKvV\[gG\]: key and value bits in 2, 4, 8"):
+        parse_method("rquant:k3v2")
+
+
 def tiny_model(learned=True):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=96, hidden_size=4 * 16, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
@@ -286,7 +305,8 @@ def tiny_model(learned=True):
 
 
 @pytest.mark.parametrize("method,ratio", [("quant+h2o", 8), ("quant@5.3+window", 16), ("learned+snapkv", 8),
-                                          ("svd+streaming", 8), ("learned@2+lru", 6)])
+                                          ("svd+streaming", 8), ("learned@2+lru", 6), ("rquant+h2o", 8),
+                                          ("rquant:k4v2+window", 16), ("rquant@2+snapkv", 8)])
 def test_composition_splits_the_budget_and_meets_it_in_measured_bytes(method, ratio):
     model = tiny_model()
     total = 256
@@ -304,6 +324,10 @@ def test_composition_splits_the_budget_and_meets_it_in_measured_bytes(method, ra
     D_ = 16
     if m.storage == "quant":  # 4-bit (the default) or 2-bit (share >= its 5.33x): fp16 tokens per storage token
         per_token = 2 * D_ * 2 / (2 * D_ * cache.info["bits"] / 8 + 8)
+    elif m.storage == "rquant":  # its format's nominal ratio (k4v4 by the split rule; k4v2 named; k8v4 for share 2)
+        per_token = cache.info["format"].ratio(D_)
+        want = {"rquant+h2o": (4, 4), "rquant:k4v2g64+window": (4, 2), "rquant@2+snapkv": (8, 4)}[m.name]
+        assert (cache.info["format"].key_bits, cache.info["format"].value_bits) == want
     elif m.storage == "svd":
         per_token = D_ / cache.info["rank"]
     else:
@@ -316,6 +340,26 @@ def test_composition_splits_the_budget_and_meets_it_in_measured_bytes(method, ra
     assert ratio * 0.6 < measured <= ratio * 1.05, measured
 
 
+def test_rquant_split_rule_and_its_errors():
+    """budgets.rquant_format at SmolLM2's head dim 64: in a composition, k8v4 (2.46x) while the selection
+    keeps <= 2x, else k4v4 (3.56x); alone, the mildest format meeting the ratio; an explicit share, the
+    mildest format reaching it."""
+    from pikv.kv.budgets import rquant_format
+    pick = {r: rquant_format(r, 64, 64).name for r in (2, 3, 4, 5, 8, 16)}
+    assert pick == {2: "k8v8g64", 3: "k8v8g64", 4: "k8v4g64", 5: "k4v4g64", 8: "k4v4g64", 16: "k4v4g64"}
+    assert rquant_format(4, 64, 64, alone=True).name == "k4v2g64" and rquant_format(3, 64, 64, share=3).name == "k4v4g64"
+    with pytest.raises(ValueError, match=r"rquant ratio 8 is beyond its strongest format \(k2v2g64, 6\.40x\)"):
+        rquant_format(8, 64, 64, alone=True)
+    model = tiny_model(learned=False)  # head dim 16: k2v2 reaches 4x
+    with pytest.raises(ValueError, match=r"kv method 'rquant' at ratio 8: rquant ratio 8 is beyond its strongest"):
+        make_cache("rquant", model, ratio=8, total_tokens=64)
+    with pytest.raises(ValueError, match=r"kv ratio 1\.2 is impossible for 'rquant\+h2o': storage 'rquant' alone "
+                                         r"takes 1\.60x"):
+        make_cache("rquant+h2o", model, ratio=1.2, total_tokens=64)
+    with pytest.raises(ValueError, match=r"quant format 'k4v4g12': group 12 must divide the head dim 16"):
+        make_cache("rquant:k4v4g12+h2o", model, ratio=8, total_tokens=64)
+
+
 def test_impossible_combinations_name_both_parts():
     model = tiny_model()
     with pytest.raises(ValueError, match=r"kv ratio 2 is impossible for 'quant\+h2o': storage 'quant' alone takes "
@@ -324,7 +368,7 @@ def test_impossible_combinations_name_both_parts():
     with pytest.raises(ValueError, match=r"quant share 2 is below its mildest format \(4-bit, 2\.67x\)"):
         make_cache("quant@2+h2o", model, ratio=8, total_tokens=64)
     with pytest.raises(ValueError, match=r"'learned\+h2o': storage 'learned' needs a model trained with "
-                                         r"kv.compressor=learned .*allowed storages here: exact, quant, svd"):
+                                         r"kv.compressor=learned .*allowed storages here: exact, quant, rquant, svd"):
         make_cache("learned+h2o", tiny_model(learned=False), ratio=8, total_tokens=64)
     with pytest.raises(ValueError, match=r"'learned@2\+window': selection 'window' keeps 4 tokens per layer, not more "
                                          r"than the learned latent's exact window of 4"):

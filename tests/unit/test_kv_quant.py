@@ -8,8 +8,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pikv.kv import KVCache, KVOptions
-from pikv.kv.budgets import quant_nbytes_per_head
+from pikv.kv.budgets import QuantFormat, quant_nbytes_per_head
 from pikv.kv.quant import KiviStore, TokenQuantStore, Unpacker, pack, unpack
+from pikv.kv.rotated import RotatedQuantStore, rotation_matrix
 from pikv.kv.selection import SELECTIONS
 from tests.helpers import REORDERED_FP32, seeded
 
@@ -163,3 +164,103 @@ def test_gradients_through_the_compressed_path_match_the_reference(store_kind):
         (o * weights).sum().backward()
         grads.append(q_last.grad)
     torch.testing.assert_close(grads[0], grads[1], **REORDERED_FP32)  # fp32 reordering, as above
+
+
+# --- rotated quantization (pikv/kv/rotated.py) and key/value bits apart ---
+
+def rotated(bits=4, value_bits=None, group=D, capacity=0):
+    return lambda: RotatedQuantStore(rotation_matrix(D, 0), bits, group, None, 256, capacity, value_bits)  # noqa: E731
+
+
+def test_rotation_matrix_is_orthogonal_and_seeded():
+    for dim in (32, 64, 48):  # powers of two: randomised Hadamard; else QR of a Gaussian
+        R = rotation_matrix(dim, 3)
+        # R R^T = I up to fp32 rounding of the fp64-built matrix (a few ulps per entry)
+        torch.testing.assert_close(R @ R.T, torch.eye(dim), atol=1e-6, rtol=0)
+        assert torch.equal(R, rotation_matrix(dim, 3)) and not torch.equal(R, rotation_matrix(dim, 4))
+    h = rotation_matrix(32, 0) * 32 ** 0.5
+    # a Hadamard matrix: every entry +-1/sqrt(D) (rounded to fp32)
+    torch.testing.assert_close(h.abs(), torch.ones(32, 32), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("value_bits", [4, 2])
+@pytest.mark.parametrize("selection", ["all", "h2o"])
+def test_rotated_attention_equals_attention_over_the_rotated_back_values(value_bits, selection):
+    """Compressed-domain attention of (q R) over the codes of (k R), (v R), its output rotated by
+    R^T, against plain attention of q over the dequantized codes rotated back (the base class's
+    path: `read` returns R^T-rotated keys/values), step by step, with H2O evicting."""
+    chunks = [(0, 100)] + [(t, 1) for t in range(100, 120)] + [(120, 5)] + [(t, 1) for t in range(125, 140)]
+    q, k, v = inputs(140, seed=13)
+    budget = 64 if selection == "h2o" else None
+    fast, ref = twin_caches(rotated(4, value_bits, capacity=65), selection, budget=budget)
+    outs, refs = run_steps(fast, q, k, v, chunks), run_steps(ref, q, k, v, chunks)
+    for o, r in zip(outs, refs):
+        # the same sums in another order (scales folded, blocks merged) plus q R and o R^T, two
+        # D-term fp32 products with an orthogonal matrix: fp32 reordering error
+        torch.testing.assert_close(o, r, **REORDERED_FP32)
+    assert torch.equal(fast.positions(0), ref.positions(0)) if budget else fast.length(0) == 140
+    exact = torch.nn.functional.scaled_dot_product_attention(q[:, :, 139:], k[:, :, :140], v[:, :, :140], enable_gqa=True)
+    assert selection == "h2o" or (outs[-1] - exact).abs().max() > 1e-3  # the codes are really read
+
+
+def test_read_gives_the_keys_rotated_back_from_their_codes():
+    """read() = R^T dequantize(quantize(x R)), the per-token min-max round trip written out."""
+    _, k, v = inputs(20, seed=17)
+    R = rotation_matrix(D, 0)
+    store = rotated(4, 2)()
+    store.append(k, k, v)
+    got_k, got_v, _ = store.read(torch.float32, None, 0, 0, 20)
+
+    def roundtrip(x, bits):  # asymmetric min-max over the head dim, fp16 min and scale
+        levels = 2 ** bits - 1
+        mn = x.amin(-1, keepdim=True).half().float()
+        scale = ((x.amax(-1, keepdim=True).half().float() - mn) / levels).clamp_min(1e-8).half().float()
+        return torch.round((x - mn) / scale).clamp(0, levels) * scale + mn
+    # one rotation each way in fp32: a few ulps of the values' size
+    torch.testing.assert_close(got_k, roundtrip(k @ R, 4) @ R.T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_v, roundtrip(v @ R, 2) @ R.T, atol=1e-5, rtol=1e-5)
+
+
+def test_rotation_spreads_outlier_channels_for_per_token_codes():
+    """Keys with a few planted outlier channels (as RoPE'd keys have): per-token 4-bit codes over
+    the whole head dim lose far less after the rotation, which spreads each outlier over all D channels."""
+    _, k, v = inputs(256, seed=19)
+    k[..., [3, 17]] *= 20  # two outlier channels, 20x the others
+    errs = []
+    for make in (lambda: TokenQuantStore(4, D), rotated(4)):
+        store = make()
+        store.append(k, k, v)
+        errs.append(float((store.read(torch.float32, None, 0, 0, 256)[0] - k).pow(2).mean()))
+    assert errs[1] < errs[0] / 3, errs  # measured 4.4x lower mean squared error (seeded)
+
+
+@pytest.mark.parametrize("bits,value_bits,group", [(4, 2, 32), (4, 4, 16), (2, 2, 32), (8, 4, 32)])
+def test_nbytes_of_key_and_value_bits_apart_are_exact(bits, value_bits, group):
+    """nbytes = tokens x (K codes + V codes + an fp16 scale and zero per group of each), per head
+    (QuantFormat.token_bytes); the rotation adds no per-token byte (same bytes as unrotated)."""
+    _, k, v = inputs(96, seed=21)
+    fmt = QuantFormat(bits, value_bits, group)
+    stores = [TokenQuantStore(bits, group, None, 256, 96, value_bits),
+              RotatedQuantStore(rotation_matrix(D, 0), bits, group, None, 256, 96, value_bits)]
+    for store in stores:
+        store.append(k, k, v)
+        assert store.nbytes() == B * G * 96 * fmt.token_bytes(D)
+        assert store.token_bytes() == fmt.token_bytes(D)
+        assert store.buf.view("kc").shape[-1] == D * bits // 8 and store.buf.view("vc").shape[-1] == D * value_bits // 8
+
+
+@pytest.mark.parametrize("bits,value_bits", [(4, 2), (2, 4), (8, 2)])
+def test_key_and_value_bits_apart_pack_and_attend_as_dequantize_then_attend(bits, value_bits):
+    q, k, v = inputs(140, seed=23)
+    chunks = [(0, 100)] + [(t, 1) for t in range(100, 140)]
+    fast, ref = twin_caches(lambda: TokenQuantStore(bits, GROUP, None, 256, 0, value_bits))
+    for o, r in zip(run_steps(fast, q, k, v, chunks), run_steps(ref, q, k, v, chunks)):
+        torch.testing.assert_close(o, r, **REORDERED_FP32)  # fp32 reordering, as above
+    store = fast.stores[0]
+    for name, x, b in (("k", k, bits), ("v", v, value_bits)):
+        codes = unpack(store.buf.view(f"{name}c").view(B, G, 140, D // GROUP, -1), b)
+        assert int(codes.max()) == 2 ** b - 1  # each tensor at its own width (min-max: the top code is used)
+        deq = store._dequant(name, torch.float32)
+        # within half a quantization step of the input (+ fp16 scale rounding)
+        step = store.buf.view(f"{name}s").float().repeat_interleave(GROUP, -1)
+        assert ((deq - x[:, :, :140]).abs() <= step * 0.5 + 1e-3).all()
