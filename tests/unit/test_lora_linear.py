@@ -109,3 +109,23 @@ def test_param_group_glob_matching_nothing_is_an_error():
         build_optimizer(model, cfg.train)
     with pytest.raises(ValueError, match=r"'train.param_groups\[0\].lr' = 0.0 is invalid: must be > 0"):
         load_config(None, ["train.param_groups=[{params: '*', lr: 0.0}]"])
+
+
+def test_lora_alone_fits_a_batch():
+    # only the attention adapters train (everything else frozen): the loss on one fixed batch falls
+    model, cfg = _model(LORA + ["kv.compressor=none", "train.lr=3e-2", "train.weight_decay=0.0",
+                                "train.freeze=[embed_tokens.*,layers.*.mlp.*,'*layernorm*',norm.*]"])
+    from pikv.models.freeze import freeze_parameters
+    freeze_parameters(model, cfg.train.freeze)
+    opt = build_optimizer(model, cfg.train)
+    tokens = _tokens()
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    # seeded, so deterministic: 4.18 -> 3.86 measured (the base model is a weak random init, whose
+    # small attention outputs leave the adapters little to steer); an untrained adapter stays at 4.18
+    assert losses[-1] < losses[0] - 0.2, losses
