@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -47,6 +47,13 @@ class ModelConfig:
     # are dense unless moe.* asks for MoE layers (sparse upcycling), data.tokenizer defaults to it.
     # Weights are loaded at step 0 only: a resumed run restores its own checkpoint. '' = random init.
     init_from_hf: str = ""
+    # LoRA adapters (pikv/models/lora_linear.py) on the nn.Linear modules whose names match
+    # lora_targets (globs); their base weights are frozen. 0 = none. Part of the architecture, so every
+    # model rebuilt from a checkpoint's config (eval, export, resume, a teacher) has the same parameters.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the adapter adds (alpha / rank) * x A B
+    lora_targets: list[str] = field(default_factory=lambda: ["layers.*.self_attn.*_proj"])
+    lora_dropout: float = 0.0  # dropout on the adapter's input (training only)
 
 
 @dataclass
@@ -100,6 +107,12 @@ class DataConfig:
 
 
 @dataclass
+class LRGroup:
+    params: str = MISSING  # a glob on parameter names (fnmatch: `*` crosses dots)
+    lr: float = MISSING
+
+
+@dataclass
 class TrainConfig:
     run_name: str = "tiny"
     output_dir: str = "runs"  # the run directory is <output_dir>/<run_name>/
@@ -146,6 +159,10 @@ class TrainConfig:
     # ['embed_tokens.*'] (a tied LM head is the same tensor) or ['layers.*.mlp.*']. Each pattern must
     # match some parameter (pikv/models/freeze.py). The retrofit recipe freezes the embeddings.
     freeze: list[str] = field(default_factory=list)
+    # Per-group learning rates: [{params: GLOB, lr: LR}, ...]; a trainable parameter takes the lr of the
+    # first glob its name matches, else train.lr; every group follows the same warmup/cosine shape
+    # scaled by lr / train.lr (pikv/training/optim.py). A glob matching no trainable parameter is an error.
+    param_groups: list[LRGroup] = field(default_factory=list)
 
 
 @dataclass
@@ -387,6 +404,7 @@ def validate(cfg: JobConfig) -> JobConfig:
         invalid_key("parallel.expert_parallel_size", ep, f"must divide model.num_experts={cfg.model.num_experts}")
     _validate_data(cfg)
     _validate_train(cfg.train)
+    _validate_lora(cfg.model)
     _validate_engine(cfg.train, ep)
     _validate_kv(cfg)
     _validate_distill(cfg)
@@ -416,6 +434,20 @@ def _validate_train(t: TrainConfig) -> None:
         invalid_key("train.run_name", t.run_name, "must be a non-empty name without '/'")
     if t.max_nonfinite_steps < 0:
         invalid_key("train.max_nonfinite_steps", t.max_nonfinite_steps, "must be >= 0 (0 = stop at the first NaN/inf loss)")
+    for i, group in enumerate(t.param_groups):
+        if not group.lr > 0:
+            invalid_key(f"train.param_groups[{i}].lr", group.lr, "must be > 0")
+
+
+def _validate_lora(m: ModelConfig) -> None:
+    if m.lora_rank < 0:
+        invalid_key("model.lora_rank", m.lora_rank, "must be >= 0 (0 = no LoRA adapters)")
+    if not m.lora_alpha > 0:
+        invalid_key("model.lora_alpha", m.lora_alpha, "must be > 0 (adapter scale = alpha / rank)")
+    if not 0.0 <= m.lora_dropout < 1.0:
+        invalid_key("model.lora_dropout", m.lora_dropout, "must be in [0, 1)")
+    if m.lora_rank and not m.lora_targets:
+        invalid_key("model.lora_targets", m.lora_targets, "must name at least one nn.Linear glob when lora_rank > 0")
 
 
 def _validate_kv(cfg: JobConfig) -> None:

@@ -28,6 +28,7 @@ import torch
 from pikv.config import JobConfig, from_dict, moe_layer_indices
 from pikv.data.tokenizer import EOT, eot_id, load_tokenizer
 from pikv.models import Transformer
+from pikv.models.lora_linear import merge_lora
 from pikv.moe import merge_adapters
 from pikv.training.checkpoint import load_model_weights, read_trainer_state, resolve_checkpoint
 
@@ -163,6 +164,7 @@ def export_hf(checkpoint: Path, out_dir: Path, *, layout: str = "auto",
     model = Transformer(cfg.model, cfg.moe)
     load_model_weights(ckpt, model)
     merge_adapters(model)  # moe.kind=pikv: export each expert's effective weights (no-op otherwise)
+    merge_lora(model)  # model.lora_rank > 0: the attention adapters folded into the weights
 
     layout = installed_mixtral_layout() if layout == "auto" else layout
     out_dir = Path(out_dir)

@@ -19,6 +19,7 @@ from pikv.config import (ModelConfig, MoEConfig, OptionError, config_keys, defau
                          moe_layer_indices)
 from pikv.kv.cache import KVCache
 from pikv.kv.learned import LatentKVCompressor, attention_error, latent_rank, latent_rotary_dims
+from pikv.models.lora_linear import apply_lora
 from pikv.models.moe_model import MoEModel
 from pikv.moe import FeedForward, check_moe, create_moe
 
@@ -250,6 +251,8 @@ class Transformer(MoEModel):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.reset_parameters()
+        if cfg.lora_rank:  # after the init: the base weights are those of the model without adapters
+            apply_lora(self, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -37,6 +37,19 @@ _ADAPTED = (("w1_EHF", "lora_a1_EHR", "lora_b1_ERF"), ("w3_EHF", "lora_a3_EHR", 
             ("w2_EFH", "lora_a2_EFR", "lora_b2_ERH"))
 
 
+@torch.no_grad()
+def reset_adapter_(a: torch.Tensor, b: torch.Tensor) -> None:
+    """A ~ normal(0, 1/sqrt(in)) (unit-variance low-rank features of unit-variance inputs), B = 0 (the
+    adapter starts as a no-op). A is [..., in, R], B [..., R, out]: the experts' and pikv/models/lora_linear.py's."""
+    nn.init.normal_(a, std=1 / math.sqrt(a.shape[-2]))
+    nn.init.zeros_(b)
+
+
+def add_low_rank(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """w + scale * a @ b for input-major weights w [in, out] or stacked [E, in, out] (differentiable)."""
+    return (torch.baddbmm if w.dim() == 3 else torch.addmm)(w, a, b, alpha=scale)
+
+
 class LoRAGroupedExperts(nn.Module):
     """E SwiGLU experts whose weights are base + (alpha / rank) * A @ B, all stacked [E, ...].
 
@@ -74,9 +87,7 @@ class LoRAGroupedExperts(nn.Module):
         if self.shared_base is None:
             GroupedExperts.reset_parameters(self, std, out_std)
         for _, a, b in _ADAPTED:
-            A = getattr(self, a)
-            nn.init.normal_(A, std=1 / math.sqrt(A.shape[1]))
-            nn.init.zeros_(getattr(self, b))
+            reset_adapter_(getattr(self, a), getattr(self, b))
 
     def base_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(w1_EHF, w3_EHF, w2_EFH) of the base; a shared base is broadcast (a view, no copy)."""
@@ -90,7 +101,7 @@ class LoRAGroupedExperts(nn.Module):
 
     def merged_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """base + scale * A @ B for w1, w3, w2, each [E, in, out] (differentiable)."""
-        return tuple(torch.baddbmm(w, getattr(self, a), getattr(self, b), alpha=self.scale)
+        return tuple(add_low_rank(w, getattr(self, a), getattr(self, b), self.scale)
                      for w, (_, a, b) in zip(self.base_weights(), _ADAPTED))
 
     def forward(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:

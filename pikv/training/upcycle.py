@@ -89,8 +89,8 @@ def upcycle(student: nn.Module, teacher: nn.Module, source: str = "train.init_fr
                              f"this model's ({getattr(s_cfg, key)}); upcycling keeps everything outside the FFNs")
     t_sd = teacher.state_dict()
     for name, tensor in student.state_dict().items():
-        if ".mlp." in name or (".kv_compressor." in name and name not in t_sd):
-            continue  # FFNs below; a KV compressor the checkpoint lacks keeps its init (unused at full cache)
+        if ".mlp." in name or ((".kv_compressor." in name or ".lora_" in name) and name not in t_sd):
+            continue  # FFNs below; a KV compressor or LoRA adapters the checkpoint lacks keep their init
         if name not in t_sd or t_sd[name].shape != tensor.shape:
             raise ValueError(f"{source}: the checkpoint has no {name} of shape {tuple(tensor.shape)}; "
                              "upcycling copies everything outside the FFNs")
