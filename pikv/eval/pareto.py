@@ -22,8 +22,10 @@ from pikv.eval.stats import bootstrap_ci
 # Singles and compositions of `train/eval.py --kv pareto`. Quest is left out: it frees no bytes
 # (it reads a subset of a full cache), so it has no place on a bytes axis; `--kv quest` reports
 # its read ratio. Learned storages need a model trained with kv.compressor=learned.
-PARETO_SINGLES = ("window", "streaming", "h2o", "snapkv", "pyramid", "lru", "quant", "svd", "learned")
-PARETO_COMPOSED = ("quant+h2o", "quant+snapkv", "quant+streaming", "svd+h2o", "learned+h2o", "learned+snapkv")
+PARETO_SINGLES = ("window", "streaming", "h2o", "snapkv", "pyramid", "lru", "quant", "rquant", "svd",
+                  "learned")
+PARETO_COMPOSED = ("quant+h2o", "quant+snapkv", "quant+streaming", "rquant+h2o", "svd+h2o", "learned+h2o",
+                   "learned+snapkv")
 PARETO_METHODS = PARETO_SINGLES + PARETO_COMPOSED
 PARETO_RATIOS = "2,4,8,16"
 BYTES_TOLERANCE = 0.05  # a row competes at target r when measured >= r * (1 - this)
