@@ -32,8 +32,11 @@ reading the packed bytes once is the next step.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from pikv.kv import kernels
 from pikv.kv.attention import blockwise_attention
 from pikv.kv.buffers import Buffers
 from pikv.kv.storage import Store
@@ -157,14 +160,37 @@ class _QuantAttention(Store):
     False, by the base class: dequantize everything, then attend (the reference). A subclass's
     `_blocks()` yields (lo, hi, scores(q_BGMD), values(p_BGMK)) over its stored tokens in order."""
     compressed_attention = True
+    fused_kernel = True  # decode steps on the CPU through pikv/kv/kernels (False: the torch blocks)
     block_codes = 1 << 19  # codes of one tensor unpacked at a time (see the module docstring)
 
     def attend(self, q_BNTD, read, pos, start, T, extra, need_probs):
         if not self.compressed_attention:
             return super().attend(q_BNTD, read, pos, start, T, extra, need_probs)
         mask = self.read_mask(q_BNTD.device, pos, start, T, extra, None)  # one key per stored token
+        op = kernels.decode_op(q_BNTD, self.fused_kernel) if T == 1 else None
+        if op is not None:
+            return self._attend_fused(op, q_BNTD, mask, need_probs)
         G = next(iter(self.buf.t.values())).shape[1]
         return blockwise_attention(q_BNTD, G, self._blocks(), mask, need_probs)
+
+    def _attend_fused(self, op, q_BN1D, mask, need_probs):
+        """One decode step through the fused kernel (pikv/kv/kernels/quant_decode.cpp): the same
+        folded-scale sums as `_blocks`, one pass over the packed bytes in C++."""
+        B, N, _, D = q_BN1D.shape
+        channel_keys, keys, values, k_exact, v_exact = self._kernel_inputs(B, D, q_BN1D.device)
+        G, S = values[0].shape[1], values[0].shape[2] + k_exact.shape[2]
+        keep = torch.empty(0, dtype=torch.bool)
+        if mask is not None:  # [1, S] or [B', H', 1, S] (H' in 1, G)
+            keep = (mask.view(1, 1, S) if mask.dim() == 2 else mask[:, :, 0]).expand(B, G, S)
+        o_BND, p_BNS = op(q_BN1D.reshape(B, N, D).float().contiguous(), 1 / math.sqrt(D), channel_keys, *keys,
+                          *values, k_exact, v_exact, keep, need_probs)
+        return o_BND.view(B, N, 1, D).to(q_BN1D.dtype), p_BNS.view(B, N, 1, S) if need_probs else None
+
+    @staticmethod
+    def _token_codes(buf: Buffers, prefix: str, D: int):
+        """(codes, scale, zero, bits, channels per group) of per-token codes, read off their shapes."""
+        codes, scale = buf.view(prefix + "c"), buf.view(prefix + "s")
+        return codes, scale, buf.view(prefix + "z"), 8 * codes.shape[-1] // D, D // scale.shape[-1]
 
     def _token_block(self, prefix: str, buf: Buffers, lo: int, hi: int, unpacker: Unpacker):
         """Planes of the per-token codes of tokens lo..hi-1 [per, B, G, K, n, row bytes], scale, zero [B, G, K, n]."""
@@ -203,6 +229,11 @@ class TokenQuantStore(_QuantAttention):
         B, G, S, n_groups = scale.shape
         codes = unpack(self.buf.view(f"{name}c").view(B, G, S, n_groups, -1), self.bits)
         return dequantize(codes, scale[..., None], zero[..., None], dtype).view(B, G, S, -1)
+
+    def _kernel_inputs(self, B, D, device):
+        G = self.buf.view("kc").shape[1]
+        none = torch.empty(B, G, 0, D, device=device)
+        return False, self._token_codes(self.buf, "k", D), self._token_codes(self.buf, "v", D), none, none
 
     def _blocks(self):
         B, G, S, row = self.buf.view("kc").shape
@@ -272,6 +303,16 @@ class KiviStore(_QuantAttention):
         S = self.vtokens.n
         if self.buf.n:
             yield _exact_block(S, S + self.buf.n, self.buf.view("k"), self.buf.view("v"))
+
+    def _kernel_inputs(self, B, D, device):
+        k_exact, v_exact = self.buf.view("k").float(), self.buf.view("v").float()
+        if not self.kblocks.n:  # nothing quantized yet: empty codes
+            codes = torch.empty(B, k_exact.shape[1], 0, 1, dtype=torch.uint8, device=device)
+            scale = torch.empty(codes.shape, dtype=torch.float16, device=device)
+            return True, (codes, scale, scale, 8, self.group), (codes, scale, scale, 8, D), k_exact, v_exact
+        kc = self.kblocks.view("kc")
+        keys = (kc, self.kblocks.view("ks"), self.kblocks.view("kz"), 8 * kc.shape[-1] // (D * self.group), self.group)
+        return True, keys, self._token_codes(self.vtokens, "v", D), k_exact, v_exact
 
     def settle(self):
         g, bits = self.group, self.bits
