@@ -58,6 +58,14 @@ inline float exp_nonpos(float x) {
   return underflow ? 0.0f : y * scale;
 }
 
+// fp16 -> fp32 through GCC's _Float16 (vectorised, F16C / AVX512-FP16 conversions): c10::Half's
+// portable bit-twiddling conversion cost ~100 cycles per KIVI token here (measured).
+inline float half_to_float(c10::Half h) {
+  _Float16 x;
+  std::memcpy(&x, &h, sizeof(x));
+  return static_cast<float>(x);
+}
+
 // `count` consecutive packed bytes -> 8/BITS planes of `count` floats: out[i*count + x] is the
 // code in bits i*BITS.. of byte x.
 template <int BITS>
@@ -148,31 +156,71 @@ struct Heads {
   }
 };
 
+// A tile of T per-token rows -> their codes with the tokens innermost: out[(i*row + x)*T + t] is the
+// code in bits i*bits.. of byte x of token t (the bytes transposed first, then unpacked whole), so
+// the score and value loops below run over the tile's tokens (one long vector loop) instead of a
+// row's 8-16 bytes (measured: short per-row loops cost ~3x more per token). scale/zero -> fp32
+// [n, T] the same way.
+void unpack_token_tile(const Codes& c, int64_t t0, int64_t T, uint8_t* bytes_t, float* out, float* scale,
+                       float* zero) {
+  const uint8_t* src = c.codes + t0 * c.row;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t x = 0; x < c.row; ++x) bytes_t[x * T + t] = src[t * c.row + x];
+  unpack_planes(c.bits, bytes_t, c.row * T, out);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < c.n; ++j) {
+      scale[j * T + t] = half_to_float(c.scale[(t0 + t) * c.n + j]);
+      zero[j * T + t] = half_to_float(c.zero[(t0 + t) * c.n + j]);
+    }
+}
+
+struct TokenTile {  // scratch of one unpacked tile of per-token codes
+  std::vector<uint8_t> bytes;
+  std::vector<float> codes, scale, zero, tmp;
+  TokenTile(int64_t tile, int64_t D, int64_t n) : bytes(tile * D), codes(tile * D), scale(tile * n), zero(tile * n), tmp(tile) {}
+};
+
 // Scores of tokens t0..t0+T-1 with per-token keys: s = sum_j scale_tj (q_j . code_tj) + zero_tj sum(q_j).
 void token_scores(const Codes& k, const float* q_planar, const float* q_group_sum, int64_t M, int64_t D,
-                  int64_t t0, int64_t T, float* planes, float* s) {
+                  int64_t t0, int64_t T, TokenTile& tt, float* s) {
   const int per = 8 / k.bits;
-  const int64_t rbg = k.bytes_per_group(), count = T * k.row;
-  unpack_planes(k.bits, k.codes + t0 * k.row, count, planes);
-  for (int64_t t = 0; t < T; ++t) {
-    const c10::Half* sc = k.scale + (t0 + t) * k.n;
-    const c10::Half* zr = k.zero + (t0 + t) * k.n;
-    for (int64_t h = 0; h < M; ++h) {
-      const float* qh = q_planar + h * D;
-      float score = 0.0f;
-      for (int64_t j = 0; j < k.n; ++j) {
-        float dot = 0.0f;
-        for (int i = 0; i < per; ++i) {
-          const float* u = planes + i * count + t * k.row + j * rbg;
-          const float* qq = qh + i * k.row + j * rbg;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t x = 0; x < rbg; ++x) dot += qq[x] * u[x];
+  const int64_t rbg = k.bytes_per_group();
+  unpack_token_tile(k, t0, T, tt.bytes.data(), tt.codes.data(), tt.scale.data(), tt.zero.data());
+  float* dot = tt.tmp.data();
+  for (int64_t h = 0; h < M; ++h) {
+    float* sh = s + h * T;
+    std::fill(sh, sh + T, 0.0f);
+    for (int64_t j = 0; j < k.n; ++j) {
+      std::fill(dot, dot + T, 0.0f);
+      for (int i = 0; i < per; ++i)
+        for (int64_t x = j * rbg; x < (j + 1) * rbg; ++x) {
+          const float qv = q_planar[h * D + i * k.row + x];
+          const float* u = tt.codes.data() + (i * k.row + x) * T;
+#pragma omp simd
+          for (int64_t t = 0; t < T; ++t) dot[t] += qv * u[t];
         }
-        score += static_cast<float>(sc[j]) * dot + static_cast<float>(zr[j]) * q_group_sum[h * k.n + j];
-      }
-      s[h * T + t] = score;
+      const float qs = q_group_sum[h * k.n + j];
+      const float* sc = tt.scale.data() + j * T;
+      const float* zr = tt.zero.data() + j * T;
+#pragma omp simd
+      for (int64_t t = 0; t < T; ++t) sh[t] += sc[t] * dot[t] + zr[t] * qs;
     }
   }
+}
+
+// One KIVI block's scores for one head, PER planes of RB tokens: a compile-time size, so the g
+// scores stay in registers across the channel loop (a loop through memory chained every update
+// on the previous store: ~3x slower, measured).
+template <int PER, int RB>
+inline void channel_block(const float* u, int64_t count, int64_t D, const float* qs, float* sv) {
+  float acc[PER * RB];
+  for (int x = 0; x < PER * RB; ++x) acc[x] = sv[x];
+  for (int64_t d = 0; d < D; ++d) {
+    const float qd = qs[d];
+    for (int i = 0; i < PER; ++i)
+      for (int x = 0; x < RB; ++x) acc[i * RB + x] += qd * u[i * count + d * RB + x];
+  }
+  for (int x = 0; x < PER * RB; ++x) sv[x] = acc[x];
 }
 
 // Scores of KIVI blocks b0..b0+nb-1 (per-channel keys over g tokens): the block's scale folded into
@@ -188,48 +236,61 @@ void channel_scores(const Codes& k, const float* q, int64_t M, int64_t D, int64_
     for (int64_t h = 0; h < M; ++h) {
       const float* qh = q + h * D;
       float base = 0.0f;
+#pragma omp simd reduction(+ : base)
       for (int64_t d = 0; d < D; ++d) {
-        q_scaled[d] = qh[d] * static_cast<float>(sc[d]);
-        base += qh[d] * static_cast<float>(zr[d]);
+        q_scaled[h * D + d] = qh[d] * half_to_float(sc[d]);
+        base += qh[d] * half_to_float(zr[d]);
       }
-      for (int i = 0; i < per; ++i) {
-        float* sv = s + h * T + blk * g + i * rb;
-        for (int64_t x = 0; x < rb; ++x) sv[x] = base;
-        const float* u = planes + i * count + blk * k.row;
-        for (int64_t d = 0; d < D; ++d) {
-          const float qd = q_scaled[d];
-          const float* ud = u + d * rb;
-#pragma omp simd
-          for (int64_t x = 0; x < rb; ++x) sv[x] += qd * ud[x];
-        }
-      }
+      std::fill(s + h * T + blk * g, s + h * T + (blk + 1) * g, base);
+    }
+    const float* u = planes + blk * D * rb;
+    for (int64_t h = 0; h < M; ++h) {
+      float* sv = s + h * T + blk * g;
+      const float* qs = q_scaled + h * D;
+      if (k.bits == 2 && g == 32) channel_block<4, 8>(u, count, D, qs, sv);
+      else if (k.bits == 4 && g == 32) channel_block<2, 16>(u, count, D, qs, sv);
+      else if (k.bits == 8 && g == 32) channel_block<1, 32>(u, count, D, qs, sv);
+      else
+        for (int64_t d = 0; d < D; ++d)
+          for (int i = 0; i < per; ++i)
+            for (int64_t x = 0; x < rb; ++x) sv[i * rb + x] += qs[d] * u[i * count + d * rb + x];
     }
   }
 }
 
-// Weights x per-token values of tokens t0..t0+T-1: acc += (p scale_tj) code_t per group j, in the
-// values' planar order; the zero points' share sum_t p zero_tj is added once at the end.
-void token_values(const Codes& v, const float* p, Heads& st, int64_t t0, int64_t T, float* planes) {
+// Weights x per-token values of tokens t0..t0+T-1: acc += sum_t (p_t scale_tj) code_t per group j,
+// in the values' planar order; the zero points' share sum_t p_t zero_tj is added once at the end.
+void token_values(const Codes& v, const float* p, Heads& st, int64_t t0, int64_t T, TokenTile& tt) {
   const int per = 8 / v.bits;
-  const int64_t rbg = v.bytes_per_group(), count = T * v.row, D = st.D;
-  unpack_planes(v.bits, v.codes + t0 * v.row, count, planes);
-  for (int64_t t = 0; t < T; ++t) {
-    const c10::Half* sc = v.scale + (t0 + t) * v.n;
-    const c10::Half* zr = v.zero + (t0 + t) * v.n;
-    for (int64_t h = 0; h < st.M; ++h) {
-      const float pt = p[h * T + t];
-      if (pt == 0.0f) continue;  // masked
-      float* acc = st.acc_planar.data() + h * D;
-      for (int64_t j = 0; j < v.n; ++j) {
-        const float ps = pt * static_cast<float>(sc[j]);
-        st.zero_sum[h * v.n + j] += pt * static_cast<float>(zr[j]);
-        for (int i = 0; i < per; ++i) {
-          const float* u = planes + i * count + t * v.row + j * rbg;
-          float* a = acc + i * v.row + j * rbg;
-#pragma omp simd
-          for (int64_t x = 0; x < rbg; ++x) a[x] += ps * u[x];
-        }
+  const int64_t rbg = v.bytes_per_group(), D = st.D;
+  unpack_token_tile(v, t0, T, tt.bytes.data(), tt.codes.data(), tt.scale.data(), tt.zero.data());
+  float* ps = tt.tmp.data();
+  for (int64_t h = 0; h < st.M; ++h) {
+    const float* ph = p + h * T;
+    for (int64_t j = 0; j < v.n; ++j) {
+      const float* sc = tt.scale.data() + j * T;
+      const float* zr = tt.zero.data() + j * T;
+      float zsum = 0.0f;
+#pragma omp simd reduction(+ : zsum)
+      for (int64_t t = 0; t < T; ++t) {
+        ps[t] = ph[t] * sc[t];
+        zsum += ph[t] * zr[t];
       }
+      st.zero_sum[h * v.n + j] += zsum;
+      for (int i = 0; i < per; ++i)
+        for (int64_t x = j * rbg; x < (j + 1) * rbg; x += 4) {  // 4 independent sums (rbg % 4 == 0)
+          const float* u = tt.codes.data() + (i * v.row + x) * T;
+          float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+          for (int64_t t = 0; t < T; ++t) {
+            a0 += ps[t] * u[t];
+            a1 += ps[t] * u[T + t];
+            a2 += ps[t] * u[2 * T + t];
+            a3 += ps[t] * u[3 * T + t];
+          }
+          float* acc = st.acc_planar.data() + h * D + i * v.row + x;
+          acc[0] += a0, acc[1] += a1, acc[2] += a2, acc[3] += a3;
+        }
     }
   }
 }
@@ -289,7 +350,8 @@ void attend_row(const Problem& pb, const Row& r) {
   Heads st(M, D, r.v.n);
   std::vector<float> q(M * D);  // the query scaled by 1/sqrt(D)
   for (int64_t x = 0; x < M * D; ++x) q[x] = r.q[x] * pb.scale;
-  std::vector<float> s(M * tile), kplanes(tile * D), vplanes(tile * D), q_scaled(D);
+  std::vector<float> s(M * tile), kplanes(tile * D), q_scaled(M * D);
+  TokenTile ktile(pb.channel_keys ? 0 : tile, D, r.k.n), vtile(tile, D, r.v.n);
   // per-token keys: the query in the codes' planar order, and its sum per channel group
   std::vector<float> q_planar, q_group_sum;
   if (!pb.channel_keys && pb.S) {
@@ -307,11 +369,11 @@ void attend_row(const Problem& pb, const Row& r) {
     if (pb.channel_keys)
       channel_scores(r.k, q.data(), M, D, t0 / r.k.group, T / r.k.group, kplanes.data(), q_scaled.data(), s.data());
     else
-      token_scores(r.k, q_planar.data(), q_group_sum.data(), M, D, t0, T, kplanes.data(), s.data());
+      token_scores(r.k, q_planar.data(), q_group_sum.data(), M, D, t0, T, ktile, s.data());
     mask_and_keep(s.data(), M, T, r.keep ? r.keep + t0 * r.keep_stride : nullptr, r.keep_stride,
                   r.probs ? r.probs + t0 : nullptr, r.probs_stride);
     st.weights(s.data(), T, r.v.n);
-    token_values(r.v, s.data(), st, t0, T, vplanes.data());
+    token_values(r.v, s.data(), st, t0, T, vtile);
   }
   for (int64_t t0 = 0; t0 < pb.R; t0 += tile) {
     const int64_t T = std::min(tile, pb.R - t0);
@@ -373,6 +435,8 @@ std::tuple<at::Tensor, at::Tensor> quant_decode(const at::Tensor& q, double scal
               "q: contiguous fp32 [B, N, D] on the CPU");
   for (int64_t bits : {kbits, vbits})
     TORCH_CHECK(bits == 1 || bits == 2 || bits == 4 || bits == 8, "bits must be 1, 2, 4 or 8, got ", bits);
+  TORCH_CHECK(vgroup * vbits % 32 == 0, "value groups must pack into a multiple of 4 bytes, got ", vgroup,
+              " channels of ", vbits, " bits");
   check_codes(kc, ks, kz, "key");
   check_codes(vc, vs, vz, "value");
   const int64_t B = q.size(0), N = q.size(1), D = q.size(2), G = vc.size(1);
