@@ -25,9 +25,16 @@ head dim 32: 2M codes per tensor; bench/kv_decode_speed.py has the end-to-end nu
   8k): not used;
 - blocks of ~2^19 codes (2 MB of fp32, this CPU's L2 per core) bound the scratch memory; 2^17 to
   2^21 measured alike (within the noise); fewer, larger blocks mean fewer Python-level ops per step.
-What is left is dispatch: a decode step of one layer runs ~60 small ops here against the full
-cache's cast + SDPA, which costs most at batch 1 and short contexts; a fused kernel (C++/Triton)
-reading the packed bytes once is the next step.
+What was left is dispatch: a decode step of one layer runs ~60 small ops here against the full
+cache's cast + SDPA. So a decode step (one query per sequence) on the CPU now runs one fused C++
+op (pikv/kv/kernels/quant_decode.cpp, `_attend_fused`): per (batch row, kv head), tiles of 64
+tokens are unpacked once and scored for all of the kv head's query heads with the same folded
+scales, an online softmax per tile, the values accumulated from their codes, then the exact
+residual; the bit widths are read off the buffers' shapes (keys and values may differ). Prefill
+and chunks, CUDA tensors, autograd through the cache and `fused_kernel = False` keep the torch
+blocks below (same numbers within fp32 reordering; a Triton kernel for CUDA is future work).
+Measured (docs/benchmarks.md, "Fused C++ decode kernel"): about as fast as the torch blocks, not
+the step change hoped for; the per-token arithmetic at head dim 32 is now what costs.
 """
 
 from __future__ import annotations
