@@ -141,3 +141,22 @@ def test_autograd_through_the_cache_takes_the_torch_path():
     assert kernels.calls["torch"] == before + 1 and o.requires_grad
     o.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_switched_off_by_the_environment_runs_the_torch_path(monkeypatch, tmp_path):
+    """PIKV_KV_KERNEL=0 (as a machine without a compiler): no build, the torch blocks, the same
+    numbers; the build folder is the project's, under $PIKV_CACHE."""
+    monkeypatch.setenv("PIKV_CACHE", str(tmp_path))
+    assert kernels.cache_dir() == tmp_path / "torch_extensions"
+    S = 90
+    q = torch.randn(B, N, 1, D, generator=seeded(15))
+    k, v = torch.randn(B, G, S, D, generator=seeded(16)), torch.randn(B, G, S, D, generator=seeded(17))
+    store, _, _ = mixed_store("token", 4, 4, 0, k, v)
+    o_fused, _ = decode(store, q, None, False, fused=True)
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setenv("PIKV_KV_KERNEL", "0")
+    before = kernels.calls["torch"]
+    o, _ = store.attend(q, lambda: None, 0, S - 1, 1, None, False)
+    assert kernels.calls["torch"] == before + 1 and "PIKV_KV_KERNEL=0" in kernels._state["reason"]
+    assert not (tmp_path / "torch_extensions").exists()  # nothing was built
+    torch.testing.assert_close(o, o_fused, **REORDERED_FP32)
