@@ -33,8 +33,9 @@ scales, an online softmax per tile, the values accumulated from their codes, the
 residual; the bit widths are read off the buffers' shapes (keys and values may differ). Prefill
 and chunks, CUDA tensors, autograd through the cache and `fused_kernel = False` keep the torch
 blocks below (same numbers within fp32 reordering; a Triton kernel for CUDA is future work).
-Measured (docs/benchmarks.md, "Fused C++ decode kernel"): about as fast as the torch blocks, not
-the step change hoped for; the per-token arithmetic at head dim 32 is now what costs.
+Measured (docs/benchmarks.md, "Fused C++ decode kernel"): 1.16-1.29x the torch blocks at 2k and
+for the 8x compositions at 16k, equal at 8k, slower for KIVI at 16k batch 4 (0.86x): not the step
+change hoped for; the per-token arithmetic at head dim 32 is now what costs.
 """
 
 from __future__ import annotations
