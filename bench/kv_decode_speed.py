@@ -5,6 +5,7 @@
       [--rotary-fraction 0.5]
   python bench/kv_decode_speed.py --contexts 64 --batch 1 --ratios 4 --steps 2 --repeats 2   # quickest check
   python bench/kv_decode_speed.py --policies full,quant --dequantized   # + each quant method's old path
+  python bench/kv_decode_speed.py --policies full,quant --torch-path    # + the torch blocks instead of the C++ kernel
 
 The model is the default configuration (pikv/config.py) with max_seq_len raised to the longest
 context (and model.rotary_fraction = --rotary-fraction: below 1 the learned latent is the decoupled
@@ -21,7 +22,9 @@ order), so a burst of load on this shared machine hits all methods of a round al
 gives the median tokens/s and the median of the per-round speed-up vs the full cache.
 --dequantized also times every quantized method through dequantize-then-attend (`Store.attend`,
 the path before the stores attended in their compressed domain) on a copy of the same filled cache,
-as "METHOD (dequantized)".
+as "METHOD (dequantized)". --torch-path likewise times every quantized method with the fused C++
+decode kernel switched off (`fused_kernel = False`: the torch blockwise compressed-domain path) as
+"METHOD (torch path)".
 Threads: use at most the idle cores. With 2 OpenMP threads on a 2-core machine that also runs
 something else, a decode step took ~28 ms instead of ~3 ms (measured): the threads spin-wait for
 a core, which swamps everything this benchmark measures.
@@ -85,6 +88,8 @@ def main(argv):
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     ap.add_argument("--dequantized", action="store_true",
                     help="also time each quantized method through dequantize-then-attend (its old path)")
+    ap.add_argument("--torch-path", action="store_true",
+                    help="also time each quantized method without the fused C++ decode kernel (torch blocks)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,11 +114,14 @@ def main(argv):
                         continue
                     fill(model, cache, B, S)
                     methods[(policy, ratio)] = cache
-                    if args.dequantized and hasattr(cache.stores[0], "compressed_attention"):
-                        old = copy.deepcopy(cache)
-                        for store in old.stores:
-                            store.compressed_attention = False
-                        methods[(f"{policy} (dequantized)", ratio)] = old
+                    variants = {"dequantized": ("compressed_attention", args.dequantized),
+                                "torch path": ("fused_kernel", args.torch_path)}
+                    for label, (switch, wanted) in variants.items():
+                        if wanted and hasattr(cache.stores[0], switch):
+                            old = copy.deepcopy(cache)
+                            for store in old.stores:
+                                setattr(store, switch, False)
+                            methods[(f"{policy} ({label})", ratio)] = old
             if not methods:
                 continue
             has_full = ("full", None) in methods

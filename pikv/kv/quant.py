@@ -25,17 +25,27 @@ head dim 32: 2M codes per tensor; bench/kv_decode_speed.py has the end-to-end nu
   8k): not used;
 - blocks of ~2^19 codes (2 MB of fp32, this CPU's L2 per core) bound the scratch memory; 2^17 to
   2^21 measured alike (within the noise); fewer, larger blocks mean fewer Python-level ops per step.
-What is left is dispatch: a decode step of one layer runs ~60 small ops here against the full
-cache's cast + SDPA, which costs most at batch 1 and short contexts; a fused kernel (C++/Triton)
-reading the packed bytes once is the next step.
+What was left is dispatch: a decode step of one layer runs ~60 small ops here against the full
+cache's cast + SDPA. So a decode step (one query per sequence) on the CPU now runs one fused C++
+op (pikv/kv/kernels/quant_decode.cpp, `_attend_fused`): per (batch row, kv head), tiles of 64
+tokens are unpacked once and scored for all of the kv head's query heads with the same folded
+scales, an online softmax per tile, the values accumulated from their codes, then the exact
+residual; the bit widths are read off the buffers' shapes (keys and values may differ). Prefill
+and chunks, CUDA tensors, autograd through the cache and `fused_kernel = False` keep the torch
+blocks below (same numbers within fp32 reordering; a Triton kernel for CUDA is future work).
+Measured (docs/benchmarks.md, "Fused C++ decode kernel"): 1.16-1.29x the torch blocks at 2k and
+for the 8x compositions at 16k, equal at 8k, slower for KIVI at 16k batch 4 (0.86x): not the step
+change hoped for; the per-token arithmetic at head dim 32 is now what costs.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
+from pikv.kv import kernels
 from pikv.kv.attention import blockwise_attention
 from pikv.kv.buffers import Buffers
 from pikv.kv.storage import Store
@@ -159,14 +169,37 @@ class _QuantAttention(Store):
     False, by the base class: dequantize everything, then attend (the reference). A subclass's
     `_blocks()` yields (lo, hi, scores(q_BGMD), values(p_BGMK)) over its stored tokens in order."""
     compressed_attention = True
+    fused_kernel = True  # decode steps on the CPU through pikv/kv/kernels (False: the torch blocks)
     block_codes = 1 << 19  # codes of one tensor unpacked at a time (see the module docstring)
 
     def attend(self, q_BNTD, read, pos, start, T, extra, need_probs):
         if not self.compressed_attention:
             return super().attend(q_BNTD, read, pos, start, T, extra, need_probs)
         mask = self.read_mask(q_BNTD.device, pos, start, T, extra, None)  # one key per stored token
+        op = kernels.decode_op(q_BNTD, self.fused_kernel) if T == 1 else None
+        if op is not None:
+            return self._attend_fused(op, q_BNTD, mask, need_probs)
         G = next(iter(self.buf.t.values())).shape[1]
         return blockwise_attention(q_BNTD, G, self._blocks(), mask, need_probs)
+
+    def _attend_fused(self, op, q_BN1D, mask, need_probs):
+        """One decode step through the fused kernel (pikv/kv/kernels/quant_decode.cpp): the same
+        folded-scale sums as `_blocks`, one pass over the packed bytes in C++."""
+        B, N, _, D = q_BN1D.shape
+        channel_keys, keys, values, k_exact, v_exact = self._kernel_inputs(B, D, q_BN1D.device)
+        G, S = values[0].shape[1], values[0].shape[2] + k_exact.shape[2]
+        keep = torch.empty(0, dtype=torch.bool)
+        if mask is not None:  # [1, S] or [B', H', 1, S] (H' in 1, G)
+            keep = (mask.view(1, 1, S) if mask.dim() == 2 else mask[:, :, 0]).expand(B, G, S)
+        o_BND, p_BNS = op(q_BN1D.reshape(B, N, D).float().contiguous(), 1 / math.sqrt(D), channel_keys, *keys,
+                          *values, k_exact, v_exact, keep, need_probs)
+        return o_BND.view(B, N, 1, D).to(q_BN1D.dtype), p_BNS.view(B, N, 1, S) if need_probs else None
+
+    @staticmethod
+    def _token_codes(buf: Buffers, prefix: str, D: int):
+        """(codes, scale, zero, bits, channels per group) of per-token codes, read off their shapes."""
+        codes, scale = buf.view(prefix + "c"), buf.view(prefix + "s")
+        return codes, scale, buf.view(prefix + "z"), 8 * codes.shape[-1] // D, D // scale.shape[-1]
 
     def _token_block(self, prefix: str, buf: Buffers, lo: int, hi: int, unpacker: Unpacker):
         """Planes of the per-token codes of tokens lo..hi-1 [per, B, G, K, n, row bytes], scale, zero [B, G, K, n]."""
@@ -209,6 +242,11 @@ class TokenQuantStore(_QuantAttention):
         bits = self.bits if name == "k" else self.value_bits
         codes = unpack(self.buf.view(f"{name}c").view(B, G, S, n_groups, -1), bits)
         return dequantize(codes, scale[..., None], zero[..., None], dtype).view(B, G, S, -1)
+
+    def _kernel_inputs(self, B, D, device):
+        G = self.buf.view("kc").shape[1]
+        none = torch.empty(B, G, 0, D, device=device)
+        return False, self._token_codes(self.buf, "k", D), self._token_codes(self.buf, "v", D), none, none
 
     def _blocks(self):
         B, G, S, row = self.buf.view("kc").shape
@@ -278,6 +316,16 @@ class KiviStore(_QuantAttention):
         S = self.vtokens.n
         if self.buf.n:
             yield _exact_block(S, S + self.buf.n, self.buf.view("k"), self.buf.view("v"))
+
+    def _kernel_inputs(self, B, D, device):
+        k_exact, v_exact = self.buf.view("k").float(), self.buf.view("v").float()
+        if not self.kblocks.n:  # nothing quantized yet: empty codes
+            codes = torch.empty(B, k_exact.shape[1], 0, 1, dtype=torch.uint8, device=device)
+            scale = torch.empty(codes.shape, dtype=torch.float16, device=device)
+            return True, (codes, scale, scale, 8, self.group), (codes, scale, scale, 8, D), k_exact, v_exact
+        kc = self.kblocks.view("kc")
+        keys = (kc, self.kblocks.view("ks"), self.kblocks.view("kz"), 8 * kc.shape[-1] // (D * self.group), self.group)
+        return True, keys, self._token_codes(self.vtokens, "v", D), k_exact, v_exact
 
     def settle(self):
         g, bits = self.group, self.bits
