@@ -160,3 +160,22 @@ def test_switched_off_by_the_environment_runs_the_torch_path(monkeypatch, tmp_pa
     assert kernels.calls["torch"] == before + 1 and "PIKV_KV_KERNEL=0" in kernels._state["reason"]
     assert not (tmp_path / "torch_extensions").exists()  # nothing was built
     torch.testing.assert_close(o, o_fused, **REORDERED_FP32)
+
+
+@pytest.mark.parametrize("kbits,vbits", [(4, 2), (8, 4)])
+def test_rotated_mixed_widths_under_h2o(kbits, vbits):
+    """rquant (the rotation outside the codes, keys and values at their own widths, one group per
+    head) through the kernel: the same kept tokens and outputs as its torch blockwise path."""
+    from pikv.kv.rotated import RotatedQuantStore, rotation_matrix
+    total, D64 = 120, 64
+    q = torch.randn(B, N, total, D64, generator=seeded(12)) * 2
+    k, v = torch.randn(B, G, total, D64, generator=seeded(13)), torch.randn(B, G, total, D64, generator=seeded(14))
+    caches = [cache(RotatedQuantStore(rotation_matrix(D64, 0), kbits, D64, None, 256, 65, vbits), "h2o", fused)
+              for fused in (True, False)]
+    before = kernels.calls["fused"]
+    outs = [[c.attend(0, q[:, :, s:s + T], k[:, :, s:s + T], v[:, :, s:s + T], start=s)
+             for s, T in [(0, 90)] + [(t, 1) for t in range(90, total)]] for c in caches]
+    assert kernels.calls["fused"] - before == total - 90
+    assert torch.equal(caches[0].positions(0), caches[1].positions(0))
+    for o, r in zip(outs[0], outs[1]):
+        torch.testing.assert_close(o, r, **REORDERED_FP32)
