@@ -7,7 +7,7 @@
   python bench/kv_decode_speed.py --policies full,quant --dequantized   # + each quant method's old path
   python bench/kv_decode_speed.py --policies full,quant --torch-path    # + the torch blocks instead of the C++ kernel
 
-The model is the default configuration (pikv/config.py) with max_seq_len raised to the longest
+The model is the default configuration (pikv/config/) with max_seq_len raised to the longest
 context (and model.rotary_fraction = --rotary-fraction: below 1 the learned latent is the decoupled
 one with absorbed decode attention, pikv/kv/mla.py), random weights (speed does not depend on them). The cache of each method is filled to
 the context length by feeding random keys/values through `KVCache.attend` layer by layer in

@@ -8,7 +8,7 @@ batch 1, over context lengths; the merge collective's share of the sharded step.
 The bench forks `--world` gloo processes itself (pikv.testing.run_distributed) for each context,
 so both configurations run in the same run: rank 0 also holds a plain single-process cache (filled
 in the parent before the fork). The model is
-the default configuration (pikv/config.py) with dense FFN layers (`--moe`: the default MoE layers),
+the default configuration (pikv/config/) with dense FFN layers (`--moe`: the default MoE layers),
 max_seq_len raised to the longest context, random weights (speed does not depend on them): the
 attention-bound regime the sharding is for. Every cache is filled to the context by feeding random
 keys/values through `cache.attend` in chunks (bench/kv_decode_speed.py `fill`; a sharded cache keeps

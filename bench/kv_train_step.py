@@ -4,7 +4,7 @@
       [--ratio 4] [--out runs/bench]
   python bench/kv_train_step.py --batch 1 --seq-len 64 --rounds 2 --warmup 0   # quickest end-to-end check
 
-Forward + backward of the default model (pikv/config.py defaults, data.seq_len tokens per
+Forward + backward of the default model (pikv/config/ defaults, data.seq_len tokens per
 sequence, random tokens) in each mode a training step can be in: the full cache only (a full-cache
 co-training step, the same cost as a plain model's step), the distillation phase (the model on the
 full cache plus the compressor's side attention through the latent), and co-training through the
