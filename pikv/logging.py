@@ -13,6 +13,7 @@ import math
 import netrc
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -47,6 +48,27 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf; keep them visible instead of crashing
     return value
+
+
+WANDB_IN_USE_WAIT_S = 120.0  # how long a resumed run waits for the killed job's W&B process to let go
+
+
+def _init_retrying_in_use(init, wait_s: float = WANDB_IN_USE_WAIT_S, pause_s: float = 2.0):
+    """wandb.init, retried while W&B answers "run ID ... is in use": a job requeued after a node
+    loss can start before the killed job's wandb-core (an orphan on a surviving node) has released
+    the run (seen in tests/integration/test_multinode.py under load). After `wait_s` the run goes on
+    without W&B (metrics.jsonl keeps every step) rather than failing the training."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return init()
+        except Exception as err:  # wandb raises its internal ServerResponseError
+            if "is in use" not in str(err):
+                raise
+            if time.monotonic() >= deadline:
+                get_logger().warning(f"W&B: {err} after {wait_s:.0f} s; logging to metrics.jsonl only")
+                return None
+            time.sleep(pause_s)
 
 
 class MetricsLogger:
@@ -98,9 +120,10 @@ class MetricsLogger:
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
-        return wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=run_name,
-                          tags=list(cfg.wandb_tags), config=config, id=run_id, resume="allow",
-                          dir=str(run_dir), mode=mode, settings=wandb.Settings(quiet=True))
+        return _init_retrying_in_use(lambda: wandb.init(
+            project=cfg.wandb_project, entity=cfg.wandb_entity, name=run_name, tags=list(cfg.wandb_tags),
+            config=config, id=run_id, resume="allow", dir=str(run_dir), mode=mode,
+            settings=wandb.Settings(quiet=True)))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.enabled:
