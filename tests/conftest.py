@@ -22,3 +22,15 @@ def _seed_every_test():
     torch.manual_seed(0)
     random.seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_wandb_service():
+    """wandb.init in this process (an in-process training test) puts its service's address in
+    os.environ["WANDB_SERVICE"]; every later subprocess (torchrun, SLURM jobs) would then log through
+    this pytest process's wandb-core, which keeps a killed job's run open, so its requeued job finds
+    "run ID ... is in use" (tests/integration/test_multinode.py, node loss). Each test's
+    subprocesses start their own service."""
+    os.environ.pop("WANDB_SERVICE", None)
+    yield
+    os.environ.pop("WANDB_SERVICE", None)
