@@ -204,7 +204,9 @@ class KVConfig:
     pca_init_windows: int = 0
     # Storage of the latent codes: 8 = int8 with one fp16 scale per token and layer (Palu-style
     # quantized latent: at equal bytes about twice the rank of fp16), trained with the same
-    # quantization in the loop; 16 = fp16 codes. The rank of a ratio fills its byte budget.
+    # quantization in the loop; 4 = int4 with one fp16 scale per 32 consecutive latent coordinates
+    # (pikv/kv/latent_codes.py; at 8x ~1.8x the rank of int8); 16 = fp16 codes. The rank of a
+    # ratio fills its byte budget. An evaluation may store another width: `--kv learned:b4`.
     latent_bits: int = 8
     # Recent tokens kept exact (fp16) beside the latent: a query reads its last `latent_window`
     # keys/values exactly and older ones through the latent, whose rank gets the bytes the window

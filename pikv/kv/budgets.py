@@ -228,7 +228,8 @@ def check_latent_budgets(num_kv_heads: int, head_dim: int, ratios: list[float], 
     `length`-token sequence, `rotary_dims` key dims per head held apart (the decoupled latent).
     OptionError (a ValueError naming the argument) otherwise."""
     if bits not in LATENT_BITS:
-        raise OptionError("bits", bits, "must be 8 (int8 codes + fp16 scale) or 16 (fp16 codes)")
+        raise OptionError("bits", bits, "must be 4 (int4 codes + an fp16 scale per 32 latent coordinates), "
+                          "8 (int8 codes + an fp16 scale per token) or 16 (fp16 codes)")
     if not ratios:
         raise OptionError("ratios", list(ratios), "must be a non-empty list of compression ratios")
     for r in ratios:

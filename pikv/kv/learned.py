@@ -20,11 +20,13 @@ With `bits=8` the latent is stored as int8 codes with one fp16 absmax scale per 
 as Palu quantizes its low-rank latents: at the same bytes that is about twice the rank of fp16
 codes, and rounding the kept coordinates to 8 bits loses far less than halving the rank. Training runs the same
 quantization in the loop (straight-through gradient), so the compressor learns a latent that
-survives it and the single-pass training forward equals decoding from the int8 cache.
+survives it and the single-pass training forward equals decoding from the int8 cache. With
+`bits=4` the codes are int4 with one fp16 scale per group of `group` consecutive latent coordinates
+(pikv/kv/latent_codes.py), again in the training loop: at 8x about 1.8x the rank of int8 codes.
 
 With partial rotary (model.rotary_fraction < 1, `rotary_dims` > 0) the latent is MLA's decoupled
 one: it encodes only the position-free key dims and the values, and the rotated key dims of each
-kv head are held apart after RoPE (int8 with one fp16 scale per token when bits=8, else the store
+kv head are held apart after RoPE (int8 with one fp16 scale per token when bits <= 8, else the store
 dtype; their bytes come off the rank, `latent_rank`). Nothing stored then needs RoPE again, so a
 decode step can fold the key up-projection into the query and the value up-projection into the
 output and attend over the codes themselves (pikv/kv/mla.py). A fully rotary key has no
@@ -49,16 +51,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pikv.kv.latent_codes import (LATENT_BITS, LATENT_GROUP, LatentFormat, dequantize_latent,  # noqa: F401
+                                  quantize_latent, straight_through_int8)
+
 
 class LatentKVCompressor(nn.Module):
     """down: C -> R_max, up: R_max -> C, used at a prefix rank (the rank of a training step is in
     KVTrainState, the rank of a cache in the cache: the module itself holds no mode)."""
 
     def __init__(self, num_kv_heads: int, head_dim: int, max_rank: int, bits: int = 16, window: int = 0,
-                 rotary_dims: int = 0):
+                 rotary_dims: int = 0, group: int = LATENT_GROUP):
         super().__init__()
-        if bits not in LATENT_BITS:
-            raise ValueError(f"kv latent bits {bits} is not supported: allowed {LATENT_BITS}")
+        self.codes = LatentFormat(bits, group)  # the trained format; a cache may store another (registry)
         if window < 0:
             raise ValueError(f"kv latent window {window} must be >= 0 (recent tokens kept exact)")
         if not 0 <= rotary_dims < head_dim:
@@ -115,32 +119,10 @@ class LatentKVCompressor(nn.Module):
         Ck = self.G * (self.D - self.rot)
         return self.up.weight[Ck:, :rank].view(self.G, self.D, rank)
 
-    def store(self, c_BTR: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """What a cache holds for latent codes: int8 codes + fp16 scale, or the codes in `dtype`."""
-        if self.bits == 8:
-            return dict(zip(("c", "c_scale"), quantize_latent(c_BTR)))
-        return {"c": c_BTR.to(dtype)}
-
-    def load(self, stored: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """The latent [B, T, r] back from what `store` returned (concatenated over tokens)."""
-        if self.bits == 8:
-            return dequantize_latent(stored["c"], stored["c_scale"], dtype)
-        return stored["c"].to(dtype)
-
     def forward(self, k_BGTD: torch.Tensor, v_BGTD: torch.Tensor, rank: int):
         """Round trip at `rank` through the stored format: (key dims rot.., values)."""
-        c_BTR = self.encode(k_BGTD, v_BGTD, rank)
-        if self.bits == 8:  # straight-through: the forward sees the int8 round trip, the gradient is the identity
-            c_BTR = straight_through_int8(c_BTR, (-1,))
-        return self.decode(c_BTR)
-
-    def store_rotary(self, k_BGTD: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """What a decoupled cache holds for the rotated key dims (after RoPE) [B, G, T, rot]: int8
-        codes with one fp16 scale per token (over all kv heads) when bits=8, else `dtype`."""
-        k_rot = k_BGTD[..., :self.rot]
-        if self.bits == 8:
-            return dict(zip(("kr", "kr_scale"), quantize_latent(k_rot, (1, 3))))
-        return {"kr": k_rot.to(dtype)}
+        # straight-through: the forward sees the stored codes' round trip, the gradient is the identity
+        return self.decode(self.codes.round_trip(self.encode(k_BGTD, v_BGTD, rank)))
 
     def reconstruct(self, k_pre_BGTD, k_BGTD, v_BGTD, rank: int, rope, start: int):
         """Keys after RoPE and values as a query reads them through the latent at `rank` (the
@@ -150,10 +132,7 @@ class LatentKVCompressor(nn.Module):
         k_dec, v_hat = self(k_pre_BGTD, v_BGTD, rank)
         if not self.rot:
             return rope(k_dec, start), v_hat
-        k_rot = k_BGTD[..., :self.rot]
-        if self.bits == 8:
-            k_rot = straight_through_int8(k_rot, (1, 3))
-        return torch.cat([k_rot, k_dec], -1), v_hat
+        return torch.cat([self.codes.rotary_round_trip(k_BGTD[..., :self.rot]), k_dec], -1), v_hat
 
     def attention(self, q_BNTD: torch.Tensor, k_lat_BGSD: torch.Tensor, v_lat_BGSD: torch.Tensor,
                   k_BGED: torch.Tensor, v_BGED: torch.Tensor) -> torch.Tensor:
@@ -188,39 +167,9 @@ def attention_error(o_BNTD: torch.Tensor, o_ref_BNTD: torch.Tensor) -> torch.Ten
     return ((o_BNTD - o_ref_BNTD).pow(2).sum(-1) / (o_ref_BNTD.pow(2).sum(-1) + 1e-6)).mean()
 
 
-LATENT_BITS = (8, 16)
-SCALE_BYTES = 2  # int8 latents: one fp16 absmax scale per token and layer
-
-
-def quantize_latent(c_BTR: torch.Tensor, dims: tuple[int, ...] = (-1,)) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-token int8: (codes int8, fp16 scale with `dims` reduced to 1: [B, T, 1] for
-    a latent [B, T, r]). The scale is rounded to fp16 before the codes are formed, so what the
-    cache stores is exactly what the training round trip used."""
-    scale = (c_BTR.detach().float().abs().amax(dims, keepdim=True) / 127).clamp_min(1e-6).half()
-    codes = torch.round(c_BTR.float() / scale.float()).clamp_(-127, 127).to(torch.int8)
-    return codes, scale
-
-
-def dequantize_latent(codes_BTR: torch.Tensor, scale_BT1: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (codes_BTR.float() * scale_BT1.float()).to(dtype)
-
-
-def straight_through_int8(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """The int8 round trip of `x` (scale over `dims`) in the forward, the identity in the backward."""
-    return x + (dequantize_latent(*quantize_latent(x.detach(), dims), x.dtype) - x).detach()
-
-
 def latent_width(num_kv_heads: int, head_dim: int, rotary_dims: int = 0) -> int:
     """Numbers per token the latent compresses: the values and the key dims not held apart."""
     return num_kv_heads * (2 * head_dim - rotary_dims)
-
-
-def rotary_bytes(num_kv_heads: int, rotary_dims: int, bits: int) -> int:
-    """Bytes per token of the rotated key dims a decoupled latent holds apart: fp16, or int8 codes
-    + one fp16 scale per token (bits=8); 0 for the joint latent (rotary_dims 0)."""
-    if not rotary_dims:
-        return 0
-    return num_kv_heads * rotary_dims * bits // 8 + (SCALE_BYTES if bits == 8 else 0)
 
 
 def latent_rotary_dims(model_cfg) -> int:
@@ -233,35 +182,44 @@ def latent_rotary_dims(model_cfg) -> int:
 
 
 def latent_rank(num_kv_heads: int, head_dim: int, ratio: float, bits: int = 16, window: int = 0,
-                length: Optional[int] = None, rotary_dims: int = 0) -> int:
+                length: Optional[int] = None, rotary_dims: int = 0, group: int = LATENT_GROUP) -> int:
     """The largest latent rank whose cache fits the fp16 keys + values' bytes / `ratio`: per token
-    `rank` codes of bits/8 bytes, plus the fp16 scale of int8 codes, plus (decoupled latent,
-    `rotary_dims` > 0) the rotated key dims held apart (`rotary_bytes`). With `window` > 0, a
-    sequence of `length` tokens keeps its last `window` tokens exact (fp16) and the latent of the
-    other length - window tokens gets the bytes those leave. ValueError when nothing is left for it."""
+    the codes at `bits` with their fp16 scales (LatentFormat(bits, group).token_bytes), plus
+    (decoupled latent, `rotary_dims` > 0) the rotated key dims held apart (LatentFormat.rotary_bytes). With
+    `window` > 0, a sequence of `length` tokens keeps its last `window` tokens exact (fp16) and the
+    latent of the other length - window tokens gets the bytes those leave. ValueError when nothing
+    is left for it."""
     if not ratio >= 1:
         raise ValueError(f"compression ratio {ratio} must be >= 1")
     full = 4 * num_kv_heads * head_dim  # fp16 bytes of one token's keys + values
     if window and (length is None or length <= window):
         raise ValueError(f"kv latent window {window} needs a sequence length above it (got {length})")
+    fmt = LatentFormat(bits, group)
 
     def per_token(r: float) -> float:  # bytes per latent-held token at ratio r
         return full / r if not window else (length * full / r - window * full) / (length - window)
-    rot = rotary_bytes(num_kv_heads, rotary_dims, bits)
-    scale = SCALE_BYTES if bits == 8 else 0
-    rank = min(latent_width(num_kv_heads, head_dim, rotary_dims),
-               math.floor((per_token(ratio) - rot) * 8 / bits + 1e-9) - scale)
+    budget = per_token(ratio) - fmt.rotary_bytes(num_kv_heads, rotary_dims) + 1e-9
+    # codes alone bound the rank from above; each step down sheds at least part of a byte
+    rank = min(latent_width(num_kv_heads, head_dim, rotary_dims), math.floor(max(budget, 0) * 8 / bits))
+    while rank >= 1 and fmt.token_bytes(rank) > budget:
+        rank -= 1
     if rank >= 1:
         return rank
+    _no_rank(num_kv_heads, ratio, window, length, rotary_dims, fmt, full, per_token(ratio))
+
+
+def _no_rank(num_kv_heads, ratio, window, length, rotary_dims, fmt: LatentFormat, full: int, per_token: float):
+    """The ValueError of a budget that leaves no latent rank >= 1 (what is possible, when rotary dims take it)."""
     beside = f" beside a {window}-token exact window over {length} tokens" if window else ""
     if not rotary_dims:
         raise ValueError(f"kv compression ratio {ratio} is impossible for the learned latent{beside}: "
-                         f"{per_token(ratio):.1f} bytes per token leave no latent rank >= 1")
-    need = rot + bits // 8 + scale  # the rotated dims and a rank-1 latent
+                         f"{per_token:.1f} bytes per token leave no latent rank >= 1")
+    rot = fmt.rotary_bytes(num_kv_heads, rotary_dims)
+    need = rot + fmt.token_bytes(1)  # the rotated dims and a rank-1 latent
     top = full / need if not window else length * full / (window * full + (length - window) * need)
     raise ValueError(f"kv compression ratio {ratio} is impossible for the decoupled learned latent{beside}: "
                      f"the {rotary_dims} rotary key dims of each of {num_kv_heads} kv heads take {rot} bytes per "
-                     f"token of the {per_token(ratio):.1f} it allows, leaving no latent rank >= 1; possible: "
+                     f"token of the {per_token:.1f} it allows, leaving no latent rank >= 1; possible: "
                      f"ratio <= {math.floor(top * 100) / 100:g} (or fewer rotary dims, model.rotary_fraction)")
 
 

@@ -7,7 +7,7 @@ of one kv head, D head dim, P rotated dims per head, r latent rank.
 
 With partial rotary (model.rotary_fraction < 1) the compressor (rotary_dims = P) encodes only the
 position-free key dims and the values; the P rotated key dims of each kv head are stored apart
-after RoPE (int8 codes + one fp16 scale per token with kv.latent_bits=8, else the store dtype).
+after RoPE (int8 codes + one fp16 scale per token with codes of <= 8 bits, else the store dtype).
 A decode step then never rebuilds a stored token's key or value. Per kv head g, with Uk_g / Uv_g
 the rows of the up-projection that produce g's key dims P.. / values:
 
@@ -19,7 +19,8 @@ the rows of the up-projection that produce g's key dims P.. / values:
 
 The latent c is shared by every kv head, so all N query heads score it with one matmul. int8
 codes are converted to the compute dtype (the matmuls need it) and their per-token scale
-multiplies the scores / probabilities ([N, S] numbers) instead of the codes ([S, r] numbers).
+multiplies the scores / probabilities ([N, S] numbers) instead of the codes ([S, r] numbers); int4
+codes (a scale per group of coordinates) are dequantized to the [S, r] latent first.
 A prefill (T > 1) reconstructs keys and values and runs SDPA (`LatentStore.attend`): absorbed
 attention materialises the [N*T, K] scores that SDPA's fused kernel avoids.
 """
@@ -38,11 +39,11 @@ class MLAStore(LatentStore):
     rotated key dims kr [B, G, S, P] (+ scale [B, 1, S, 1]), the last `window` tokens exact (keys
     after RoPE here: the latent reads only position-free dims, so they need no re-rotation)."""
 
-    def __init__(self, comp, rank: int, dtype, chunk: int = 256, capacity: int = 0):
+    def __init__(self, comp, rank: int, dtype, chunk: int = 256, capacity: int = 0, fmt=None):
         if not comp.rot:
             raise ValueError("MLAStore needs a decoupled latent (a compressor with rotary_dims > 0, built for a "
                              "model with model.rotary_fraction < 1); the joint latent's store is LatentStore")
-        super().__init__(comp, rank, dtype, chunk, capacity)
+        super().__init__(comp, rank, dtype, chunk, capacity, fmt)
 
     def append(self, k_pre_BGTD, k_BGTD, v_BGTD, at=None):
         k_E, v_E = k_BGTD, v_BGTD
@@ -50,8 +51,8 @@ class MLAStore(LatentStore):
             k_E = torch.cat([self.exact.view("wk").to(k_BGTD.dtype), k_BGTD], 2)
             v_E = torch.cat([self.exact.view("wv").to(v_BGTD.dtype), v_BGTD], 2)
         dtype = self.dtype or k_BGTD.dtype
-        fields = {name: c[:, None] for name, c in self.comp.store(self.comp.encode(k_E, v_E, self.rank), dtype).items()}
-        self._E = (k_E, v_E, {**fields, **self.comp.store_rotary(k_E, dtype)})
+        fields = {name: c[:, None] for name, c in self.fmt.store(self.comp.encode(k_E, v_E, self.rank), dtype).items()}
+        self._E = (k_E, v_E, {**fields, **self.fmt.store_rotary(k_E[..., :self.comp.rot], dtype)})
 
     def _parts(self) -> list[dict[str, torch.Tensor]]:
         """The stored fields in token order: the buffers' (tokens that left the window), this step's E."""
@@ -64,8 +65,8 @@ class MLAStore(LatentStore):
 
     def _decoded(self, part: dict[str, torch.Tensor], dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Explicit (keys after RoPE, values) [B, G, S_part, D] of one part's stored fields."""
-        k_dec, v = self.comp.decode(self.comp.load({name: part[name][:, 0] for name in ("c", "c_scale")
-                                                    if name in part}, dtype))
+        k_dec, v = self.comp.decode(self.fmt.load({name: part[name][:, 0] for name in ("c", "c_scale")
+                                                   if name in part}, dtype, self.rank))
         return torch.cat([self._rotary(part, dtype), k_dec], -1), v
 
     def read(self, dtype, rope, pos, start, T):
@@ -101,9 +102,12 @@ class MLAStore(LatentStore):
 
     def _codes(self, dtype):
         """The codes of the tokens that left the window [B, S0, r] and their per-token scale [B, 1, S0]
-        (None without int8)."""
+        (int8; None otherwise). int4 codes have a scale per group of coordinates, which no per-token
+        factor can stand for: they are dequantized first (the attention then reads the [S0, r] latent)."""
+        if self.fmt.bits == 4:
+            return self.fmt.load({name: self.buf.view(name)[:, 0] for name in ("c", "c_scale")}, dtype, self.rank), None
         c_BSR = self.buf.view("c")[:, 0].to(dtype)
-        return c_BSR, self.buf.view("c_scale")[:, :, :, 0].to(dtype) if self.comp.bits == 8 else None
+        return c_BSR, self.buf.view("c_scale")[:, :, :, 0].to(dtype) if self.fmt.bits == 8 else None
 
     def absorbed_scores(self, q_BNTD) -> torch.Tensor:
         """Scaled logits [B, G, M, S0 + E] of the queries (one kv head's N/G heads as M rows): the

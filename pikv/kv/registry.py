@@ -1,7 +1,9 @@
 """The registry of KV methods: names -> (storage, selection), the byte-budget split, `make_cache`.
 
-A method name is `STORAGE[@SHARE|:FORMAT]+SELECTION` (`quant+snapkv`, `learned@2+h2o`, `svd+window`,
-`rquant:k4v4g64+h2o`: rquant's key bits, value bits, channels per scale group); a
+A method name is `STORAGE[@SHARE][:FORMAT]+SELECTION` (`quant+snapkv`, `learned@2+h2o`, `svd+window`,
+`rquant:k4v4g64+h2o`: rquant's key bits, value bits, channels per scale group; `learned:b4+h2o`,
+`learned@4:b4+h2o`: the learned latent's codes stored at 4 bits, whatever width it was trained at,
+its rank from the budget capped by the compressor's max_rank); a
 single name is that part with the other at its neutral value (`h2o` = exact+h2o, `quant` =
 quant+all, `full` = exact+all). Canonical names drop the neutral parts, so every single method keeps
 its name. The budget rule (docs/kv.md, "One byte budget"): `ratio` is against an fp16 full cache of
@@ -28,6 +30,7 @@ import torch.distributed as dist
 from pikv.kv.budgets import (KVOptions, parse_quant_format, pyramid_budgets, quant_plan, quant_token_ratio,
                              rquant_format, snap_window_for, token_budget)
 from pikv.kv.cache import KVCache
+from pikv.kv.latent_codes import parse_latent_format
 from pikv.kv.learned import latent_rank
 from pikv.kv.mla import MLAStore
 from pikv.kv.quant import KiviStore, TokenQuantStore
@@ -56,7 +59,7 @@ class Method:
     storage: str = "exact"
     selection: str = "all"
     share: Optional[float] = None  # the storage's ratio in a composition (None: the default split)
-    fmt: Optional[str] = None  # rquant's named format (`k4v2g64`; None: the split rule's)
+    fmt: Optional[str] = None  # rquant's named format (`k4v2g64`; None: the split rule's) / learned's (`b4g32`)
 
     @property
     def name(self) -> str:
@@ -84,15 +87,21 @@ def _one(part: str, name: str) -> str:
 
 
 def _format(first: str, name: str) -> tuple[str, Optional[str]]:
-    """'rquant:k4v2' -> ('rquant', 'k4v2g64'): a named rquant format, group filled in."""
+    """'rquant:k4v2' -> ('rquant', 'k4v2g64'): a named rquant format, group filled in; 'learned@4:b4' ->
+    ('learned@4', 'b4g32'): the learned latent's code format (its share stays: the format sizes its rank)."""
     if ":" not in first:
         return first, None
-    if "@" in first:
-        raise ValueError(f"kv method {name!r}: give rquant a format or a share, not both (the format fixes its ratio)")
     first, raw = first.split(":", 1)
-    if ALIASES.get(first.strip().lower(), first.strip().lower()) != "rquant":
-        raise ValueError(f"kv method {name!r}: a format (:{raw}) is given to rquant storage only (rquant:k4v2g64)")
+    storage = first.split("@", 1)[0].strip().lower()
+    storage = ALIASES.get(storage, storage)
+    if storage not in ("rquant", "learned"):
+        raise ValueError(f"kv method {name!r}: a format (:{raw}) is given to rquant storage (rquant:k4v2g64) or "
+                         f"learned storage (learned:b4, b4g16, b8, b16) only")
+    if storage == "rquant" and "@" in first:
+        raise ValueError(f"kv method {name!r}: give rquant a format or a share, not both (the format fixes its ratio)")
     try:
+        if storage == "learned":
+            return first, parse_latent_format(raw).name
         return first, parse_quant_format(raw, KVOptions.rquant_group).name
     except ValueError as err:
         raise ValueError(f"kv method {name!r}: {err}") from None
@@ -100,10 +109,11 @@ def _format(first: str, name: str) -> tuple[str, Optional[str]]:
 
 def parse_method(name: str) -> Method:
     """'quant@4+h2o' -> Method('quant', 'h2o', 4.0); 'rquant:k4v2+h2o' -> Method('rquant', 'h2o',
-    fmt='k4v2g64'); ValueError naming the bad part and what is allowed."""
+    fmt='k4v2g64'); 'learned:b4' -> Method('learned', fmt='b4g32'); ValueError naming the bad part and
+    what is allowed."""
     parts = str(name).split("+")
     if len(parts) > 2 or not all(p.strip() for p in parts):
-        raise ValueError(f"kv method {name!r} must be one name or STORAGE[:FORMAT|@SHARE]+SELECTION")
+        raise ValueError(f"kv method {name!r} must be one name or STORAGE[@SHARE][:FORMAT]+SELECTION")
     share = None
     first, fmt = _format(parts[0], name)
     if "@" in first:
@@ -211,8 +221,18 @@ def _alone(method: Method, model, ratio, tokens, total_tokens, opt: KVOptions, s
         if rank < 1:
             raise ValueError(f"kv compression ratio {ratio} is impossible for svd: rank D/ratio < 1 (D={D})")
         return {"rank": rank}
+    return _latent_params(method, model, ratio, total_tokens)
+
+
+def _latent_params(method: Method, model, ratio: float, length: Optional[int]) -> dict:
+    """The learned latent's rank and code format at `ratio` over `length` tokens: the largest rank
+    that fits, in the trained format (a rank above the trained max_rank is an error) or in a named
+    one (`learned:b4`: capped at max_rank, so the measured ratio can exceed the requested one)."""
+    _, G, D = _dims(model)
     comp = _compressor(model, method)
-    return {"rank": comp.check_rank(latent_rank(G, D, ratio, comp.bits, comp.window, total_tokens, comp.rot))}
+    fmt = parse_latent_format(method.fmt) if method.fmt else comp.codes
+    rank = latent_rank(G, D, ratio, fmt.bits, comp.window, length, comp.rot, fmt.group)
+    return {"rank": min(rank, comp.max_rank) if method.fmt else comp.check_rank(rank), "format": fmt}
 
 
 def _composed(method: Method, model, ratio, tokens, total_tokens, opt: KVOptions) -> tuple[int, dict]:
@@ -241,8 +261,7 @@ def _composed(method: Method, model, ratio, tokens, total_tokens, opt: KVOptions
                              f"budget above {comp.window} tokens (a smaller ratio or storage share)")
         share = params.pop("share")
         try:
-            params = {"rank": comp.check_rank(latent_rank(G, D, share, comp.bits, comp.window, M if comp.window else None,
-                                                               comp.rot))}
+            params = _latent_params(method, model, share, M if comp.window else None)
         except ValueError as err:
             raise ValueError(f"kv method {method.name!r} at ratio {ratio}: storage 'learned' at share {share:.2f}x "
                              f"beside selection {method.selection!r} keeping {M} tokens: {err}; allowed: another "
@@ -271,8 +290,9 @@ def _store_factory(method: Method, model, params: dict, capacity: list[int], sto
             if shard_group is not None:
                 return (ShardedMLAStore if comp.rot else ShardedLatentStore)(
                     comp, params["rank"], store_dtype, 256, cap, shard_rank=dist.get_rank(shard_group),
-                    world=dist.get_world_size(shard_group))
-            return (MLAStore if comp.rot else LatentStore)(comp, params["rank"], store_dtype, 256, cap)
+                    world=dist.get_world_size(shard_group), fmt=params["format"])
+            return (MLAStore if comp.rot else LatentStore)(comp, params["rank"], store_dtype, 256, cap,
+                                                           fmt=params["format"])
         return Store(store_dtype, 256, cap)
     return build
 

@@ -22,8 +22,9 @@ from pikv.kv.storage import LatentStore
 class ShardedLatentStore(LatentStore):
     """LatentStore holding rank `shard_rank`'s share of the codes (striped over `world` ranks)."""
 
-    def __init__(self, comp, rank: int, dtype, chunk: int = 256, capacity: int = 0, *, shard_rank: int, world: int):
-        super().__init__(comp, rank, dtype, chunk, capacity + comp.window)  # the share's codes + the window
+    def __init__(self, comp, rank: int, dtype, chunk: int = 256, capacity: int = 0, *, shard_rank: int, world: int,
+                 fmt=None):
+        super().__init__(comp, rank, dtype, chunk, capacity + comp.window, fmt)  # the share's codes + the window
         self.shard_rank, self.world = shard_rank, world
         self.seen = 0  # tokens appended: the position after the newest
 

@@ -141,13 +141,15 @@ class LatentStore(Store):
     """The jointly trained latent (pikv/kv/learned.py): the last `window` tokens held exactly
     (pre-RoPE keys, values: the tail), older ones only as latent codes of all kv heads together
     (one keep set per batch row). E = the held tokens plus the new ones; they are encoded each
-    step (as in the training pass), and those leaving the window keep only their codes."""
+    step (as in the training pass), and those leaving the window keep only their codes, in `fmt`
+    (pikv/kv/latent_codes.py; default: the format the compressor was trained with)."""
     joint_heads, free_order = True, False  # codes, then the exact tail: order matters
 
-    def __init__(self, comp, rank: int, dtype, chunk: int = 256, capacity: int = 0):
+    def __init__(self, comp, rank: int, dtype, chunk: int = 256, capacity: int = 0, fmt=None):
         W = comp.window
         super().__init__(dtype, chunk, max(0, capacity - W))  # self.buf: the codes [B, 1, S - W, R]
         self.comp, self.rank, self.tail = comp, rank, W
+        self.fmt = fmt or comp.codes
         self.exact = Buffers(max(W, 1), W)  # wk, wv [B, G, <= W, D]
         self._E = None
 
@@ -156,16 +158,17 @@ class LatentStore(Store):
         if self.exact.n:
             k_E = torch.cat([self.exact.view("wk").to(k_pre_BGTD.dtype), k_pre_BGTD], 2)
             v_E = torch.cat([self.exact.view("wv").to(v_BGTD.dtype), v_BGTD], 2)
-        codes = self.comp.store(self.comp.encode(k_E, v_E, self.rank), self.dtype or k_BGTD.dtype)
+        codes = self.fmt.store(self.comp.encode(k_E, v_E, self.rank), self.dtype or k_BGTD.dtype)
         self._E = (k_E, v_E, {name: c[:, None] for name, c in codes.items()})  # [B, 1, E, .]
 
     def _latent(self, dtype) -> torch.Tensor:
         """The latent [B, S, r] of every stored token (codes, then this step's E), in `dtype`."""
         names = [name for name in ("c", "c_scale") if name in self._E[2]]
-        latent_E = self.comp.load({name: self._E[2][name][:, 0] for name in names}, dtype)
+        latent_E = self.fmt.load({name: self._E[2][name][:, 0] for name in names}, dtype, self.rank)
         if not self.buf.n:
             return latent_E
-        return torch.cat([self.comp.load({name: self.buf.view(name)[:, 0] for name in names}, dtype), latent_E], 1)
+        stored = self.fmt.load({name: self.buf.view(name)[:, 0] for name in names}, dtype, self.rank)
+        return torch.cat([stored, latent_E], 1)
 
     def read(self, dtype, rope, pos, start, T):
         k_lat, v_lat = self.comp.decode(self._latent(dtype))

@@ -80,8 +80,8 @@ def test_int8_latent_round_trip_error_and_straight_through_gradient():
     k2 = k.detach().clone().requires_grad_()
     fp(k2, v, 16)[0].sum().backward()
     torch.testing.assert_close(k.grad, k2.grad)  # straight-through: the gradient of the fp16 path
-    with pytest.raises(ValueError, match="kv latent bits 4 is not supported"):
-        LatentKVCompressor(2, 8, 16, bits=4)
+    with pytest.raises(ValueError, match=r"kv latent bits 3 is not supported: allowed \(4, 8, 16\)"):
+        LatentKVCompressor(2, 8, 16, bits=3)
 
 
 def test_train_schedule_distills_first_then_cotrains():
@@ -167,8 +167,9 @@ def test_kv_config_errors():
         load_config(None, ["kv.compressor=mla"])
     with pytest.raises(ValueError, match=r"kv.train_ratios"):
         load_job(None, ["kv.train_ratios=[0.5]"])
-    with pytest.raises(ValueError, match=r"'kv.latent_bits' = 4 is invalid: must be 8 .* or 16"):
-        load_job(None, ["kv.latent_bits=4"])
+    with pytest.raises(ValueError, match=r"'kv.latent_bits' = 6 is invalid: must be 4 .*, 8 .* or 16"):
+        load_job(None, ["kv.latent_bits=6"])
+    assert load_job(None, ["kv.latent_bits=4"]).kv.latent_bits == 4
     with pytest.raises(ValueError, match=r"'kv.latent_window' = 64 is invalid: must leave every kv.train_ratios"):
         load_job(None, ["kv.latent_window=64"])
     with pytest.raises(ValueError, match=r"'kv.latent_window' = -1 is invalid: must be >= 0"):

@@ -1,0 +1,157 @@
+"""How the learned latent's codes are stored: fp16, int8 with one fp16 scale per token, or int4
+with one fp16 scale per group of consecutive latent coordinates (`LatentFormat`).
+
+Shapes: B batch, T tokens, r latent rank, W = ceil(r / 2) packed bytes, Q = ceil(r / group) scale
+groups, G kv heads, P rotated key dims held apart.
+
+int4 follows Palu (arXiv:2407.21118), which quantizes its low-rank latents per group: the latent is
+PCA-ordered (pikv/kv/fit.py), so neighbouring coordinates have similar scale and one absmax scale
+fits a group of them, where one scale per token would waste the 16 levels of the small trailing
+coordinates on the range of the leading ones. Symmetric codes in [-7, 7] (zero is exact, no zero
+point to store), two per byte (the even coordinate in the low nibble). Every scale is rounded to
+fp16 before the codes are formed, so what a cache stores is exactly what the training round trip
+used (`round_trip`, with a straight-through gradient). The rotated key dims a decoupled latent holds
+apart stay int8 (one fp16 scale per token over its kv heads) whenever the codes are <= 8 bits.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LATENT_BITS = (4, 8, 16)
+LATENT_GROUP = 32  # latent coordinates per fp16 scale of int4 codes (Palu's group size)
+SCALE_BYTES = 2  # one fp16 scale
+INT4_MAX = 7  # symmetric int4: codes -7..7, stored offset by 8 in a nibble
+
+
+def quantize_latent(c_BTR: torch.Tensor, dims: tuple[int, ...] = (-1,)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-token int8: (codes int8, fp16 scale with `dims` reduced to 1: [B, T, 1] for
+    a latent [B, T, r]). The scale is rounded to fp16 before the codes are formed."""
+    scale = (c_BTR.detach().float().abs().amax(dims, keepdim=True) / 127).clamp_min(1e-6).half()
+    codes = torch.round(c_BTR.float() / scale.float()).clamp_(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+def dequantize_latent(codes_BTR: torch.Tensor, scale_BT1: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (codes_BTR.float() * scale_BT1.float()).to(dtype)
+
+
+def straight_through_int8(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """The int8 round trip of `x` (scale over `dims`) in the forward, the identity in the backward."""
+    return x + (dequantize_latent(*quantize_latent(x.detach(), dims), x.dtype) - x).detach()
+
+
+def _grouped(x_BTR: torch.Tensor, group: int) -> torch.Tensor:
+    """[..., r] -> [..., Q, group], the last group zero-padded (a zero changes no absmax)."""
+    r = x_BTR.shape[-1]
+    return F.pad(x_BTR, (0, -r % group)).unflatten(-1, (-1, group))
+
+
+def quantize_int4(c_BTR: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4 per token per group of `group` coordinates: (codes int8 in [-7, 7] [B, T, r],
+    fp16 scales [B, T, Q])."""
+    x_BTQG = _grouped(c_BTR.detach().float(), group)
+    scale_BTQ = (x_BTQG.abs().amax(-1) / INT4_MAX).clamp_min(1e-6).half()
+    codes = torch.round(x_BTQG / scale_BTQ.float()[..., None]).clamp_(-INT4_MAX, INT4_MAX)
+    return codes.flatten(-2)[..., :c_BTR.shape[-1]].to(torch.int8), scale_BTQ
+
+
+def dequantize_int4(codes_BTR: torch.Tensor, scale_BTQ: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    r = codes_BTR.shape[-1]
+    return (_grouped(codes_BTR.float(), group) * scale_BTQ.float()[..., None]).flatten(-2)[..., :r].to(dtype)
+
+
+def pack_int4(codes_BTR: torch.Tensor) -> torch.Tensor:
+    """int4 codes [..., r] (int8 in [-8, 7]) -> uint8 [..., ceil(r / 2)], two codes per byte."""
+    u = (codes_BTR.to(torch.int16) + 8).to(torch.uint8)
+    u = F.pad(u, (0, u.shape[-1] % 2))
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed_BTW: torch.Tensor, rank: int) -> torch.Tensor:
+    """uint8 [..., W] -> int4 codes [..., rank] as int8 (the inverse of pack_int4)."""
+    both = torch.stack([packed_BTW & 15, packed_BTW >> 4], -1).flatten(-2)[..., :rank]
+    return both.to(torch.int8) - 8
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """Code width of the latent (4, 8 or 16 bits) and, for int4, coordinates per fp16 scale. Name:
+    `b16`, `b8`, `b4g32` (the registry's `learned:FORMAT`)."""
+    bits: int = 16
+    group: int = LATENT_GROUP
+
+    def __post_init__(self):
+        if self.bits not in LATENT_BITS:
+            raise ValueError(f"kv latent bits {self.bits} is not supported: allowed {LATENT_BITS}")
+        if not (isinstance(self.group, int) and self.group >= 1):
+            raise ValueError(f"kv latent group {self.group!r} must be an int >= 1 (latent coordinates per int4 scale)")
+
+    @property
+    def name(self) -> str:
+        return f"b4g{self.group}" if self.bits == 4 else f"b{self.bits}"
+
+    def scales(self, rank: int) -> int:
+        """fp16 scales per token: none (fp16), one (int8), one per group (int4)."""
+        return {16: 0, 8: 1, 4: math.ceil(rank / self.group)}[self.bits]
+
+    def token_bytes(self, rank: int) -> int:
+        """Bytes of one token's codes at `rank`: ceil(rank * bits / 8) + 2 per scale (int4 codes packed in pairs)."""
+        return math.ceil(rank * self.bits / 8) + SCALE_BYTES * self.scales(rank)
+
+    def rotary_bytes(self, num_kv_heads: int, rotary_dims: int) -> int:
+        """Bytes per token of the rotated key dims a decoupled latent holds apart: int8 + one fp16
+        scale (codes <= 8 bits), else fp16; 0 for the joint latent (rotary_dims 0)."""
+        if not rotary_dims:
+            return 0
+        return num_kv_heads * rotary_dims + SCALE_BYTES if self.bits <= 8 else num_kv_heads * rotary_dims * 2
+
+    def store(self, c_BTR: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """What a cache holds for latent codes [B, T, r]: `c` (+ `c_scale`)."""
+        if self.bits == 8:
+            return dict(zip(("c", "c_scale"), quantize_latent(c_BTR)))
+        if self.bits == 4:
+            codes, scale = quantize_int4(c_BTR, self.group)
+            return {"c": pack_int4(codes), "c_scale": scale}
+        return {"c": c_BTR.to(dtype)}
+
+    def load(self, stored: dict[str, torch.Tensor], dtype: torch.dtype, rank: int) -> torch.Tensor:
+        """The latent [B, T, rank] back from what `store` returned (concatenated over tokens)."""
+        if self.bits == 8:
+            return dequantize_latent(stored["c"], stored["c_scale"], dtype)
+        if self.bits == 4:
+            return dequantize_int4(unpack_int4(stored["c"], rank), stored["c_scale"], self.group, dtype)
+        return stored["c"].to(dtype)
+
+    def round_trip(self, c_BTR: torch.Tensor) -> torch.Tensor:
+        """`load(store(c))` in the forward, the identity in the backward (straight-through)."""
+        if self.bits == 16:
+            return c_BTR
+        if self.bits == 8:
+            return straight_through_int8(c_BTR, (-1,))
+        c = c_BTR.detach()
+        return c_BTR + (dequantize_int4(*quantize_int4(c, self.group), self.group, c.dtype) - c)
+
+    def store_rotary(self, k_rot_BGTP: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """What a decoupled cache holds for the rotated key dims [B, G, T, P] (after RoPE)."""
+        if self.bits <= 8:
+            return dict(zip(("kr", "kr_scale"), quantize_latent(k_rot_BGTP, (1, 3))))
+        return {"kr": k_rot_BGTP.to(dtype)}
+
+    def rotary_round_trip(self, k_rot_BGTP: torch.Tensor) -> torch.Tensor:
+        return straight_through_int8(k_rot_BGTP, (1, 3)) if self.bits <= 8 else k_rot_BGTP
+
+
+def parse_latent_format(text: str) -> LatentFormat:
+    """'b4' / 'b4g16' / 'b8' / 'b16' -> LatentFormat; ValueError naming the text and what is allowed."""
+    m = re.fullmatch(r"b(\d+)(?:g(\d+))?", text.strip().lower())
+    if not m or int(m[1]) not in LATENT_BITS or (m[2] and (int(m[1]) != 4 or int(m[2]) < 1)):
+        raise ValueError(f"learned latent format {text!r} must be b4[gG], b8 or b16: code bits in "
+                         f"{', '.join(map(str, LATENT_BITS))}, G latent coordinates per fp16 scale >= 1 for "
+                         f"4-bit codes only (default {LATENT_GROUP}; 8-bit codes have one scale per token)")
+    return LatentFormat(int(m[1]), int(m[2]) if m[2] else LATENT_GROUP)
