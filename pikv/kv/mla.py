@@ -127,6 +127,7 @@ class MLAStore(LatentStore):
             s_rot_BGMS = q_BGMD[..., :P] @ kr_BGSP.transpose(-1, -2)
             if scale_B1S is not None:
                 s_BXS = s_BXS * scale_B1S
+            if "kr_scale" in self.buf:  # int8 rotated dims (codes <= 8 bits): one scale per token
                 s_rot_BGMS = s_rot_BGMS * self.buf.view("kr_scale")[:, :, :, 0].to(dtype)[:, :, None]
             scores.insert(0, s_BXS.view(B, G, M, S0) + s_rot_BGMS)
         return torch.cat(scores, -1)

@@ -137,29 +137,31 @@ def test_sharded_learned_latent_equals_one_process(tokens, window, rotary_fracti
 
 
 @torch.no_grad()
-def latent_attend(model, q, k, v, group):
+def latent_attend(model, q, k, v, group, policy="learned"):
     """One layer's outputs through a learned cache: a prefill of PREFILL tokens, then one per step."""
-    cache = make_cache("learned", model, ratio=2, total_tokens=q.shape[2], store_dtype=torch.float32, shard_group=group)
+    cache = make_cache(policy, model, ratio=2, total_tokens=q.shape[2], store_dtype=torch.float32, shard_group=group)
     att = lambda a, b: cache.attend(0, q[:, :, a:b], model.rope(k[:, :, a:b], a), v[:, :, a:b], k_pre_BGTD=k[:, :, a:b],
                                     rope=model.rope, start=a)
     return torch.cat([att(0, PREFILL)] + [att(t, t + 1) for t in range(PREFILL, q.shape[2])], 2), cache.nbytes()
 
 
-def _latent_layer_child(rank, world, model, q, k, v):
-    return latent_attend(model, q, k, v, dist.group.WORLD)
+def _latent_layer_child(rank, world, model, q, k, v, policy):
+    return latent_attend(model, q, k, v, dist.group.WORLD, policy)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("rotary_fraction", [1.0, 0.5])
-def test_sharded_int8_latent_layer_equals_one_process(world, rotary_fraction):
-    """int8 codes (kv.latent_bits=8), the same keys/values given to one layer's cache: the sharded
-    attention (the single process's absorbed path for MLA decode steps) within fp32 reordering."""
-    model = latent_model(6, rotary_fraction, bits=8)
+@pytest.mark.parametrize("bits,policy", [(8, "learned"), (4, "learned"), (8, "learned:b4")])
+def test_sharded_quantized_latent_layer_equals_one_process(world, rotary_fraction, bits, policy):
+    """int8 / int4 codes (kv.latent_bits; learned:b4 stores an int8-trained latent at 4 bits), the
+    same keys/values given to one layer's cache: the sharded attention (the single process's
+    absorbed path for MLA decode steps) within fp32 reordering."""
+    model = latent_model(6, rotary_fraction, bits=bits)
     g = seeded(6)
     q = torch.randn(2, N_HEADS, TOTAL, D, generator=g)
     k, v = (torch.randn(2, G, TOTAL, D, generator=g) for _ in range(2))
-    ref, ref_bytes = latent_attend(model, q, k, v, None)
-    for r, (out, nbytes) in enumerate(run_distributed(_latent_layer_child, world, model, q, k, v)):
+    ref, ref_bytes = latent_attend(model, q, k, v, None, policy)
+    for r, (out, nbytes) in enumerate(run_distributed(_latent_layer_child, world, model, q, k, v, policy)):
         torch.testing.assert_close(out, ref, **REORDERED_FP32, msg=f"rank {r}")
         assert nbytes < ref_bytes
 

@@ -46,7 +46,7 @@ def checked_against_explicit(store, log):
     store.attend = attend
 
 @pytest.mark.parametrize("selection", ["all", "window", "h2o"])
-@pytest.mark.parametrize("bits,window", [(16, 0), (8, 0), (8, 3), (16, 3)])
+@pytest.mark.parametrize("bits,window", [(16, 0), (8, 0), (8, 3), (16, 3), (4, 0), (4, 3)])
 def test_absorbed_decode_equals_reconstruct_then_attend(selection, bits, window):
     model = tiny_model(bits=bits, window=window)
     policy = "learned" if selection == "all" else f"learned+{selection}"
@@ -105,7 +105,7 @@ def test_decoupled_store_equals_the_reference_loop(selection):
                 for b in range(B):
                     assert compose.cache_positions(cache, b, 0) == ref.kept(b, 0), (a, b)
 
-@pytest.mark.parametrize("bits,window", [(16, 0), (8, 0), (8, 3)])
+@pytest.mark.parametrize("bits,window", [(16, 0), (8, 0), (8, 3), (4, 0), (4, 3)])
 def test_decode_from_the_cache_equals_the_single_pass_and_bytes_are_exact(bits, window):
     model = tiny_model(bits=bits, window=window)
     tokens = torch.randint(0, 96, (2, N_TOK), generator=seeded(4))
@@ -115,10 +115,12 @@ def test_decode_from_the_cache_equals_the_single_pass_and_bytes_are_exact(bits, 
     # fp32 reordering through two layers; an int8 code may round the other way (both are right)
     torch.testing.assert_close(seq, one_pass, atol=1e-4, rtol=1e-4)
     assert (seq - full).abs().max() > 1e-3  # the latent is really read
-    # bytes: per latent-held token the codes (fp32 here / int8 + fp16 scale) and the G * P rotated
-    # dims in the same format; the window's keys + values exact (fp32 here); buffers sized for N_TOK
+    # bytes: per latent-held token the codes (fp32 here / int8 + fp16 scale / int4 packed in pairs +
+    # an fp16 scale per 32 coordinates) and the G * P rotated dims (fp32 / int8 + fp16 scale); the
+    # window's keys + values exact (fp32 here); buffers sized for N_TOK
     P, rank = D // 2, cache.info["rank"]
-    per_token = (rank + G * P) * 4 if bits == 16 else rank + 2 + G * P + 2
+    codes = {16: rank * 4, 8: rank + 2, 4: (rank + 1) // 2 + 2 * ((rank + 31) // 32)}[bits]
+    per_token = codes + (G * P * 4 if bits == 16 else G * P + 2)
     assert cache.nbytes() == L * 2 * ((N_TOK - window) * per_token + window * 2 * G * D * 4)
     fp16 = make_cache("learned", model, ratio=2, total_tokens=N_TOK)  # the budget holds in the fp16 cache
     decode(model, tokens, fp16)

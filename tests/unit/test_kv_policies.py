@@ -295,7 +295,7 @@ def test_svd_full_rank_is_lossless(model, tokens):
     torch.testing.assert_close(svd, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("bits,window", [(16, 0), (8, 0), (8, 8)])
+@pytest.mark.parametrize("bits,window", [(16, 0), (8, 0), (8, 8), (4, 0), (4, 8)])
 def test_learned_decode_equals_single_pass_and_bytes_fill_the_budget(tokens, bits, window):
     # the jointly trained latent (with `window` recent tokens exact): sequential decoding with the
     # latent cache == the training-time single pass through the compressor, NLL within 1e-4
@@ -310,15 +310,19 @@ def test_learned_decode_equals_single_pass_and_bytes_fill_the_budget(tokens, bit
     assert widths == list(range(PREFILL, N_TOK))  # every token kept, as codes or exactly
     C, seen = 2 * G * D, N_TOK - 1
     rank = cache.info["rank"]
-    per_token = rank * 4 if bits == 16 else rank + 2  # fp32 codes here / int8 codes + fp16 scale
+    # fp32 codes here / int8 codes + fp16 scale / int4 codes two per byte + an fp16 scale per 32
+    per_token = {16: rank * 4, 8: rank + 2, 4: (rank + 1) // 2 + 2 * ((rank + 31) // 32)}[bits]
     exact = window * C * 4  # the window's fp32 keys + values here
     # the codes' buffers are allocated for the N_TOK tokens the cache was made for (seen = N_TOK - 1)
     assert seen < N_TOK and cache.nbytes() == L * tokens.shape[0] * ((N_TOK - window) * per_token + exact)
-    if window == 0:  # the rank fills the 4x budget of 2C bytes per token: fp16 codes C/4, int8 C/2 - 2
+    if bits == 4:  # 2C/4 = 32 bytes per token hold 56 int4 codes (28 bytes) + 2 scales; 57 would take 33
+        # window: (64*32 - 8*128) / 56 = 18.3 bytes hold 32 codes + 1 scale; 33 would take a second (21)
+        assert rank == (56 if window == 0 else 32)
+    elif window == 0:  # the rank fills the 4x budget of 2C bytes per token: fp16 codes C/4, int8 C/2 - 2
         assert rank == (C // 4 if bits == 16 else C // 2 - 2)
     else:  # the window takes its fp16 bytes off the budget of N_TOK tokens; the codes get the rest
         assert rank == (N_TOK * 2 * C // 4 - window * 2 * C) // (N_TOK - window) - 2
-    if bits == 8:  # measured in the fp16 cache the evaluation uses, against an fp16 full cache of N_TOK tokens
+    if bits <= 8:  # measured in the fp16 cache the evaluation uses, against an fp16 full cache of N_TOK tokens
         fp16 = make_cache("learned", model, ratio=4, total_tokens=N_TOK)
         decode(model, tokens, fp16)
         assert L * tokens.shape[0] * N_TOK * 2 * C * 2 / fp16.nbytes() >= 4.0
