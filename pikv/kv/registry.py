@@ -235,6 +235,13 @@ def _latent_params(method: Method, model, ratio: float, length: Optional[int]) -
     return {"rank": min(rank, comp.max_rank) if method.fmt else comp.check_rank(rank), "format": fmt}
 
 
+def _capped_share(model, params: dict) -> float:
+    """The nominal ratio the learned latent takes at its rank: fp16 K+V bytes per token / its codes'."""
+    _, G, D = _dims(model)
+    comp, fmt = _compressor(model, Method("learned")), params["format"]
+    return 4 * G * D / (fmt.token_bytes(params["rank"]) + fmt.rotary_bytes(G, comp.rot))
+
+
 def _composed(method: Method, model, ratio, tokens, total_tokens, opt: KVOptions) -> tuple[int, dict]:
     """(the selection's token budget per layer, the storage's parameters) of any other method."""
     L, G, D = _dims(model)
@@ -266,6 +273,9 @@ def _composed(method: Method, model, ratio, tokens, total_tokens, opt: KVOptions
             raise ValueError(f"kv method {method.name!r} at ratio {ratio}: storage 'learned' at share {share:.2f}x "
                              f"beside selection {method.selection!r} keeping {M} tokens: {err}; allowed: another "
                              f"split, learned@SHARE+{method.selection}") from None
+        if method.fmt and tokens is None and params["rank"] == comp.max_rank:  # a named format capped at
+            taken = _capped_share(model, params)  # max_rank: the selection gets the bytes the latent leaves
+            M = token_budget(max(1.0, ratio / taken), None, total_tokens)
     return M, params
 
 

@@ -174,8 +174,10 @@ def test_named_format_rank_is_capped_by_max_rank_and_measures_above_the_request(
         make_cache("learned", model, ratio=1, total_tokens=N_TOK)  # the trained format keeps its error
     b16 = make_cache("learned:b16", model, ratio=4, total_tokens=N_TOK)
     assert b16.info["rank"] == 16 and b16.info["format"] == LatentFormat(16)
+    # capped at 62 (35 bytes, 3.66x) the latent takes less than its share 2: H2O keeps 8 / 3.66 = 2.19x
     composed = make_cache("learned@2:b4+h2o", model, ratio=8, total_tokens=N_TOK)
-    assert composed.info["rank"] == 62 and composed.budgets == [math.ceil(N_TOK / 4)] * L
+    assert composed.info["rank"] == 62 and composed.budgets == [math.ceil(N_TOK / (8 / (4 * G * D / 35)))] * L
+    assert composed.budgets == [19] * L  # not the 10 of share 2 (4x for H2O)
     default = make_cache("learned:b4+h2o", model, ratio=16, total_tokens=N_TOK)  # share sqrt(16): 32 bytes
     assert default.info["rank"] == latent_rank(G, D, 4, 4) == 56 and default.budgets == [10] * L
 
