@@ -10,7 +10,9 @@ its name. The budget rule (docs/kv.md, "One byte budget"): `ratio` is against an
 the same tokens. A single storage takes all of it; a single selection keeps ceil(total / ratio)
 tokens per layer; a composition gives the storage its share (SHARE, else the default: 4-bit codes
 for quant, budgets.rquant_format's rule for rquant, the geometric split sqrt(ratio) for svd /
-learned) and the selection keeps ceil(total / (ratio / storage ratio)) tokens. The measured ratio
+learned) and the selection keeps ceil(total / (ratio / storage ratio)) tokens (a named learned format
+capped at the compressor's max_rank takes less than its share: the selection then gets the rest,
+ratio / the latent's nominal ratio at max_rank). The measured ratio
 (peak bytes, metadata and capacity included) is what the evaluation reports.
 
 To add a method: a `Selection` subclass in selection.py (a score and a protect rule) and its
