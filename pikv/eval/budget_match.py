@@ -20,6 +20,7 @@ import torch
 from pikv.kv import make_cache
 
 MAX_STEPS = 8  # proportional steps (measured ~ budget x a constant): 2-3 suffice in practice
+STALLS = 2  # steps that leave the bytes unchanged before giving up
 
 
 @torch.no_grad()
@@ -53,15 +54,19 @@ def dry_run_ratio(model, policy: str, ratio: Optional[float], total: int, prefil
 def match_budget(model, policy: str, target: float, total: int, prefill: int, svd_bases=None) -> tuple[float, float]:
     """(budget ratio to give make_cache, its measured ratio): the target itself when it already
     measures >= target, else budgets raised in proportion to the shortfall until it does; the
-    target itself when raising the budget does not shrink the bytes (Quest) or 8 steps do not reach it.
+    target itself when raising the budget does not shrink the bytes (Quest: two steps, each 1% further
+    beyond proportional, leave them unchanged) or 8 steps do not reach it.
     ValueError (the registry's) when some budget on the way is impossible for the method."""
-    budget = target
+    budget, beyond, stalled = target, 1.001, 0  # 0.1% beyond proportional: ceil() steps converge from above
     measured = first = dry_run_ratio(model, policy, budget, total, prefill, svd_bases)
     for _ in range(MAX_STEPS):
         if measured >= target * (1 - 1e-9):
             return budget, measured
-        budget *= target / measured * 1.001  # 0.1% beyond proportional: ceil() steps converge from above
+        budget *= target / measured * beyond
         last, measured = measured, dry_run_ratio(model, policy, budget, total, prefill, svd_bases)
-        if measured <= last:  # bytes that do not shrink with the budget (Quest frees nothing)
+        if measured == last:  # a step too small to move a ceil() (a token budget behind a capped latent's
+            stalled += 1  # split), or bytes that never shrink with the budget (Quest frees nothing)
+            beyond *= 1.01
+        if measured < last or stalled == STALLS:
             break
     return target, first  # not reachable: evaluated as requested, its measured ratio shown
