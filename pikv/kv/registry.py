@@ -11,8 +11,8 @@ the same tokens. A single storage takes all of it; a single selection keeps ceil
 tokens per layer; a composition gives the storage its share (SHARE, else the default: 4-bit codes
 for quant, budgets.rquant_format's rule for rquant, the geometric split sqrt(ratio) for svd /
 learned) and the selection keeps ceil(total / (ratio / storage ratio)) tokens (a named learned format
-capped at the compressor's max_rank takes less than its share: the selection then gets the rest,
-ratio / the latent's nominal ratio at max_rank). The measured ratio
+capped at the compressor's max_rank takes less than its share: the selection then keeps the tokens
+whose bytes, as codes at max_rank beside the exact window, fill the budget). The measured ratio
 (peak bytes, metadata and capacity included) is what the evaluation reports.
 
 To add a method: a `Selection` subclass in selection.py (a score and a protect rule) and its
@@ -237,11 +237,14 @@ def _latent_params(method: Method, model, ratio: float, length: Optional[int]) -
     return {"rank": min(rank, comp.max_rank) if method.fmt else comp.check_rank(rank), "format": fmt}
 
 
-def _capped_share(model, params: dict) -> float:
-    """The nominal ratio the learned latent takes at its rank: fp16 K+V bytes per token / its codes'."""
+def _capped_budget(model, params: dict, ratio: float, total_tokens: int) -> int:
+    """Tokens a selection keeps beside a learned latent capped at max_rank (a named format): as many
+    as the budget total_tokens * fp16 bytes / ratio holds, the window's exact and the rest as codes."""
     _, G, D = _dims(model)
     comp, fmt = _compressor(model, Method("learned")), params["format"]
-    return 4 * G * D / (fmt.token_bytes(params["rank"]) + fmt.rotary_bytes(G, comp.rot))
+    full, W = 4 * G * D, comp.window
+    per_token = fmt.token_bytes(params["rank"]) + fmt.rotary_bytes(G, comp.rot)
+    return min(total_tokens, max(W + 1, math.floor(W + (total_tokens * full / ratio - W * full) / per_token)))
 
 
 def _composed(method: Method, model, ratio, tokens, total_tokens, opt: KVOptions) -> tuple[int, dict]:
@@ -276,8 +279,7 @@ def _composed(method: Method, model, ratio, tokens, total_tokens, opt: KVOptions
                              f"beside selection {method.selection!r} keeping {M} tokens: {err}; allowed: another "
                              f"split, learned@SHARE+{method.selection}") from None
         if method.fmt and tokens is None and params["rank"] == comp.max_rank:  # a named format capped at
-            taken = _capped_share(model, params)  # max_rank: the selection gets the bytes the latent leaves
-            M = token_budget(max(1.0, ratio / taken), None, total_tokens)
+            M = _capped_budget(model, params, ratio, total_tokens)  # max_rank: the selection gets what it leaves
     return M, params
 
 
