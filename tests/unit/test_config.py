@@ -46,7 +46,7 @@ def test_bad_values_fail_with_key_value_and_allowed(override, match):
         load_job(None, [override])
 
 
-@pytest.mark.parametrize("override", ["model.num_heads=5", "model.top_k=9", "moe.router=hash", "kv.latent_bits=4"])
+@pytest.mark.parametrize("override", ["model.num_heads=5", "model.top_k=9", "moe.router=hash", "kv.latent_bits=6"])
 def test_builder_rules_live_in_the_builders(override):
     """load_config alone accepts what only a builder rejects: each rule is checked in one place."""
     cfg = load_config(None, [override])
@@ -67,8 +67,8 @@ def test_a_builder_names_its_argument_and_a_job_its_key():
 
 def test_kv_budget_check_names_its_arguments_directly():
     from pikv.kv.budgets import check_latent_budgets
-    with pytest.raises(OptionError, match=r"^bits=4 must be 8 .* or 16"):
-        check_latent_budgets(2, 32, [2.0], 4, 0, 64)
+    with pytest.raises(OptionError, match=r"^bits=6 must be 4 .*, 8 .* or 16"):
+        check_latent_budgets(2, 32, [2.0], 6, 0, 64)
     with pytest.raises(OptionError, match=r"^window=64 must leave every ratios=\[2\.0, 8\.0\] budget a latent"):
         check_latent_budgets(2, 32, [2.0, 8.0], 8, 64, 128)
     check_latent_budgets(2, 32, [2.0, 8.0], 8, 4, 128)  # the default model's shape of budget fits
