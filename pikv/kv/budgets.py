@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from pikv.config import OptionError
-from pikv.kv.learned import LATENT_BITS, latent_rank
+from pikv.kv.latent_codes import LATENT_BITS
+from pikv.kv.learned import latent_rank
 
 
 @dataclass

@@ -51,8 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pikv.kv.latent_codes import (LATENT_BITS, LATENT_GROUP, LatentFormat, dequantize_latent,  # noqa: F401
-                                  quantize_latent, straight_through_int8)
+from pikv.kv.latent_codes import LATENT_GROUP, LatentFormat
 
 
 class LatentKVCompressor(nn.Module):

@@ -16,7 +16,8 @@ import torch
 
 from pikv.config import KVConfig, ModelConfig, MoEConfig
 from pikv.kv import KVCache, KVOptions, make_cache, parse_method, resolve_policy
-from pikv.kv.learned import LatentKVCompressor, dequantize_latent, quantize_latent
+from pikv.kv.latent_codes import dequantize_latent, quantize_latent
+from pikv.kv.learned import LatentKVCompressor
 from pikv.kv.quant import KiviStore, TokenQuantStore
 from pikv.kv.rotated import RotatedQuantStore, rotation_matrix
 from pikv.kv.selection import SELECTIONS

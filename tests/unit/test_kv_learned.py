@@ -5,8 +5,8 @@ import torch
 
 from pikv.config import KVConfig, ModelConfig, MoEConfig, load_config
 from pikv.tasks import load_job
-from pikv.kv.learned import (KVTrainState, LatentKVCompressor, TrainSchedule, dequantize_latent, latent_rank,
-                              quantize_latent, train_rank_schedule)
+from pikv.kv.latent_codes import dequantize_latent, quantize_latent
+from pikv.kv.learned import KVTrainState, LatentKVCompressor, TrainSchedule, latent_rank, train_rank_schedule
 from pikv.models import Transformer
 
 

@@ -8,7 +8,8 @@ import torch
 
 from pikv.config import KVConfig, ModelConfig, MoEConfig
 from pikv.kv import KVCache, make_cache
-from pikv.kv.learned import LatentKVCompressor, dequantize_latent, latent_rank, quantize_latent
+from pikv.kv.latent_codes import dequantize_latent, quantize_latent
+from pikv.kv.learned import LatentKVCompressor, latent_rank
 from pikv.kv.mla import MLAStore
 from pikv.kv.selection import SELECTIONS
 from pikv.kv.storage import LatentStore, Store

@@ -183,7 +183,8 @@ def test_named_format_rank_is_capped_by_max_rank_and_measures_above_the_request(
 
 
 def test_format_names_and_errors():
-    assert resolve_policy("learned:b4") == "learned:b4g32" and resolve_policy("Learned:B4G16+H2O") == "learned:b4g16+h2o"
+    assert resolve_policy("learned:b4") == "learned:b4g32"
+    assert resolve_policy("Learned:B4G16+H2O") == "learned:b4g16+h2o"
     assert resolve_policy("learned@4:b4+h2o") == "learned@4:b4g32+h2o" and resolve_policy("learned:b8") == "learned:b8"
     m = parse_method("learned@4:b16+snapkv")
     assert (m.storage, m.selection, m.share, m.fmt) == ("learned", "snapkv", 4.0, "b16")
@@ -192,7 +193,7 @@ def test_format_names_and_errors():
         with pytest.raises(ValueError, match=rf"kv method 'learned:{bad}': learned latent format '{bad}' must be "
                                              r"b4\[gG\], b8 or b16: code bits in 4, 8, 16"):
             parse_method(f"learned:{bad}")
-    with pytest.raises(ValueError, match=r"'h2o:b4': a format \(:b4\) is given to rquant storage .* or learned storage"):
+    with pytest.raises(ValueError, match=r"'h2o:b4': a format \(:b4\) is given to rquant .* or learned storage"):
         parse_method("h2o:b4")
     with pytest.raises(ValueError, match=r"a storage share needs a selection"):
         parse_method("learned@4:b4")
