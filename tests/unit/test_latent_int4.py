@@ -15,6 +15,7 @@ from pikv.kv import make_cache, parse_method, resolve_policy
 from pikv.kv.latent_codes import LatentFormat, pack_int4, parse_latent_format, quantize_int4, unpack_int4
 from pikv.kv.learned import LatentKVCompressor, latent_rank
 from pikv.models import Transformer
+from pikv.models.transformer import RotaryEmbedding
 from tests.helpers import seeded
 
 L, G, D, N_HEADS, N_TOK, PREFILL = 2, 2, 16, 4, 40, 16
@@ -221,3 +222,28 @@ def test_matched_bytes_reach_the_target_for_a_capped_b4_composition():
     assert dry_run_ratio(model, "learned:b4+h2o", 8, 256, 128) < 7  # H2O's positions and scores
     budget, measured = match_budget(model, "learned:b4+h2o", 8, 256, 128)
     assert budget > 8 and 8 <= measured < 8.2
+
+
+def test_side_training_through_the_int4_round_trip_lowers_the_attention_error():
+    """The straight-through int4 round trip trains: Adam on the compressor alone (side distillation,
+    LatentKVCompressor.side_attn_error) lowers the attention error on keys/values of rank 6 < 12."""
+    torch.manual_seed(0)
+    T, rank = 24, 12
+    comp = LatentKVCompressor(G, D, 2 * G * D, bits=4)  # random orthogonal init: no structure known
+    rope = RotaryEmbedding(D, T, 10000.0, 1.0)
+    g = seeded(4)
+    basis = torch.randn(6, 2 * G * D, generator=g)
+    kv = (torch.randn(1, T, 6, generator=g) @ basis).view(1, T, 2, G, D)
+    k_pre, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    q = torch.randn(1, N_HEADS, T, D, generator=g)
+    k = rope(k_pre, 0)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    opt = torch.optim.Adam(comp.parameters(), lr=3e-3)
+    errors = []
+    for _ in range(60):
+        err = comp.side_attn_error(q, k_pre, k, v, o, rope, 0, rank)
+        opt.zero_grad()
+        err.backward()
+        opt.step()
+        errors.append(err.item())
+    assert errors[-1] < 0.3 * errors[0], errors[::10]  # seeded: 1.04 -> 0.20 in 60 steps
