@@ -90,6 +90,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--probe", action=argparse.BooleanOptionalAction, default=None,
                         help="the retrieval probe for the full cache and every --kv method and ratio (default: on "
                         "when the run was trained with data.probe_rate > 0)")
+    parser.add_argument("--probe-windows", type=int, default=16, help="held-out windows the probe hides its needle "
+                        "in (x 5 depths = probe sequences)")
     parser.add_argument("--no-wandb", action="store_true",
                         help="do not log the KV evaluation to the run's W&B run (default: the run's logging.wandb_mode)")
     return parser.parse_args(argv)
@@ -147,7 +149,7 @@ def evaluate_kv_table(model, tokenizer, docs, data_name: str, ckpt: Path, state,
     rows = run_kv_evaluation(model, tokenizer, docs, train_docs, kv_specs, out / "kv", length,
                              args.prefill or length // 2, args.max_sequences or (48 if args.kv else 32),
                              args.kv_batch_size, {"checkpoint": str(ckpt), "data": data_name}, probe=probe,
-                             match_bytes=args.match_bytes)
+                             match_bytes=args.match_bytes, probe_fillers=args.probe_windows)
     print(kv_markdown_table(rows))
     print(f"kv results: {out / 'kv' / 'results.json'}, results.md, results.png")
     if not args.no_wandb and log_to_wandb(ckpt.parent.parent, cfg, rows, out / "kv", state.step):
