@@ -171,6 +171,8 @@ def probe_of(args: argparse.Namespace, tokenizer, probe_rate: float, seq_len: in
     ValueError before any work when its sequences (seq_len tokens) cannot hold it."""
     on = args.probe if args.probe is not None else probe_rate > 0
     probe = probe_for(tokenizer, trained=probe_rate > 0) if on else None
+    if probe is not None and args.probe_windows < 1:
+        raise ValueError(f"--probe-windows must be >= 1, got {args.probe_windows}")
     if probe is not None and probe.overhead >= seq_len:
         raise ValueError(f"--probe: data.seq_len={seq_len} cannot hold the probe's {probe.overhead} tokens "
                          f"({probe.describe()}); use --no-probe or a model with longer windows")

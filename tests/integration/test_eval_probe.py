@@ -63,6 +63,8 @@ def test_probe_on_a_pretrained_model_and_on_a_checkpoint_not_trained_on_it(run_j
     config.write_text(f"data:\n  seq_len: 64\n  source: {texts}\n")
     short = run_job(hf + common + ["--probe"], script="train/eval.py", check=False)  # before any work
     assert short.returncode == 2 and "--probe: data.seq_len=64 cannot hold the probe's" in short.stderr
+    none = run_job(hf + common + ["--probe", "--probe-windows", "0"], script="train/eval.py", check=False)
+    assert none.returncode == 2 and "--probe-windows must be >= 1, got 0" in none.stderr
 
 
 def test_no_probe_turns_off_the_probe_of_a_run_trained_on_it(run_job, tmp_path):
