@@ -44,10 +44,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 from pikv.benchmark import machine_info  # noqa: E402
 from pikv.benchmark.smollm2 import load_smollm2, sequences  # noqa: E402
 from pikv.config import KVConfig, TrainConfig  # noqa: E402
-from pikv.data.probe import NATURAL, PasskeyProbe  # noqa: E402
 from pikv.benchmark.kvpress_decode import PRESSES, kvpress_rows  # noqa: E402
 from pikv.eval.budget_match import dry_run_peak  # noqa: E402
 from pikv.eval.kv import add_probe, evaluate_kv, merge_results, parse_specs, write_results  # noqa: E402
+from pikv.eval.probe import probe_for  # noqa: E402
 from pikv.kv import make_cache, parse_method  # noqa: E402
 from pikv.kv.fit import calibrate_svd, fit_compressors, load_compressors, pca_init_, save_compressors  # noqa: E402
 from pikv.training.schedule import lr_at  # noqa: E402
@@ -154,7 +154,7 @@ def main(argv):
     probe_md = ""
     if args.probe_windows and specs:
         t2 = time.time()
-        probe = PasskeyProbe(tok.backend_tokenizer, wording=NATURAL, bos_id=tok.get_vocab()["<|endoftext|>"])
+        probe = probe_for(tok.backend_tokenizer, trained=False)  # natural wording after <|endoftext|>
         fillers = sequences(tok, args.length, args.probe_windows, data=args.data)
         meta["probe"], probe_md = add_probe(rows, model, probe, fillers, specs, args.eval_batch, bases)
         meta["probe_seconds"] = round(time.time() - t2)

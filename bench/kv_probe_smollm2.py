@@ -34,7 +34,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from pikv.benchmark import machine_info, write_report  # noqa: E402
 from pikv.benchmark.smollm2 import MODEL_NAME, bos_id, load_smollm2, sequences  # noqa: E402
 from pikv.data.probe import NATURAL, PasskeyProbe  # noqa: E402
-from pikv.eval.probe import DEPTHS, evaluate_probe, markdown, summary  # noqa: E402
+from pikv.eval.probe import DEPTHS, evaluate_probe, markdown, probe_for, summary  # noqa: E402
 
 
 def main(argv):
@@ -43,16 +43,19 @@ def main(argv):
     ap.add_argument("--length", type=int, default=512, help="tokens per probe sequence")
     ap.add_argument("--policies", default="window,streaming,h2o,snapkv,pyramid,lru,quest,quant")
     ap.add_argument("--ratios", default="2,4,8")
-    ap.add_argument("--bos", default="<|endoftext|>", help="token that starts every sequence: a token, "
-                    "a token id, or none")
+    ap.add_argument("--bos", default=None, help="token that starts every sequence: a token, a token id, or "
+                    "none (default: the document separator <|endoftext|>, as train/eval.py --probe: probe_for)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = ap.parse_args(argv)
     machine = machine_info()
     t0 = time.time()
     _, tok, ours = load_smollm2(args.length + 8)
-    bos = bos_id(tok, args.bos)
-    probe = PasskeyProbe(tok.backend_tokenizer, wording=NATURAL, bos_id=bos)
+    if args.bos is None:
+        probe = probe_for(tok.backend_tokenizer, trained=False)
+    else:
+        probe = PasskeyProbe(tok.backend_tokenizer, wording=NATURAL, bos_id=bos_id(tok, args.bos))
+    bos = probe.bos[0] if probe.bos else None
     fillers = sequences(tok, args.length, args.windows)
     specs = [(p, float(r)) for p in args.policies.split(",") if p for r in args.ratios.split(",")]
     results = evaluate_probe(ours, probe, fillers, specs, batch_size=args.batch_size)

@@ -1,6 +1,8 @@
-"""Export a PiKV checkpoint as a Hugging Face Mixtral model: config.json, model.safetensors and
-the tokenizer, so `MixtralForCausalLM.from_pretrained(dir)` / `AutoTokenizer.from_pretrained(dir)`
-reproduce PiKV's logits and token ids.
+"""Export a PiKV checkpoint as a Hugging Face model: config.json, model.safetensors and the
+tokenizer, so `from_pretrained(dir)` / `AutoTokenizer.from_pretrained(dir)` reproduce PiKV's logits
+and token ids. An all-MoE model becomes a Mixtral, a dense one (e.g. a retrofitted Llama,
+docs/retrofit.md) a LlamaForCausalLM: LoRA merged, the learned KV compressor left out (HF has no
+place for it; the exported model is the retrofitted model with a full cache).
 
 Shapes: E experts, H hidden, F expert FFN hidden.
 Mixtral represents exactly one PiKV configuration: every layer MoE, softmax top-k routing with the
@@ -28,6 +30,7 @@ import torch
 from pikv.config import JobConfig, from_dict, moe_layer_indices
 from pikv.data.tokenizer import EOT, eot_id, load_tokenizer
 from pikv.models import Transformer
+from pikv.models.hf import hf_llama_state_dict
 from pikv.models.lora_linear import merge_lora
 from pikv.moe import merge_adapters
 from pikv.training.checkpoint import load_model_weights, read_trainer_state, resolve_checkpoint
@@ -68,6 +71,34 @@ def check_mixtral_exportable(cfg: JobConfig) -> None:
     if getattr(moe, "route_scale", 1.0) != 1.0:
         raise _unsupported("moe.route_scale", moe.route_scale,
                            "Mixtral's gate weights are the renormalised probabilities, unscaled")
+
+
+def check_llama_exportable(cfg: JobConfig) -> None:
+    """Raise ValueError naming a config key LlamaForCausalLM cannot represent (a dense model only)."""
+    if moe_layer_indices(cfg.model, cfg.moe):
+        raise ValueError(f"config key 'moe.every_n_layers' = {cfg.moe.every_n_layers!r} cannot be exported as "
+                         "LlamaForCausalLM: it has MoE layers (an all-MoE model exports as Mixtral)")
+    if getattr(cfg.model, "rotary_fraction", 1.0) != 1.0:
+        raise ValueError(f"config key 'model.rotary_fraction' = {cfg.model.rotary_fraction!r} cannot be exported: "
+                         "Llama applies RoPE to every dim of a head; only 1.0 is exportable")
+
+
+def llama_config(cfg: JobConfig, eos_token_id: int, dtype: str = "float32") -> dict:
+    """config.json contents (LlamaConfig fields) of a dense PiKV model: the inverse of
+    pikv.models.hf.hf_model_config (the keys a retrofit run took from its HF model)."""
+    m = cfg.model
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": m.vocab_size, "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
+        "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
+        "num_key_value_heads": m.num_kv_heads, "head_dim": m.hidden_size // m.num_heads, "hidden_act": "silu",
+        "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps, "initializer_range": m.init_std,
+        "rope_theta": m.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+        "tie_word_embeddings": m.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "attention_dropout": 0.0, "pretraining_tp": 1,
+        "bos_token_id": eos_token_id, "eos_token_id": eos_token_id, "pad_token_id": None,
+        "use_cache": True, "dtype": dtype,
+    }
 
 
 def installed_mixtral_layout() -> str:
@@ -144,7 +175,8 @@ def mixtral_state_dict(model: Transformer, layout: str = "fused",
 def export_hf(checkpoint: Path, out_dir: Path, *, layout: str = "auto",
               dtype: str = "float32") -> Path:
     """Write `out_dir`/{config.json, model.safetensors, tokenizer files} from a step_<N> or run
-    directory. Raises ValueError for an unusable checkpoint or a config Mixtral cannot represent."""
+    directory: Mixtral for an all-MoE model, LlamaForCausalLM for a dense one (`layout` is Mixtral's).
+    Raises ValueError for an unusable checkpoint or a config neither can represent."""
     if layout not in HF_LAYOUTS:
         raise ValueError(f"--layout {layout!r} is invalid; allowed: {', '.join(HF_LAYOUTS)}")
     if dtype not in DTYPES:
@@ -156,21 +188,28 @@ def export_hf(checkpoint: Path, out_dir: Path, *, layout: str = "auto",
 
     ckpt = resolve_checkpoint(Path(checkpoint))
     cfg = from_dict(read_trainer_state(ckpt).config)
-    check_mixtral_exportable(cfg)
+    dense = not moe_layer_indices(cfg.model, cfg.moe)
+    check_llama_exportable(cfg) if dense else check_mixtral_exportable(cfg)
     tok_file = ckpt / "tokenizer.json"
     if not tok_file.is_file():
         raise ValueError(f"checkpoint {ckpt} has no tokenizer.json to export")
     eos = eot_id(load_tokenizer(str(tok_file)))
-    model = Transformer(cfg.model, cfg.moe)
+    model = Transformer(cfg.model, cfg.moe)  # no kv_cfg: the compressor's weights are not loaded
     load_model_weights(ckpt, model)
     merge_adapters(model)  # moe.kind=pikv: export each expert's effective weights (no-op otherwise)
     merge_lora(model)  # model.lora_rank > 0: the attention adapters folded into the weights
 
-    layout = installed_mixtral_layout() if layout == "auto" else layout
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(mixtral_config(cfg, eos, dtype), indent=2) + "\n")
-    save_file(mixtral_state_dict(model, layout, DTYPES[dtype]), str(out_dir / "model.safetensors"),
+    if dense:
+        config, layout = llama_config(cfg, eos, dtype), "llama"
+        state = {k: v.detach().to(DTYPES[dtype]).contiguous().clone()
+                 for k, v in hf_llama_state_dict(model.state_dict(), cfg.model.tie_embeddings).items()}
+    else:
+        layout = installed_mixtral_layout() if layout == "auto" else layout
+        config, state = mixtral_config(cfg, eos, dtype), mixtral_state_dict(model, layout, DTYPES[dtype])
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(state, str(out_dir / "model.safetensors"),
               metadata={"format": "pt", "pikv_checkpoint": str(ckpt), "pikv_layout": layout})
     hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_file), eos_token=EOT)
     hf_tok.save_pretrained(str(out_dir))
@@ -178,4 +217,5 @@ def export_hf(checkpoint: Path, out_dir: Path, *, layout: str = "auto",
 
 
 __all__ = ["export_hf", "check_mixtral_exportable", "mixtral_config", "mixtral_state_dict",
+           "check_llama_exportable", "llama_config",
            "installed_mixtral_layout", "HAS_TRANSFORMERS", "HF_LAYOUTS"]

@@ -11,8 +11,11 @@ Writes <out>/heldout_eval.json and <out>/heldout_eval.md.
 KV-cache decoding evaluation (pikv/eval/kv.py, docs/kv.md), on the same documents:
   python train/eval.py --checkpoint runs/tiny --kv h2o,snapkv,learned --ratio 2,4,8 [--out DIR]
   python train/eval.py --checkpoint runs/tiny --kv pareto          # every single + composed method at 2,4,8,16
-writes <out>/kv/results.{json,md,png} (with the retrieval probe's accuracy by needle depth when the
-model was trained with data.probe_rate > 0) and logs them to the run's W&B run unless --no-wandb.
+writes <out>/kv/results.{json,md,png} and logs them to the run's W&B run unless --no-wandb.
+--probe adds the retrieval probe (passkey accuracy by needle depth, pikv/eval/probe.py) for the full
+cache and every --kv method at every --ratio: in the `#key|` format when the run was trained with
+data.probe_rate > 0 (then on by default), else in the passkey test's own wording after the document
+separator (a pretrained or retrofitted model; `probe_for`). --no-probe skips it.
 Without --kv it runs the run's kv.eval_policies at kv.eval_ratio (the KV table of `make train`);
 --kv none skips it.
 
@@ -36,12 +39,12 @@ import torch  # noqa: E402
 from pikv.config import DataConfig  # noqa: E402
 from pikv.data import PreparedDir, is_prepared, iter_eval_batches, load_documents, load_tokenizer  # noqa: E402
 from pikv.data import pack_documents, prepare_data, token_byte_lengths  # noqa: E402
-from pikv.data.probe import PasskeyProbe  # noqa: E402
 from pikv.distributed import DistContext  # noqa: E402
 from pikv.eval import evaluate_lm  # noqa: E402
 from pikv.eval.kv import log_to_wandb, parse_specs, run_kv_evaluation  # noqa: E402
 from pikv.eval.kv import markdown_table as kv_markdown_table  # noqa: E402
 from pikv.eval.pareto import PARETO_RATIOS  # noqa: E402
+from pikv.eval.probe import probe_for  # noqa: E402
 from pikv.inference import stored_config  # noqa: E402  (shared with train/generate.py)
 from pikv.kv import parse_method, resolve_policy  # noqa: E402
 from pikv.models import Transformer  # noqa: E402
@@ -84,6 +87,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--match-bytes", action=argparse.BooleanOptionalAction, default=None,
                         help="give each method the mildest budget whose measured ratio reaches --ratio "
                         "(equal measured bytes; pikv/eval/budget_match.py); default: on with --kv pareto")
+    parser.add_argument("--probe", action=argparse.BooleanOptionalAction, default=None,
+                        help="the retrieval probe for the full cache and every --kv method and ratio (default: on "
+                        "when the run was trained with data.probe_rate > 0)")
+    parser.add_argument("--probe-windows", type=int, default=16, help="held-out windows the probe hides its needle "
+                        "in (x 5 depths = probe sequences)")
     parser.add_argument("--no-wandb", action="store_true",
                         help="do not log the KV evaluation to the run's W&B run (default: the run's logging.wandb_mode)")
     return parser.parse_args(argv)
@@ -141,7 +149,7 @@ def evaluate_kv_table(model, tokenizer, docs, data_name: str, ckpt: Path, state,
     rows = run_kv_evaluation(model, tokenizer, docs, train_docs, kv_specs, out / "kv", length,
                              args.prefill or length // 2, args.max_sequences or (48 if args.kv else 32),
                              args.kv_batch_size, {"checkpoint": str(ckpt), "data": data_name}, probe=probe,
-                             match_bytes=args.match_bytes)
+                             match_bytes=args.match_bytes, probe_fillers=args.probe_windows)
     print(kv_markdown_table(rows))
     print(f"kv results: {out / 'kv' / 'results.json'}, results.md, results.png")
     if not args.no_wandb and log_to_wandb(ckpt.parent.parent, cfg, rows, out / "kv", state.step):
@@ -155,6 +163,20 @@ def load_hf(args: argparse.Namespace):
     path = resolve_pretrained(args.hf, cache_dir=cfg.data.cache_dir)
     model = load_hf_teacher(args.hf, cfg.data.cache_dir, cfg.model.max_seq_len)
     return model, load_tokenizer(cfg.data.tokenizer), cfg, path
+
+
+def probe_of(args: argparse.Namespace, tokenizer, probe_rate: float, seq_len: int):
+    """The retrieval probe to run (None: none): --probe / --no-probe, by default only for a run
+    trained on it (probe_rate > 0), in the format it was trained on, else the natural wording.
+    ValueError before any work when its sequences (seq_len tokens) cannot hold it."""
+    on = args.probe if args.probe is not None else probe_rate > 0
+    probe = probe_for(tokenizer, trained=probe_rate > 0) if on else None
+    if probe is not None and args.probe_windows < 1:
+        raise ValueError(f"--probe-windows must be >= 1, got {args.probe_windows}")
+    if probe is not None and probe.overhead >= seq_len:
+        raise ValueError(f"--probe: data.seq_len={seq_len} cannot hold the probe's {probe.overhead} tokens "
+                         f"({probe.describe()}); use --no-probe or a model with longer windows")
+    return probe
 
 
 def kv_specs_of(args: argparse.Namespace, cfg) -> list[tuple[str, float]]:
@@ -188,8 +210,8 @@ def main(argv: list[str]) -> int:
             return 0
         tokenizer = load_tokenizer(str(ckpt / "tokenizer.json"))
         docs, data_name, tokens = heldout_docs(args, cfg, tokenizer, ckpt)
-        # the retrieval probe is evaluated only on a model trained on it (older checkpoints: no key)
-        probe = PasskeyProbe(tokenizer) if state.config["data"].get("probe_rate", 0) > 0 else None
+        # older checkpoints have no data.probe_rate: not trained on the probe
+        probe = probe_of(args, tokenizer, state.config["data"].get("probe_rate", 0), cfg.data.seq_len)
         model = Transformer(cfg.model, cfg.moe, kv_cfg=cfg.kv)
         load_model_weights(ckpt, model)
         kv_specs = []
@@ -210,7 +232,7 @@ def main_hf(args: argparse.Namespace) -> int:
     try:
         model, tokenizer, cfg, path = load_hf(args)
         docs, data_name, tokens = heldout_docs(args, cfg, tokenizer, path)
-        probe = PasskeyProbe(tokenizer) if cfg.data.probe_rate > 0 else None
+        probe = probe_of(args, tokenizer, cfg.data.probe_rate, cfg.data.seq_len)  # --config's run: the same probe as its checkpoint
         kv_specs = []
         if (args.kv or "").lower() != "none":
             kv_specs = kv_specs_of(args, cfg)  # no compressor: learned methods only when named (an error row)

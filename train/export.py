@@ -4,9 +4,11 @@
   python train/export.py --checkpoint runs/tiny/checkpoints/step_450 --out exported/tiny --format hf \\
       --layout per_expert --dtype bfloat16
 
---format hf writes a Hugging Face Mixtral model (config.json, model.safetensors, tokenizer files)
-that `MixtralForCausalLM.from_pretrained(OUT)` and `AutoTokenizer.from_pretrained(OUT)` load.
-Only all-MoE, softmax-top-k, renormalised, dropless models are exportable (see pikv/export.py).
+--format hf writes a Hugging Face model (config.json, model.safetensors, tokenizer files) that
+`AutoModelForCausalLM.from_pretrained(OUT)` and `AutoTokenizer.from_pretrained(OUT)` load: a
+Mixtral for an all-MoE, softmax-top-k, renormalised, dropless model; a LlamaForCausalLM for a dense
+one (a retrofitted model, docs/retrofit.md: LoRA merged, the learned KV compressor left out, as HF
+has no place for it). Other models are errors naming the key (see pikv/export.py).
 """
 
 import argparse
@@ -26,9 +28,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", required=True, type=Path,
                         help="a step_<N> directory, or a run directory (its newest complete checkpoint)")
     parser.add_argument("--out", required=True, type=Path, help="output directory (created if missing)")
-    parser.add_argument("--format", default="hf", choices=FORMATS, help="hf: Hugging Face Mixtral")
+    parser.add_argument("--format", default="hf", choices=FORMATS, help="hf: Hugging Face Mixtral (MoE) or Llama (dense)")
     parser.add_argument("--layout", default="auto", choices=HF_LAYOUTS,
-                        help="expert weight layout: auto = the installed transformers' own (fused on 5.x); "
+                        help="Mixtral's expert weight layout: auto = the installed transformers' own (fused on 5.x); "
                              "per_expert = block_sparse_moe.experts.<e>.w1/w2/w3 (transformers 4.x, vLLM)")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="dtype of the saved weights")
     args = parser.parse_args(argv)

@@ -33,6 +33,16 @@ def load_smollm2(max_seq_len: int, kv_cfg=None):
     return hf, tok, transformer_from_hf_llama(hf, max_seq_len=max_seq_len, kv_cfg=kv_cfg)
 
 
+def load_llama(path: Optional[str], max_seq_len: int):
+    """`load_smollm2` for any HF Llama folder (`path`; e.g. train/export.py's export of a retrofitted
+    run), None: the cached SmolLM2. (HF model, its tokenizer, the pikv Transformer of the same weights)."""
+    if path is None:
+        return load_smollm2(max_seq_len)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+    return hf, AutoTokenizer.from_pretrained(path), transformer_from_hf_llama(hf, max_seq_len=max_seq_len)
+
+
 def window_ids(token_lists: list[list[int]], length: int, count: int) -> list[list[int]]:
     """Up to `count` windows of `length` tokens, round robin over the documents (window i of every
     document before window i + 1 of any), so a few windows already span many documents."""

@@ -19,6 +19,7 @@ step, full / Quest); decode tokens/s; peak KV bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -82,6 +83,11 @@ def heldout_sequences(tokenizer, docs, length: int, max_sequences: int) -> torch
         raise ValueError(f"no document holds {length} tokens: nothing to evaluate")
     pick = np.linspace(0, len(starts) - 1, min(max_sequences, len(starts))).round().astype(int)
     return torch.from_numpy(np.stack([tokens[starts[i]:starts[i] + length] for i in pick]).astype(np.int64))
+
+
+def windows_digest(seq_XN: torch.Tensor) -> str:
+    """sha256 of the windows' token ids (int64): two results files scored the same tokens iff equal."""
+    return hashlib.sha256(seq_XN.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
 def _full_read_bytes(cfg, B: int, prefill: int, C: int) -> int:
@@ -284,7 +290,8 @@ def run_kv_evaluation(model, tokenizer, docs, calib_docs, specs, out: Path, leng
         bases = calibrate_svd(model, heldout_sequences(tokenizer, calib_docs, length, 8))
     t0 = time.perf_counter()
     rows = evaluate_kv(model, seq, prefill, specs, batch_size, svd_bases=bases, match_bytes=match_bytes)
-    meta = {**meta, "budgets": "matched to the target's measured bytes" if match_bytes else "as requested", "sequences": int(seq.shape[0]), "sequence_length": length, "prefill": prefill,
+    meta = {**meta, "budgets": "matched to the target's measured bytes" if match_bytes else "as requested",
+            "windows_sha256": windows_digest(seq), "sequences": int(seq.shape[0]), "sequence_length": length, "prefill": prefill,
             "scored_tokens_per_sequence": length - prefill, "seconds": round(time.perf_counter() - t0, 1),
             "protocol": "prefill the context, then teacher-forced sequential decoding with the budget "
                         "enforced after every step; reference = the same model with a full fp16 cache"}

@@ -18,12 +18,26 @@ from typing import Optional
 
 import torch
 
-from pikv.data.probe import PasskeyProbe
+from pikv.data import eot_id
+from pikv.data.probe import NATURAL, PasskeyProbe
 from pikv.eval.decode import decode_logprobs
 from pikv.kv import make_cache
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 VALID_FULL_ACCURACY = 0.95
+
+
+def probe_for(tokenizer, trained: bool) -> PasskeyProbe:
+    """The probe a model is scored on (`tokenizer`: a tokenizers.Tokenizer). `trained` (its run had
+    data.probe_rate > 0): the `#key|` format it was trained on, no BOS, as PiKV's models are trained.
+    Otherwise the passkey test's own wording (NATURAL), which a pretrained model follows untrained,
+    after the tokenizer's document separator: what starts a document in PiKV's packed stream and in
+    SmolLM2's pretraining. Without it the needle at depth 0 is also the first token, the attention
+    sink: SmolLM2's full cache recalled 0.90 of the probes without a BOS, 0.95 after <|im_start|>,
+    1.00 after <|endoftext|> (bench/kv_probe_smollm2.py, 8 windows)."""
+    if trained:
+        return PasskeyProbe(tokenizer)
+    return PasskeyProbe(tokenizer, wording=NATURAL, bos_id=eot_id(tokenizer))
 
 
 @torch.no_grad()

@@ -115,6 +115,19 @@ def hf_state_dict(hf_model, tie_embeddings: bool) -> dict[str, torch.Tensor]:
     return state
 
 
+def hf_llama_state_dict(state: dict[str, torch.Tensor], tie_embeddings: bool) -> dict[str, torch.Tensor]:
+    """The inverse of `hf_state_dict`: a dense pikv Transformer's weights (LoRA merged) under HF
+    LlamaForCausalLM names. No q/k permutation to undo: the port applies none (transformers' GGUF
+    reader already turned llama.cpp's back). The learned KV compressor has no HF counterpart and is
+    left out; a tied LM head is the embedding, written once."""
+    out = {}
+    for name, tensor in state.items():
+        if "kv_compressor" in name or (name == "lm_head.weight" and tie_embeddings):
+            continue
+        out[name if name == "lm_head.weight" else "model." + name] = tensor
+    return out
+
+
 def transformer_from_hf_llama(hf_model, max_seq_len: Optional[int] = None, kv_cfg=None) -> Transformer:
     """A dense pikv Transformer with the weights of an HF LlamaForCausalLM (fp32, eval mode). With
     `kv_cfg` (pikv.config.KVConfig, compressor='learned') every layer also gets a fresh learned KV
