@@ -170,13 +170,14 @@ class _QuantAttention(Store):
     `_blocks()` yields (lo, hi, scores(q_BGMD), values(p_BGMK)) over its stored tokens in order."""
     compressed_attention = True
     fused_kernel = True  # decode steps on the CPU through pikv/kv/kernels (False: the torch blocks)
+    fused_simd = True  # the kernel's AVX-512 build (False: its portable build, a benchmark baseline)
     block_codes = 1 << 19  # codes of one tensor unpacked at a time (see the module docstring)
 
     def attend(self, q_BNTD, read, pos, start, T, extra, need_probs):
         if not self.compressed_attention:
             return super().attend(q_BNTD, read, pos, start, T, extra, need_probs)
         mask = self.read_mask(q_BNTD.device, pos, start, T, extra, None)  # one key per stored token
-        op = kernels.decode_op(q_BNTD, self.fused_kernel) if T == 1 else None
+        op = kernels.decode_op(q_BNTD, self.fused_kernel, self.fused_simd) if T == 1 else None
         if op is not None:
             return self._attend_fused(op, q_BNTD, mask, need_probs)
         G = next(iter(self.buf.t.values())).shape[1]
