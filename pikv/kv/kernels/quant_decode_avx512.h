@@ -38,13 +38,12 @@ inline __m512 to_float(__m512i x) {
 
 inline __m512i shift_right(__m512i x, int n) { return _mm512_srlv_epi32(x, _mm512_set1_epi32(n)); }
 
-inline bool row_ok(int64_t row) { return row == 8 || (row % 16 == 0 && row <= 64); }
-
-// One row of `row` planar-packed bytes (8, or a multiple of 16) -> its row*8/BITS codes in planar
-// order (position i*row + x: plane i of byte x), 16 per vector, into out.
-template <int BITS>
-inline void row_codes(const uint8_t* src, int64_t row, float* out) {
-  if (row == 8) {
+// One row of ROW planar-packed bytes (8, or a multiple of 16) -> its ROW*8/BITS codes in planar
+// order (position i*ROW + x: plane i of byte x), 16 per vector, into out. ROW is a compile-time
+// constant: a runtime row cost ~2x in loop control here (measured).
+template <int BITS, int ROW>
+inline void row_codes(const uint8_t* src, float* out) {
+  if constexpr (ROW == 8) {
     int64_t word;
     std::memcpy(&word, src, sizeof(word));
     const __m512i bytes = _mm512_cvtepu8_epi32(_mm_set1_epi64x(word));  // lanes 0-7 and 8-15: bytes 0-7
@@ -53,13 +52,31 @@ inline void row_codes(const uint8_t* src, int64_t row, float* out) {
                                                     _mm512_set1_epi32((2 * v + 1) * BITS));
       _mm512_storeu_ps(out + 16 * v, to_float<BITS>(_mm512_srlv_epi32(bytes, shift)));
     }
-    return;
-  }
-  for (int64_t e = 0; e < row * 8 / BITS; e += 16) {
-    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + e % row)));
-    _mm512_storeu_ps(out + e, to_float<BITS>(shift_right(bytes, static_cast<int>(e / row) * BITS)));
+  } else {
+    for (int x = 0; x < ROW; x += 16) {
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + x)));
+      for (int i = 0; i < 8 / BITS; ++i)
+        _mm512_storeu_ps(out + i * ROW + x, to_float<BITS>(i ? _mm512_srli_epi32(bytes, i * BITS) : bytes));
+    }
   }
 }
+
+// T rows of `row` bytes each -> out[t * D + e], the row's codes in planar order (D = row*8/BITS).
+template <int BITS>
+inline void rows_codes(const uint8_t* src, int64_t row, int64_t T, float* out) {
+  const int64_t D = row * 8 / BITS;
+#define PIKV_ROWS(R) \
+  for (int64_t t = 0; t < T; ++t) row_codes<BITS, R>(src + t * R, out + t * D)
+  switch (row) {
+    case 8: PIKV_ROWS(8); break;
+    case 16: PIKV_ROWS(16); break;
+    case 32: PIKV_ROWS(32); break;
+    default: PIKV_ROWS(64); break;
+  }
+#undef PIKV_ROWS
+}
+
+inline bool row_ok(int64_t row) { return row == 8 || row == 16 || row == 32 || row == 64; }
 
 inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
@@ -88,8 +105,16 @@ void token_rows_transposed(const uint8_t* src, int64_t row, int64_t T, int64_t T
 template <int BITS>
 void kivi_blocks_transposed(const uint8_t* src, int64_t D, int64_t rb, int64_t nb, int64_t Tp, float* out) {
   const int64_t g = rb * 8 / BITS;
-  for (int64_t blk = 0; blk < nb; ++blk)
-    for (int64_t d = 0; d < D; ++d) row_codes<BITS>(src + (blk * D + d) * rb, rb, out + d * Tp + blk * g);
+#define PIKV_BLOCKS(R)                   \
+  for (int64_t blk = 0; blk < nb; ++blk) \
+    for (int64_t d = 0; d < D; ++d) row_codes<BITS, R>(src + (blk * D + d) * R, out + d * Tp + blk * g)
+  switch (rb) {
+    case 8: PIKV_BLOCKS(8); break;
+    case 16: PIKV_BLOCKS(16); break;
+    case 32: PIKV_BLOCKS(32); break;
+    default: PIKV_BLOCKS(64); break;
+  }
+#undef PIKV_BLOCKS
 }
 
 // dots[v] = sum_e coef_v[e] * codes[e * Tp + 16 v + lane] for NVEC vectors of 16 tokens; two
@@ -206,11 +231,18 @@ inline float exp_shifted(float* x, int64_t n, float m, float mul) {
   }
 
 inline void unpack_rows(int bits, const uint8_t* src, int64_t row, int64_t T, float* out) {
-  const int64_t D = row * 8 / bits;
-#define PIKV_ROWS(B) \
-  for (int64_t t = 0; t < T; ++t) row_codes<B>(src + t * row, row, out + t * D)
+#define PIKV_ROWS(B) rows_codes<B>(src, row, T, out)
   PIKV_SIMD_BITS(bits, PIKV_ROWS)
 #undef PIKV_ROWS
+}
+
+// fp16 scale/zero of tokens t0..t0+T-1 (one per token) -> fp32 [T].
+inline void scales_per_token(const Codes& c, int64_t t0, int64_t T, float* scale, float* zero) {
+  for (int64_t t = 0; t < T; t += 16) {
+    const __mmask16 lanes = first_lanes(T - t);
+    _mm512_storeu_ps(scale + t, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, c.scale + t0 + t)));
+    _mm512_storeu_ps(zero + t, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, c.zero + t0 + t)));
+  }
 }
 
 inline void unpack_token_keys(int bits, const uint8_t* src, int64_t row, int64_t T, int64_t Tp, float* out) {
@@ -240,7 +272,7 @@ inline void token_scores(const Codes& k, const float* q_planar, const float* q_s
                          int64_t T, TokenTile& tt, float* s) {
   const int64_t Tp = (T + 15) / 16 * 16, nvec = Tp / 16;
   unpack_token_keys(k.bits, k.codes + t0 * k.row, k.row, T, Tp, tt.codes.data());
-  token_scales(k, t0, T, tt.scale.data(), tt.zero.data());
+  scales_per_token(k, t0, T, tt.scale.data(), tt.zero.data());
   for (int64_t h = 0; h < M; ++h) {
     const float* qh = q_planar + h * D;
     const __m512 qs = _mm512_set1_ps(q_sum[h]);
@@ -298,7 +330,7 @@ inline void channel_scores(const Codes& k, const float* q, int64_t M, int64_t D,
 // acc += sum_t (p_t scale_t) code_t, zero_sum += sum_t p_t zero_t: per-token values, one scale per token.
 inline void token_values(const Codes& v, const float* p, Heads& st, int64_t t0, int64_t T, TokenTile& tt) {
   unpack_rows(v.bits, v.codes + t0 * v.row, v.row, T, tt.codes.data());
-  token_scales(v, t0, T, tt.scale.data(), tt.zero.data());
+  scales_per_token(v, t0, T, tt.scale.data(), tt.zero.data());
   const float* sc = tt.scale.data();
   const float* zr = tt.zero.data();
   float* ws = tt.tmp.data();
