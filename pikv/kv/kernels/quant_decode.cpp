@@ -171,10 +171,14 @@ void unpack_token_tile(const Codes& c, int64_t t0, int64_t T, uint8_t* bytes_t, 
   token_scales(c, t0, T, scale, zero);
 }
 
-struct TokenTile {  // scratch of one unpacked tile of per-token codes
+struct TokenTile {  // scratch of one unpacked tile of per-token codes (the AVX-512 loops write whole
+                   // vectors of 16 tokens: sizes rounded up)
   std::vector<uint8_t> bytes;
   std::vector<float> codes, scale, zero, tmp;
-  TokenTile(int64_t tile, int64_t D, int64_t n) : bytes(tile * D), codes(tile * D), scale(tile * n), zero(tile * n), tmp(tile) {}
+  TokenTile(int64_t tile, int64_t D, int64_t n, int64_t M)
+      : bytes(tile * D), codes(round16(tile) * D), scale(round16(tile) * n), zero(round16(tile) * n),
+        tmp(round16(tile) * M) {}
+  static int64_t round16(int64_t x) { return (x + 15) / 16 * 16; }
 };
 
 #ifdef PIKV_SIMD
@@ -405,7 +409,7 @@ void attend_row(const Problem& pb, const Row& r) {
   for (int64_t x = 0; x < M * D; ++x) q[x] = r.q[x] * pb.scale;
   // q_scaled: the query times each KIVI block's scales, for the blocks of one tile
   std::vector<float> s(M * tile), kplanes(tile * D), q_scaled(M * D * std::max<int64_t>(1, tile / r.k.group));
-  TokenTile ktile(pb.channel_keys ? 0 : tile, D, r.k.n), vtile(tile, D, r.v.n);
+  TokenTile ktile(pb.channel_keys ? 0 : tile, D, r.k.n, M), vtile(tile, D, r.v.n, M);
   // per-token keys: the query in the codes' planar order, and its sum per channel group
   std::vector<float> q_planar, q_group_sum;
   if (!pb.channel_keys && pb.S) {

@@ -336,13 +336,13 @@ inline void token_values(const Codes& v, const float* p, Heads& st, int64_t t0, 
   float* ws = tt.tmp.data();
   for (int64_t h = 0; h < st.M; ++h) {
     const float* ph = p + h * T;
-    float zsum = 0.0f;
-#pragma omp simd reduction(+ : zsum)
-    for (int64_t t = 0; t < T; ++t) {
-      ws[t] = ph[t] * sc[t];
-      zsum += ph[t] * zr[t];
+    __m512 zsum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < T; t += 16) {  // sc, zr: zero past T (scales_per_token)
+      const __m512 pt = _mm512_maskz_loadu_ps(first_lanes(T - t), ph + t);
+      _mm512_storeu_ps(ws + t, _mm512_mul_ps(pt, _mm512_loadu_ps(sc + t)));
+      zsum = _mm512_fmadd_ps(pt, _mm512_loadu_ps(zr + t), zsum);
     }
-    st.zero_sum[h] += zsum;
+    st.zero_sum[h] += _mm512_reduce_add_ps(zsum);
     weighted_rows(tt.codes.data(), ws, T, st.D, st.acc_planar.data() + h * st.D);
   }
   tiles[2].fetch_add(1, std::memory_order_relaxed);
