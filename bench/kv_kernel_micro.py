@@ -8,13 +8,17 @@ Shapes are the default model's (6 query heads, 2 kv heads, head dim 32). Stores:
 8x compositions), the latter also with the probabilities returned (what H2O asks for). Each case
 times `--calls` calls of `store.attend` for one query token per sequence (the Python around the op
 included); the rounds rotate the cases (pikv.benchmark), the table gives the median per call and
-the median of the per-round ratios against the full cache. The whole-model numbers are
-bench/kv_decode_speed.py's; this isolates the kernel.
+the median of the per-round ratios against the full cache. Timer: the CPU time of this thread
+(time.thread_time; 1 torch thread, so all of a case's work), not the wall clock: on the shared,
+loaded 2-core machine the wall clock also counts the time slices other processes take, which
+moved A/B ratios of identical code by +-30%; the CPU time kept them within ~5% (measured). The
+whole-model numbers are bench/kv_decode_speed.py's (wall clock); this isolates the kernel.
 """
 
 import argparse
 import os
 import sys
+import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -77,7 +81,7 @@ def main(argv):
     for B in [int(b) for b in args.batch.split(",")]:
         for S in [int(c) for c in args.contexts.split(",")]:
             with torch.no_grad():
-                timings = run_rounds(cases(B, S, args.calls), rounds=args.rounds, warmup=1)
+                timings = run_rounds(cases(B, S, args.calls), rounds=args.rounds, warmup=1, timer=time.thread_time)
             for name in timings.seconds:
                 ms = timings.median(name) / args.calls * 1e3
                 print(f"| {B} | {S} | {name} | {ms:.3f} | {timings.ratio(name, speedup=True)['median']:.2f}x |",
