@@ -18,8 +18,8 @@ a hash of the sources, the flags and this CPU's model and flags (-march=native c
 loaded on another CPU). Concurrent processes (pytest workers, torchrun ranks) serialise on an flock
 of a file next to it: the kernel drops the lock when a process dies, unlike torch's own lock file,
 which a killed build leaves behind and which then hangs every later build; holding the flock, we
-remove such a stale one. Measured on the shared 2-core Xeon (loaded, load ~2-3): the first build
-takes ~25 s per variant (docs/kv.md); later processes load the cached library in well under a second.
+remove such a stale one. Measured on the shared 2-core Xeon at load ~3.5: the first build takes
+9.2 s (simd) + 8.5 s (portable); later processes load both cached libraries in 0.05 s.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 // (-march=native on such a CPU) and PIKV_NO_SIMD is not defined; anything else (another CPU, an
 // unsupported shape) runs the portable loops there, which give the same sums in another order.
 //
-// Layout (measured on the 2-core Xeon, docs/benchmarks.md "AVX-512 decode kernel"): a tile's codes
+// Layout (measured on the 2-core Xeon, docs/benchmarks.md "AVX-512 decode kernel"; tiles of 64
+// tokens: 128 or 256 spill the fp32 codes out of L1 and measured slower): a tile's codes
 // are unpacked ONCE into fp32 in L1, then every query head of the kv head reads them:
 //   keys:   tokens across the 16 lanes, [E][Tp] (E = D planar positions, Tp the tile rounded up to 16):
 //           score lanes += q'_e * code[e, t..t+15], no horizontal sums;
@@ -40,7 +41,7 @@ inline __m512i shift_right(__m512i x, int n) { return _mm512_srlv_epi32(x, _mm51
 
 // One row of ROW planar-packed bytes (8, or a multiple of 16) -> its ROW*8/BITS codes in planar
 // order (position i*ROW + x: plane i of byte x), 16 per vector, into out. ROW is a compile-time
-// constant: a runtime row cost ~2x in loop control here (measured).
+// constant: with a runtime row (and scalar fp16 scales) per-token codes took 1.8x longer (measured).
 template <int BITS, int ROW>
 inline void row_codes(const uint8_t* src, float* out) {
   if constexpr (ROW == 8) {
