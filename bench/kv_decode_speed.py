@@ -6,6 +6,7 @@
   python bench/kv_decode_speed.py --contexts 64 --batch 1 --ratios 4 --steps 2 --repeats 2   # quickest check
   python bench/kv_decode_speed.py --policies full,quant --dequantized   # + each quant method's old path
   python bench/kv_decode_speed.py --policies full,quant --torch-path    # + the torch blocks instead of the C++ kernel
+  python bench/kv_decode_speed.py --policies full,quant --portable-kernel  # + the kernel's portable build
 
 The model is the default configuration (pikv/config/) with max_seq_len raised to the longest
 context (and model.rotary_fraction = --rotary-fraction: below 1 the learned latent is the decoupled
@@ -24,7 +25,9 @@ gives the median tokens/s and the median of the per-round speed-up vs the full c
 the path before the stores attended in their compressed domain) on a copy of the same filled cache,
 as "METHOD (dequantized)". --torch-path likewise times every quantized method with the fused C++
 decode kernel switched off (`fused_kernel = False`: the torch blockwise compressed-domain path) as
-"METHOD (torch path)".
+"METHOD (torch path)". --portable-kernel times them through the kernel's portable build instead of
+its AVX-512 one (`fused_simd = False`: the -DPIKV_NO_SIMD build, pikv/kv/kernels) as "METHOD (portable
+kernel)".
 Threads: use at most the idle cores. With 2 OpenMP threads on a 2-core machine that also runs
 something else, a decode step took ~28 ms instead of ~3 ms (measured): the threads spin-wait for
 a core, which swamps everything this benchmark measures.
@@ -90,6 +93,8 @@ def main(argv):
                     help="also time each quantized method through dequantize-then-attend (its old path)")
     ap.add_argument("--torch-path", action="store_true",
                     help="also time each quantized method without the fused C++ decode kernel (torch blocks)")
+    ap.add_argument("--portable-kernel", action="store_true",
+                    help="also time each quantized method through the kernel's portable (non-SIMD) build")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,7 +120,8 @@ def main(argv):
                     fill(model, cache, B, S)
                     methods[(policy, ratio)] = cache
                     variants = {"dequantized": ("compressed_attention", args.dequantized),
-                                "torch path": ("fused_kernel", args.torch_path)}
+                                "torch path": ("fused_kernel", args.torch_path),
+                                "portable kernel": ("fused_simd", args.portable_kernel)}
                     for label, (switch, wanted) in variants.items():
                         if wanted and hasattr(cache.stores[0], switch):
                             old = copy.deepcopy(cache)

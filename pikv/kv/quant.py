@@ -35,7 +35,9 @@ and chunks, CUDA tensors, autograd through the cache and `fused_kernel = False` 
 blocks below (same numbers within fp32 reordering; a Triton kernel for CUDA is future work).
 Measured (docs/benchmarks.md, "Fused C++ decode kernel"): 1.16-1.29x the torch blocks at 2k and
 for the 8x compositions at 16k, equal at 8k, slower for KIVI at 16k batch 4 (0.86x): not the step
-change hoped for; the per-token arithmetic at head dim 32 is now what costs.
+change hoped for; the per-token arithmetic at head dim 32 is now what costs. Its AVX-512 build
+since (tokens across the lanes, docs/benchmarks.md "AVX-512 decode kernel"): KIVI 1.5-3.2x the full
+cache from 8k tokens.
 """
 
 from __future__ import annotations
@@ -170,13 +172,14 @@ class _QuantAttention(Store):
     `_blocks()` yields (lo, hi, scores(q_BGMD), values(p_BGMK)) over its stored tokens in order."""
     compressed_attention = True
     fused_kernel = True  # decode steps on the CPU through pikv/kv/kernels (False: the torch blocks)
+    fused_simd = True  # the kernel's AVX-512 build (False: its portable build, a benchmark baseline)
     block_codes = 1 << 19  # codes of one tensor unpacked at a time (see the module docstring)
 
     def attend(self, q_BNTD, read, pos, start, T, extra, need_probs):
         if not self.compressed_attention:
             return super().attend(q_BNTD, read, pos, start, T, extra, need_probs)
         mask = self.read_mask(q_BNTD.device, pos, start, T, extra, None)  # one key per stored token
-        op = kernels.decode_op(q_BNTD, self.fused_kernel) if T == 1 else None
+        op = kernels.decode_op(q_BNTD, self.fused_kernel, self.fused_simd) if T == 1 else None
         if op is not None:
             return self._attend_fused(op, q_BNTD, mask, need_probs)
         G = next(iter(self.buf.t.values())).shape[1]

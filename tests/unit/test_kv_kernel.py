@@ -1,13 +1,17 @@
-"""The fused C++ decode attention over the quantized stores (pikv/kv/kernels) against two
-independent references on the same stored codes: the torch compressed-domain path (the store's
-blockwise `_blocks`, fused_kernel = False) and dequantize-then-attend (`pikv.kv.attention.attention`
-over the keys/values the store's `read` dequantizes). The kernel is built once per machine (cached
-in $PIKV_CACHE/torch_extensions), so a test session pays at most one build (~15-40 s) and then
-loads it; `kernels.calls` proves the fused path really ran.
+"""The fused C++ decode attention over the quantized stores (pikv/kv/kernels), both builds: the
+AVX-512 one ("simd", quant_decode_avx512.h) and the portable one (-DPIKV_NO_SIMD), against each
+other and two independent references on the same stored codes: the torch compressed-domain path
+(the store's blockwise `_blocks`, fused_kernel = False) and dequantize-then-attend
+(`pikv.kv.attention.attention` over the keys/values the store's `read` dequantizes). The kernels
+are built once per machine (cached in $PIKV_CACHE/torch_extensions), so a test session pays at most
+two builds (~10-30 s each) and then loads them; `kernels.calls` proves which path really ran, and
+`kernels.simd_tiles()` that the AVX-512 loops did on a CPU that has them.
 
-Tolerance: REORDERED_FP32 throughout. All three compute in fp32 from the same codes; they differ
-only in the order of the sums (scales folded into the query / weights, per-tile online-softmax
-rescaling vs one softmax) and in the kernel's polynomial exp (relative error ~2e-7)."""
+Tolerance: REORDERED_FP32 throughout. All compute in fp32 from the same codes; they differ only in
+the order of the sums (scales folded into the query / weights, per-tile online-softmax rescaling vs
+one softmax, 16-lane partial sums) and in the kernels' polynomial exp (relative error ~2e-7)."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,23 +23,36 @@ from pikv.kv.selection import SELECTIONS
 from tests.helpers import REORDERED_FP32, seeded
 
 B, N, G, D, GROUP = 3, 6, 2, 32, 32  # GQA: 3 query heads per kv head
+VARIANTS = ["simd", "portable", "torch"]  # the fused kernel's two builds, then the torch blocks
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512f" in flags and "avx512bw" in flags
+
+
+AVX512 = _cpu_has_avx512()  # -march=native then compiles the AVX-512 loops into the "simd" build
 
 
 @pytest.fixture(scope="session", autouse=True)
 def built_kernel():
-    if kernels.quant_decode() is None:
-        pytest.skip(f"the fused kernel cannot be built here: {kernels._state['reason']}")
+    for variant in ("simd", "portable"):
+        if kernels.quant_decode(variant) is None:
+            pytest.skip(f"the fused kernel ({variant}) cannot be built here: {kernels.reason(variant)}")
 
 
-def make_store(layout, bits, residual):
-    return KiviStore(bits, GROUP, residual) if layout == "kivi" else TokenQuantStore(bits, GROUP)
+def make_store(layout, bits, residual, group=GROUP):
+    return KiviStore(bits, group, residual) if layout == "kivi" else TokenQuantStore(bits, group)
 
 
-def mixed_store(layout, kbits, vbits, residual, k, v):
+def mixed_store(layout, kbits, vbits, residual, k, v, group=GROUP):
     """A store holding keys at kbits and values at vbits (the values' buffers of a vbits store fed
     the same tokens spliced in: the kernel reads each width off its buffer's shape), and the
     dequantized keys/values the reference attends over."""
-    stores = [make_store(layout, bits, residual) for bits in (kbits, vbits)]
+    stores = [make_store(layout, bits, residual, group) for bits in (kbits, vbits)]
     for store in stores:
         store.block_codes = 2048  # many blocks on the torch path
         store.append(k[:, :, :-1], k[:, :, :-1], v[:, :, :-1])
@@ -52,42 +69,84 @@ def mixed_store(layout, kbits, vbits, residual, k, v):
     return keys_store, k_ref, v_ref
 
 
-def decode(store, q, extra, need_probs, fused):
-    store.fused_kernel = fused
+def decode(store, q, extra, need_probs, variant):
+    """One decode step through `variant` ("simd", "portable" or "torch"), asserting it ran."""
+    store.fused_kernel, store.fused_simd = variant != "torch", variant == "simd"
     S = store.length()
-    before = dict(kernels.calls)
+    counter = {"simd": "fused", "portable": "portable", "torch": "torch"}[variant]
+    before = kernels.calls[counter]
     out = store.attend(q, lambda: store.read(torch.float32, None, 0, S - 1, 1), 0, S - 1, 1, extra, need_probs)
-    assert kernels.calls["fused"] - before["fused"] == int(fused)  # the fused kernel ran (or not)
+    assert kernels.calls[counter] == before + 1  # the path asked for ran
     return out
 
 
+def simd_tiles_taken(before, layout, quantized):
+    """The AVX-512 loops ran for every quantized part (on a CPU with AVX-512; else none did)."""
+    grown = [a - b for a, b in zip(kernels.simd_tiles(), before)]
+    if not AVX512:
+        return grown == [0, 0, 0]
+    if not quantized:
+        return grown == [0, 0, 0]
+    keys = grown[1] if layout == "kivi" else grown[0]
+    return keys > 0 and grown[2] > 0
+
+
 CASES = [("kivi", 2, 2, 0), ("kivi", 4, 4, 32), ("kivi", 4, 2, 32), ("kivi", 2, 4, 0),
-         ("token", 2, 2, 0), ("token", 4, 4, 0), ("token", 4, 2, 0)]
+         ("token", 2, 2, 0), ("token", 4, 4, 0), ("token", 4, 2, 0), ("token", 2, 4, 0)]
 
 
 @pytest.mark.parametrize("layout,kbits,vbits,residual", CASES)
+@pytest.mark.parametrize("S", [229, 77, 13])  # not multiples of 16 / the 64-token tile; fewer than 16
 @pytest.mark.parametrize("need_probs", [False, True])
-def test_fused_decode_equals_torch_path_and_dequantize_then_attend(layout, kbits, vbits, residual, need_probs):
-    S = 229  # KIVI: 7 groups of 32 codes (6 with residual 32) + the fp16 rest
+def test_fused_decode_equals_torch_path_and_dequantize_then_attend(layout, kbits, vbits, residual, S, need_probs):
+    """Both builds against dequantize-then-attend, each other and (one width) the torch blocks; a
+    different read mask with holes per batch row and kv head."""
     q = torch.randn(B, N, 1, D, generator=seeded(1)) * 2
     k, v = torch.randn(B, G, S, D, generator=seeded(2)), torch.randn(B, G, S, D, generator=seeded(3))
     store, k_ref, v_ref = mixed_store(layout, kbits, vbits, residual, k, v)
     extra = torch.rand(B, G, 1, S, generator=seeded(4)) < 0.7  # a different read mask per row and kv head
     extra[..., -1] = True
-    o, p = decode(store, q, extra, need_probs, fused=True)
     o_ref, p_ref = attention(q, k_ref, v_ref, extra, need_probs)
+    quantized = store.length() > (store.buf.n if layout == "kivi" else 0)
+    before = kernels.simd_tiles()
+    o, p = decode(store, q, extra, need_probs, "simd")
+    assert simd_tiles_taken(before, layout, quantized)
+    o_portable, p_portable = decode(store, q, extra, need_probs, "portable")
     torch.testing.assert_close(o, o_ref, **REORDERED_FP32)
-    assert (o - attention(q, k, v, extra, False)[0]).abs().max() > 1e-3  # the codes are read, not exact keys
+    torch.testing.assert_close(o, o_portable, **REORDERED_FP32)
+    if quantized:
+        assert (o - attention(q, k, v, extra, False)[0]).abs().max() > 1e-3  # the codes are read, not exact keys
     if need_probs:
         torch.testing.assert_close(p, p_ref, **REORDERED_FP32)
+        torch.testing.assert_close(p, p_portable, **REORDERED_FP32)
         assert p.shape == (B, N, 1, S) and (p.view(B, G, 3, S) * ~extra).sum() == 0  # masked: exactly 0
     else:
-        assert p is None
+        assert p is None and p_portable is None
     if kbits == vbits:  # the torch blockwise path reads one width for both
-        o_torch, p_torch = decode(store, q, extra, need_probs, fused=False)
+        o_torch, p_torch = decode(store, q, extra, need_probs, "torch")
         torch.testing.assert_close(o, o_torch, **REORDERED_FP32)
         if need_probs:
             torch.testing.assert_close(p, p_torch, **REORDERED_FP32)
+
+
+@pytest.mark.parametrize("layout", ["kivi", "token"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_shapes_outside_the_simd_loops_fall_back_to_the_portable_ones(layout, bits):
+    """Head dim 64 with groups of 32 channels: two value scales per token (and per-token keys),
+    which the AVX-512 loops do not cover (KIVI's per-channel keys they do): the same numbers."""
+    D64, S = 64, 150
+    q = torch.randn(B, N, 1, D64, generator=seeded(20))
+    k, v = torch.randn(B, G, S, D64, generator=seeded(21)), torch.randn(B, G, S, D64, generator=seeded(22))
+    store, k_ref, v_ref = mixed_store(layout, bits, bits, 16, k, v)
+    extra = torch.rand(B, G, 1, S, generator=seeded(23)) < 0.8
+    before = kernels.simd_tiles()
+    o, p = decode(store, q, extra, True, "simd")
+    grown = [a - b for a, b in zip(kernels.simd_tiles(), before)]
+    assert grown[0] == grown[2] == 0 and (grown[1] > 0) == (AVX512 and layout == "kivi")
+    o_ref, p_ref = attention(q, k_ref, v_ref, extra, True)
+    torch.testing.assert_close(o, o_ref, **REORDERED_FP32)
+    torch.testing.assert_close(p, p_ref, **REORDERED_FP32)
+    torch.testing.assert_close(o, decode(store, q, extra, False, "portable")[0], **REORDERED_FP32)
 
 
 @pytest.mark.parametrize("layout", ["kivi", "token"])
@@ -98,12 +157,13 @@ def test_no_mask_and_a_mask_shared_by_the_heads(layout):
     store, k_ref, v_ref = mixed_store(layout, 2, 2, 0, k, v)
     shared = torch.rand(B, 1, 1, S, generator=seeded(8)) < 0.5  # one keep set per batch row (H = 1)
     for extra in (None, shared):
-        o, _ = decode(store, q, extra, False, fused=True)
-        torch.testing.assert_close(o, attention(q, k_ref, v_ref, extra, False)[0], **REORDERED_FP32)
+        for variant in ("simd", "portable"):
+            o, _ = decode(store, q, extra, False, variant)
+            torch.testing.assert_close(o, attention(q, k_ref, v_ref, extra, False)[0], **REORDERED_FP32)
 
 
-def cache(store, selection, fused):
-    store.fused_kernel = fused
+def cache(store, selection, variant):
+    store.fused_kernel, store.fused_simd = variant != "torch", variant == "simd"
     opt = KVOptions(quant_group=GROUP)
     return KVCache(1, selection=SELECTIONS[selection](opt), options=opt, store=lambda li: store, budgets=[64])
 
@@ -116,17 +176,18 @@ def test_h2o_decoding_after_evictions(bits):
     q = torch.randn(B, N, total, D, generator=seeded(9)) * 2
     k, v = torch.randn(B, G, total, D, generator=seeded(10)), torch.randn(B, G, total, D, generator=seeded(11))
     caches = []
-    for fused, compressed in ((True, True), (False, True), (False, False)):
+    for variant, compressed in (("simd", True), ("portable", True), ("torch", True), ("torch", False)):
         store = TokenQuantStore(bits, GROUP, None, 256, 65)
         store.compressed_attention = compressed
-        caches.append(cache(store, "h2o", fused))
-    before = kernels.calls["fused"]
+        caches.append(cache(store, "h2o", variant))
+    before = dict(kernels.calls)
     outs = [[c.attend(0, q[:, :, s:s + T], k[:, :, s:s + T], v[:, :, s:s + T], start=s)
              for s, T in [(0, 100)] + [(t, 1) for t in range(100, total)]] for c in caches]
-    assert kernels.calls["fused"] - before == total - 100  # every decode step of the first cache
-    for other in caches[1:]:
-        assert torch.equal(caches[0].positions(0), other.positions(0))  # the same tokens kept
-        for o, r in zip(outs[0], outs[1]):
+    for counter in ("fused", "portable"):  # every decode step of the first two caches
+        assert kernels.calls[counter] - before[counter] == total - 100
+    for c, out in zip(caches[1:], outs[1:]):
+        assert torch.equal(caches[0].positions(0), c.positions(0))  # the same tokens kept
+        for o, r in zip(outs[0], out):
             torch.testing.assert_close(o, r, **REORDERED_FP32)
     assert not torch.equal(caches[0].positions(0), torch.arange(total - 64, total).expand(B, G, 64))  # H2O evicted
 
@@ -152,12 +213,12 @@ def test_switched_off_by_the_environment_runs_the_torch_path(monkeypatch, tmp_pa
     q = torch.randn(B, N, 1, D, generator=seeded(15))
     k, v = torch.randn(B, G, S, D, generator=seeded(16)), torch.randn(B, G, S, D, generator=seeded(17))
     store, _, _ = mixed_store("token", 4, 4, 0, k, v)
-    o_fused, _ = decode(store, q, None, False, fused=True)
+    o_fused, _ = decode(store, q, None, False, "simd")
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setenv("PIKV_KV_KERNEL", "0")
     before = kernels.calls["torch"]
     o, _ = store.attend(q, lambda: None, 0, S - 1, 1, None, False)
-    assert kernels.calls["torch"] == before + 1 and "PIKV_KV_KERNEL=0" in kernels._state["reason"]
+    assert kernels.calls["torch"] == before + 1 and "PIKV_KV_KERNEL=0" in kernels.reason()
     assert not (tmp_path / "torch_extensions").exists()  # nothing was built
     torch.testing.assert_close(o, o_fused, **REORDERED_FP32)
 
@@ -170,12 +231,15 @@ def test_rotated_mixed_widths_under_h2o(kbits, vbits):
     total, D64 = 120, 64
     q = torch.randn(B, N, total, D64, generator=seeded(12)) * 2
     k, v = torch.randn(B, G, total, D64, generator=seeded(13)), torch.randn(B, G, total, D64, generator=seeded(14))
-    caches = [cache(RotatedQuantStore(rotation_matrix(D64, 0), kbits, D64, None, 256, 65, vbits), "h2o", fused)
-              for fused in (True, False)]
-    before = kernels.calls["fused"]
+    caches = [cache(RotatedQuantStore(rotation_matrix(D64, 0), kbits, D64, None, 256, 65, vbits), "h2o", variant)
+              for variant in VARIANTS]
+    before, tiles = dict(kernels.calls), kernels.simd_tiles()
     outs = [[c.attend(0, q[:, :, s:s + T], k[:, :, s:s + T], v[:, :, s:s + T], start=s)
              for s, T in [(0, 90)] + [(t, 1) for t in range(90, total)]] for c in caches]
-    assert kernels.calls["fused"] - before == total - 90
-    assert torch.equal(caches[0].positions(0), caches[1].positions(0))
-    for o, r in zip(outs[0], outs[1]):
-        torch.testing.assert_close(o, r, **REORDERED_FP32)
+    for counter in ("fused", "portable"):
+        assert kernels.calls[counter] - before[counter] == total - 90
+    assert simd_tiles_taken(tiles, "token", True)  # head dim 64, one group per head: the AVX-512 loops
+    for c, out in zip(caches[1:], outs[1:]):
+        assert torch.equal(caches[0].positions(0), c.positions(0))
+        for o, r in zip(outs[0], out):
+            torch.testing.assert_close(o, r, **REORDERED_FP32)

@@ -1,19 +1,25 @@
 """Compiled kernels of the KV cache, built on first use: the fused CPU decode attention over the
 quantized stores (quant_decode.cpp, called from pikv.kv.quant).
 
-`quant_decode()` returns the op (torch.ops.pikv_kernels.quant_decode) or None when it cannot be
-built here (no compiler, PIKV_KV_KERNEL=0, a build error); the caller then runs its torch path,
-which gives the same numbers. One log line per process says which path runs.
+Two variants of the same source: "simd" (op torch.ops.pikv_kernels.quant_decode: the AVX-512 loops of
+quant_decode_avx512.h where the compiler targets AVX512F/BW, which -march=native gives on such a
+CPU; elsewhere the same portable loops as the other) and "portable" (quant_decode_portable, compiled
+with -DPIKV_NO_SIMD: the auto-vectorised loops only, the baseline `bench/kv_decode_speed.py
+--portable-kernel` times beside it). A store picks one with `fused_simd` (False: portable).
+
+`quant_decode(variant)` returns the op or None when it cannot be built here (no compiler,
+PIKV_KV_KERNEL=0, a build error); the caller then runs its torch path, which gives the same
+numbers. One log line per process says which path runs.
 
 Build: torch.utils.cpp_extension.load (ninja, g++ -O3 -march=native -fopenmp-simd), once per
-machine: the build folder is $PIKV_CACHE/torch_extensions (default ~/.cache/pikv/torch_extensions,
-never torch's shared ~/.cache/torch_extensions), and its name carries a hash of the source and of
-this CPU's model and flags (-march=native code must not be loaded on another CPU). Concurrent
-processes (pytest workers, torchrun ranks) serialise on an flock of a file next to it: the kernel
-drops the lock when a process dies, unlike torch's own lock file, which a killed build leaves
-behind and which then hangs every later build; holding the flock, we remove such a stale one.
-Measured: the first build takes ~40 s on the shared 2-core Xeon (loaded); later processes load
-the cached library in well under a second.
+machine and variant: the build folder is $PIKV_CACHE/torch_extensions (default
+~/.cache/pikv/torch_extensions, never torch's shared ~/.cache/torch_extensions), and its name carries
+a hash of the sources, the flags and this CPU's model and flags (-march=native code must not be
+loaded on another CPU). Concurrent processes (pytest workers, torchrun ranks) serialise on an flock
+of a file next to it: the kernel drops the lock when a process dies, unlike torch's own lock file,
+which a killed build leaves behind and which then hangs every later build; holding the flock, we
+remove such a stale one. Measured on the shared 2-core Xeon at load ~3.5: the first build takes
+9.2 s (simd) + 8.5 s (portable); later processes load both cached libraries in 0.05 s.
 """
 
 from __future__ import annotations
@@ -32,11 +38,15 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("quant_decode.cpp")
+HEADERS = [Path(__file__).with_name("quant_decode_avx512.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"]
-# how often each path ran in this process (tests assert the fused kernel was really taken)
-calls = {"fused": 0, "torch": 0}
+# variant -> (extra flags, op name suffix)
+VARIANTS = {"simd": ([], ""), "portable": (["-DPIKV_NO_SIMD"], "_portable")}
+# how often each path ran in this process (tests assert the kernel asked for was really taken):
+# "fused" the default (SIMD) kernel, "portable" the -DPIKV_NO_SIMD one, "torch" the torch blocks
+calls = {"fused": 0, "portable": 0, "torch": 0}
 
-_state: dict = {}  # "op": the loaded op or None, "reason": why not
+_state: dict = {}  # variant -> {"op": the loaded op or None, "reason": why not}; "logged"
 
 
 def cache_dir() -> Path:
@@ -55,62 +65,80 @@ def _cpu_tag() -> str:
     return info or platform.processor() or platform.machine()
 
 
-def build_name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_tag().encode()
-                            + torch.__version__.encode()).hexdigest()[:12]
-    return f"pikv_quant_decode_{digest}"
+def build_name(variant: str = "simd") -> str:
+    flags = FLAGS + VARIANTS[variant][0]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [SOURCE, *HEADERS]) + " ".join(flags).encode()
+                            + _cpu_tag().encode() + torch.__version__.encode()).hexdigest()[:12]
+    return f"pikv_quant_decode{VARIANTS[variant][1]}_{digest}"
 
 
-def _build() -> Callable:
+def _build(variant: str) -> Callable:
     from torch.utils.cpp_extension import load  # imported here: only a process that decodes pays for it
 
-    name = build_name()
+    name = build_name(variant)
     folder = cache_dir() / name
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f"{name}.flock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
         (folder / "lock").unlink(missing_ok=True)  # torch's lock file, stale: we hold the only lock
         start = time.perf_counter()
-        load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, build_directory=str(folder),
-             is_python_module=False, verbose=False)
+        load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS + VARIANTS[variant][0],
+             build_directory=str(folder), is_python_module=False, verbose=False)
         seconds = time.perf_counter() - start
     log.debug("quant_decode kernel %s built or loaded in %.1f s", folder, seconds)
-    return torch.ops.pikv_kernels.quant_decode
+    return getattr(torch.ops.pikv_kernels, "quant_decode" + VARIANTS[variant][1])
 
 
-def quant_decode() -> Optional[Callable]:
-    """The fused decode-attention op, built or loaded on the first call; None when unavailable."""
-    if "op" not in _state:
+def quant_decode(variant: str = "simd") -> Optional[Callable]:
+    """The fused decode-attention op of `variant` ("simd" or "portable"), built or loaded on the
+    first call; None when unavailable."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown kernel variant {variant!r}; allowed: {sorted(VARIANTS)}")
+    if variant not in _state:
         op, reason = None, None
         if os.environ.get("PIKV_KV_KERNEL", "1") == "0":
             reason = "disabled by PIKV_KV_KERNEL=0"
         else:
             try:
-                op = _build()
+                op = _build(variant)
             except Exception as err:  # no compiler, no ninja, a build error: the torch path runs
                 first_line = (str(err).splitlines() or [""])[0][:200]
                 reason = f"the C++ kernel could not be built ({type(err).__name__}: {first_line})"
-        _state.update(op=op, reason=reason)
-    return _state["op"]
+        _state[variant] = {"op": op, "reason": reason}
+    return _state[variant]["op"]
 
 
-def decode_op(q_BNTD: torch.Tensor, enabled: bool) -> Optional[Callable]:
+def reason(variant: str = "simd") -> Optional[str]:
+    """Why `quant_decode(variant)` gave None (None when it loaded or was not asked for yet)."""
+    return _state.get(variant, {}).get("reason")
+
+
+def simd_tiles() -> list[int]:
+    """Tiles the AVX-512 loops took in this process: [per-token keys, KIVI keys, values] (all 0
+    where the default build has no AVX-512 loops, or the kernel is not loaded)."""
+    return list(torch.ops.pikv_kernels.simd_tiles()) if quant_decode("simd") is not None else [0, 0, 0]
+
+
+def decode_op(q_BNTD: torch.Tensor, enabled: bool, simd: bool = True) -> Optional[Callable]:
     """The fused op for one decode step of a quantized store, or None: the caller's torch path
-    runs (switched off, not on the CPU, autograd through the cache, or not buildable). Counts the
-    path in `calls` and logs which one runs, once per process."""
-    reason = None
+    runs (switched off, not on the CPU, autograd through the cache, or not buildable). `simd`
+    False picks the portable build (the benchmark's baseline). Counts the path in `calls` and logs
+    which one runs, once per process."""
+    why = None
     if not enabled:
-        reason = "the fused kernel is switched off (fused_kernel = False)"
+        why = "the fused kernel is switched off (fused_kernel = False)"
     elif q_BNTD.device.type != "cpu":
-        reason = f"{q_BNTD.device.type} tensors (the kernel is CPU only; a Triton version is future work)"
+        why = f"{q_BNTD.device.type} tensors (the kernel is CPU only; a Triton version is future work)"
     elif torch.is_grad_enabled() and q_BNTD.requires_grad:
-        reason = "autograd through the cache (the kernel has no backward)"
-    op = None if reason else quant_decode()
-    calls["fused" if op is not None else "torch"] += 1
+        why = "autograd through the cache (the kernel has no backward)"
+    variant = "simd" if simd else "portable"
+    op = None if why else quant_decode(variant)
+    calls[("fused" if simd else "portable") if op is not None else "torch"] += 1
     if not _state.get("logged"):
         _state["logged"] = True
         if op is not None:
-            log.info("quantized decode attention: fused C++ kernel (pikv/kv/kernels, built in %s)", cache_dir())
+            log.info("quantized decode attention: fused C++ kernel (%s, pikv/kv/kernels, built in %s)", variant,
+                     cache_dir())
         else:
-            log.info("quantized decode attention: torch blockwise path, %s", reason or _state["reason"])
+            log.info("quantized decode attention: torch blockwise path, %s", why or reason(variant))
     return op

@@ -17,6 +17,25 @@
 // Shapes: B batch, G kv heads, N query heads, M = N/G, D head dim, S quantized tokens, R exact ones.
 //
 // Threads: at::parallel_for over B*G, i.e. torch's own intra-op setting (1 thread in the benches).
+//
+// Two builds of this file (pikv/kv/kernels/__init__.py): the default one takes the AVX-512 loops of
+// quant_decode_avx512.h where the compiler targets AVX512F/BW (-march=native on such a CPU); the one
+// compiled with -DPIKV_NO_SIMD (op quant_decode_portable) keeps the portable, auto-vectorised loops
+// below, the baseline the benchmark times beside it.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(PIKV_NO_SIMD)
+#define PIKV_SIMD 1
+#include <immintrin.h>
+#include <atomic>
+#endif
+#ifdef PIKV_NO_SIMD
+#define PIKV_OP_SUFFIX "_portable"
+// Out of line, as before the AVX-512 loops came: GCC 12 otherwise inlines the KIVI scores into
+// attend_row and compiles them ~1.4x slower (measured), which would flatter the SIMD build.
+#define PIKV_PORTABLE_NOINLINE [[gnu::noinline]]
+#else
+#define PIKV_OP_SUFFIX ""
+#define PIKV_PORTABLE_NOINLINE
+#endif
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -130,31 +149,17 @@ struct Heads {
   // Scores s[h*T + t] (fp32, -inf = masked) -> unnormalised weights in place; rescales the state.
   // -1e30, not -inf, as the running max's floor: a head whose keys so far are all masked keeps
   // weight 0 without a special case (as pikv.kv.attention.OnlineSoftmax).
-  void weights(float* s, int64_t T, int64_t value_groups) {
-    for (int64_t h = 0; h < M; ++h) {
-      float* sh = s + h * T;
-      float m = max[h];
-#pragma omp simd reduction(max : m)
-      for (int64_t t = 0; t < T; ++t) m = std::max(m, sh[t]);
-      const float alpha = exp_nonpos(max[h] - m);
-      max[h] = m;
-      float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-      for (int64_t t = 0; t < T; ++t) {
-        sh[t] = exp_nonpos(sh[t] - m);
-        total += sh[t];
-      }
-      sum[h] = sum[h] * alpha + total;
-      if (alpha != 1.0f) {
-        for (int64_t d = 0; d < D; ++d) {
-          acc_planar[h * D + d] *= alpha;
-          acc_exact[h * D + d] *= alpha;
-        }
-        for (int64_t j = 0; j < value_groups; ++j) zero_sum[h * value_groups + j] *= alpha;
-      }
-    }
-  }
+  void weights(float* s, int64_t T, int64_t value_groups);
 };
+
+// The fp16 scales/zero points of tokens t0..t0+T-1 -> fp32 [n, T].
+void token_scales(const Codes& c, int64_t t0, int64_t T, float* scale, float* zero) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < c.n; ++j) {
+      scale[j * T + t] = half_to_float(c.scale[(t0 + t) * c.n + j]);
+      zero[j * T + t] = half_to_float(c.zero[(t0 + t) * c.n + j]);
+    }
+}
 
 // A tile of T per-token rows -> their codes with the tokens innermost: out[(i*row + x)*T + t] is the
 // code in bits i*bits.. of byte x of token t (the bytes transposed first, then unpacked whole), so
@@ -167,22 +172,72 @@ void unpack_token_tile(const Codes& c, int64_t t0, int64_t T, uint8_t* bytes_t, 
   for (int64_t t = 0; t < T; ++t)
     for (int64_t x = 0; x < c.row; ++x) bytes_t[x * T + t] = src[t * c.row + x];
   unpack_planes(c.bits, bytes_t, c.row * T, out);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t j = 0; j < c.n; ++j) {
-      scale[j * T + t] = half_to_float(c.scale[(t0 + t) * c.n + j]);
-      zero[j * T + t] = half_to_float(c.zero[(t0 + t) * c.n + j]);
-    }
+  token_scales(c, t0, T, scale, zero);
 }
 
-struct TokenTile {  // scratch of one unpacked tile of per-token codes
+struct TokenTile {  // scratch of one unpacked tile of per-token codes (the AVX-512 loops write whole
+                   // vectors of 16 tokens: sizes rounded up)
   std::vector<uint8_t> bytes;
   std::vector<float> codes, scale, zero, tmp;
-  TokenTile(int64_t tile, int64_t D, int64_t n) : bytes(tile * D), codes(tile * D), scale(tile * n), zero(tile * n), tmp(tile) {}
+  TokenTile(int64_t tile, int64_t D, int64_t n, int64_t M)
+      : bytes(tile * D), codes(round16(tile) * D), scale(round16(tile) * n), zero(round16(tile) * n),
+        tmp(round16(tile) * M) {}
+  static int64_t round16(int64_t x) { return (x + 15) / 16 * 16; }
 };
+
+#ifdef PIKV_SIMD
+#include "quant_decode_avx512.h"
+#endif
+
+// max(init, x[0..n))
+float max_of(const float* x, int64_t n, float init) {
+#ifdef PIKV_SIMD
+  return simd::max_of(x, n, init);
+#endif
+  float m = init;
+#pragma omp simd reduction(max : m)
+  for (int64_t t = 0; t < n; ++t) m = std::max(m, x[t]);
+  return m;
+}
+
+// x[t] = exp(x[t] - m) * mul in place (x <= m); returns the sum of the exp(x[t] - m).
+float exp_shifted(float* x, int64_t n, float m, float mul) {
+#ifdef PIKV_SIMD
+  return simd::exp_shifted(x, n, m, mul);
+#endif
+  float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t t = 0; t < n; ++t) {
+    const float e = exp_nonpos(x[t] - m);
+    total += e;
+    x[t] = e * mul;
+  }
+  return total;
+}
+
+void Heads::weights(float* s, int64_t T, int64_t value_groups) {
+  for (int64_t h = 0; h < M; ++h) {
+    float* sh = s + h * T;
+    const float m = max_of(sh, T, max[h]);
+    const float alpha = exp_nonpos(max[h] - m);
+    max[h] = m;
+    sum[h] = sum[h] * alpha + exp_shifted(sh, T, m, 1.0f);
+    if (alpha != 1.0f) {
+      for (int64_t d = 0; d < D; ++d) {
+        acc_planar[h * D + d] *= alpha;
+        acc_exact[h * D + d] *= alpha;
+      }
+      for (int64_t j = 0; j < value_groups; ++j) zero_sum[h * value_groups + j] *= alpha;
+    }
+  }
+}
 
 // Scores of tokens t0..t0+T-1 with per-token keys: s = sum_j scale_tj (q_j . code_tj) + zero_tj sum(q_j).
 void token_scores(const Codes& k, const float* q_planar, const float* q_group_sum, int64_t M, int64_t D,
                   int64_t t0, int64_t T, TokenTile& tt, float* s) {
+#ifdef PIKV_SIMD
+  if (simd::token_keys_ok(k, D)) return simd::token_scores(k, q_planar, q_group_sum, M, D, t0, T, tt, s);
+#endif
   const int per = 8 / k.bits;
   const int64_t rbg = k.bytes_per_group();
   unpack_token_tile(k, t0, T, tt.bytes.data(), tt.codes.data(), tt.scale.data(), tt.zero.data());
@@ -225,8 +280,11 @@ inline void channel_block(const float* u, int64_t count, int64_t D, const float*
 
 // Scores of KIVI blocks b0..b0+nb-1 (per-channel keys over g tokens): the block's scale folded into
 // the query, its zero point one dot product: s_t = sum_d (q_d scale_d) code_td + q . zero.
-void channel_scores(const Codes& k, const float* q, int64_t M, int64_t D, int64_t b0, int64_t nb,
+PIKV_PORTABLE_NOINLINE void channel_scores(const Codes& k, const float* q, int64_t M, int64_t D, int64_t b0, int64_t nb,
                     float* planes, float* q_scaled, float* s) {
+#ifdef PIKV_SIMD
+  if (simd::kivi_keys_ok(k, D)) return simd::channel_scores(k, q, M, D, b0, nb, planes, q_scaled, s);
+#endif
   const int per = 8 / k.bits;
   const int64_t g = k.group, rb = g / per, count = nb * k.row, T = nb * g;
   unpack_planes(k.bits, k.codes + b0 * k.row, count, planes);
@@ -261,6 +319,9 @@ void channel_scores(const Codes& k, const float* q, int64_t M, int64_t D, int64_
 // Weights x per-token values of tokens t0..t0+T-1: acc += sum_t (p_t scale_tj) code_t per group j,
 // in the values' planar order; the zero points' share sum_t p_t zero_tj is added once at the end.
 void token_values(const Codes& v, const float* p, Heads& st, int64_t t0, int64_t T, TokenTile& tt) {
+#ifdef PIKV_SIMD
+  if (simd::values_ok(v, st.D)) return simd::token_values(v, p, st, t0, T, tt);
+#endif
   const int per = 8 / v.bits;
   const int64_t rbg = v.bytes_per_group(), D = st.D;
   unpack_token_tile(v, t0, T, tt.bytes.data(), tt.codes.data(), tt.scale.data(), tt.zero.data());
@@ -350,8 +411,9 @@ void attend_row(const Problem& pb, const Row& r) {
   Heads st(M, D, r.v.n);
   std::vector<float> q(M * D);  // the query scaled by 1/sqrt(D)
   for (int64_t x = 0; x < M * D; ++x) q[x] = r.q[x] * pb.scale;
-  std::vector<float> s(M * tile), kplanes(tile * D), q_scaled(M * D);
-  TokenTile ktile(pb.channel_keys ? 0 : tile, D, r.k.n), vtile(tile, D, r.v.n);
+  // q_scaled: the query times each KIVI block's scales, for the blocks of one tile
+  std::vector<float> s(M * tile), kplanes(tile * D), q_scaled(M * D * std::max<int64_t>(1, tile / r.k.group));
+  TokenTile ktile(pb.channel_keys ? 0 : tile, D, r.k.n, M), vtile(tile, D, r.v.n, M);
   // per-token keys: the query in the codes' planar order, and its sum per channel group
   std::vector<float> q_planar, q_group_sum;
   if (!pb.channel_keys && pb.S) {
@@ -395,9 +457,7 @@ void attend_row(const Problem& pb, const Row& r) {
     for (int64_t d = 0; d < D; ++d) o[d] *= inv;
     if (r.probs != nullptr) {
       float* p = r.probs + h * r.probs_stride;
-      const float m = st.max[h];
-#pragma omp simd
-      for (int64_t t = 0; t < pb.S + pb.R; ++t) p[t] = exp_nonpos(p[t] - m) * inv;
+      exp_shifted(p, pb.S + pb.R, st.max[h], inv);
     }
   }
 }
@@ -475,9 +535,20 @@ std::tuple<at::Tensor, at::Tensor> quant_decode(const at::Tensor& q, double scal
 
 }  // namespace
 
-TORCH_LIBRARY(pikv_kernels, m) {
-  m.def("quant_decode(Tensor q, float scale, bool channel_keys, Tensor kc, Tensor ks, Tensor kz, int kbits, "
-        "int kgroup, Tensor vc, Tensor vs, Tensor vz, int vbits, int vgroup, Tensor k_exact, Tensor v_exact, "
-        "Tensor keep, bool need_probs) -> (Tensor, Tensor)");
-  m.impl("quant_decode", c10::DispatchKey::CPU, TORCH_FN(quant_decode));
+// Both builds register into one namespace (fragments), under their own names: quant_decode and
+// quant_decode_portable; simd_tiles* counts the tiles the AVX-512 loops took (all 0 without them).
+static std::vector<int64_t> simd_tiles() {
+#ifdef PIKV_SIMD
+  return {simd::tiles[0].load(), simd::tiles[1].load(), simd::tiles[2].load()};
+#else
+  return {0, 0, 0};
+#endif
+}
+
+TORCH_LIBRARY_FRAGMENT(pikv_kernels, m) {
+  m.def("quant_decode" PIKV_OP_SUFFIX "(Tensor q, float scale, bool channel_keys, Tensor kc, Tensor ks, Tensor kz, "
+        "int kbits, int kgroup, Tensor vc, Tensor vs, Tensor vz, int vbits, int vgroup, Tensor k_exact, "
+        "Tensor v_exact, Tensor keep, bool need_probs) -> (Tensor, Tensor)");
+  m.impl("quant_decode" PIKV_OP_SUFFIX, c10::DispatchKey::CPU, TORCH_FN(quant_decode));
+  m.def("simd_tiles" PIKV_OP_SUFFIX "() -> int[]", &simd_tiles);
 }
