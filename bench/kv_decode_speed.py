@@ -2,15 +2,15 @@
 
   python bench/kv_decode_speed.py [--contexts 1024,4096,16384] [--batch 1,8] [--threads 1]
       [--policies full,window,streaming,h2o,learned,quant] [--ratios 4,8] [--steps 16] [--repeats 5] [--out DIR]
-      [--rotary-fraction 0.5]
+      [--rotary-fraction 1.0]
   python bench/kv_decode_speed.py --contexts 64 --batch 1 --ratios 4 --steps 2 --repeats 2   # quickest check
   python bench/kv_decode_speed.py --policies full,quant --dequantized   # + each quant method's old path
   python bench/kv_decode_speed.py --policies full,quant --torch-path    # + the torch blocks instead of the C++ kernel
   python bench/kv_decode_speed.py --policies full,quant --portable-kernel  # + the kernel's portable build
 
 The model is the default configuration (pikv/config/) with max_seq_len raised to the longest
-context (and model.rotary_fraction = --rotary-fraction: below 1 the learned latent is the decoupled
-one with absorbed decode attention, pikv/kv/mla.py), random weights (speed does not depend on them). The cache of each method is filled to
+context (model.rotary_fraction = --rotary-fraction, default the model's 0.5: below 1 the learned latent
+is the decoupled one with absorbed decode attention, pikv/kv/mla.py; 1.0 gives the joint latent), random weights (speed does not depend on them). The cache of each method is filled to
 the context length by feeding random keys/values through `KVCache.attend` layer by layer in
 chunks (the prefill's MoE/FFN work is skipped: it is the same for every method and is not what
 is measured), then `--steps` real decode steps of the whole model are timed. The "no-attention
@@ -86,7 +86,7 @@ def main(argv):
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default OMP_NUM_THREADS, else 1)")
-    ap.add_argument("--rotary-fraction", type=float, default=1.0,
+    ap.add_argument("--rotary-fraction", type=float, default=ModelConfig.rotary_fraction,
                     help="model.rotary_fraction (< 1: the decoupled latent, absorbed attention)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     ap.add_argument("--dequantized", action="store_true",

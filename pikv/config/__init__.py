@@ -35,6 +35,9 @@ __all__ = ["CHOICES", "RESUME_MODES", "RENAMED", "OptionError", "config_keys", "
 # override that uses the old key is an error naming the new one; a config stored in a checkpoint
 # written before the rename is migrated (it must stay loadable for eval and export).
 RENAMED = {"kv.distill_weight": "kv.attn_error_weight"}
+# Keys added after configs were already being stored, with the behaviour a stored config that lacks
+# one was written under (not today's default, which may differ: the default rotary fraction is 0.5).
+ADDED = {"model.rotary_fraction": 1.0}
 
 
 def _schema_error(err: OmegaConfBaseException, where: str) -> ValueError:
@@ -100,12 +103,17 @@ def to_dict(cfg: JobConfig) -> dict:
 
 def from_dict(data: dict) -> JobConfig:
     """Rebuild a config stored in a checkpoint or run directory (same validation as load); keys
-    renamed since it was written (RENAMED) are migrated."""
+    renamed since it was written (RENAMED) are migrated, keys added since (ADDED) take the value it
+    was written under."""
     data = {section: dict(v) if isinstance(v, dict) else v for section, v in data.items()}
     for old, new in RENAMED.items():
         (s_old, n_old), (s_new, n_new) = old.split("."), new.split(".")
         if n_old in data.get(s_old, {}):
             data[s_new][n_new] = data[s_old].pop(n_old)
+    for key, written_under in ADDED.items():
+        section, name = key.split(".")
+        if isinstance(data.get(section), dict):
+            data[section].setdefault(name, written_under)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.create(data))
     except OmegaConfBaseException as err:

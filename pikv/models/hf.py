@@ -21,7 +21,8 @@ from pikv.models.transformer import Transformer
 HF_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
            "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
            "ffn_hidden_size": "intermediate_size", "max_seq_len": "max_position_embeddings",
-           "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps", "tie_embeddings": "tie_word_embeddings"}
+           "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps", "tie_embeddings": "tie_word_embeddings",
+           "rotary_fraction": "partial_rotary_factor"}
 SUPPORTED_TYPES = ("llama",)
 
 
@@ -65,10 +66,16 @@ def hf_model_config(c, where: str = "model.init_from_hf") -> dict:
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     if head_dim * c.num_attention_heads != c.hidden_size:
         raise ValueError(f"{where}: head_dim {head_dim} * heads {c.num_attention_heads} != hidden {c.hidden_size}")
-    values = {key: getattr(c, hf) for key, hf in HF_KEYS.items() if key not in ("rope_theta", "tie_embeddings")}
+    values = {key: getattr(c, hf) for key, hf in HF_KEYS.items()
+              if key not in ("rope_theta", "tie_embeddings", "rotary_fraction")}
     values["rope_theta"] = _rope_theta(c)
     values["tie_embeddings"] = bool(getattr(c, "tie_word_embeddings", False))
     values["norm_eps"] = float(values["norm_eps"])
+    partial = getattr(c, "partial_rotary_factor", None) or (getattr(c, "rope_parameters", None) or {}).get(
+        "partial_rotary_factor", 1.0)
+    if partial != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor={partial!r} is not supported (Llama rotates every dim)")
+    values["rotary_fraction"] = 1.0  # explicit: PiKV's own default rotates half (schema.py)
     return values
 
 

@@ -17,6 +17,7 @@ TINY = [
     "model.num_experts=4", "model.top_k=2", "model.max_seq_len=64", "data.seq_len=64",
     "train.batch_size=4", "train.lr=3e-3", "train.warmup_steps=2", "train.eval_every=1000",
     "train.eval_batches=2", "logging.log_every=1", "logging.progress=false",
+    "model.rotary_fraction=1.0",  # head dim 16: the decoupled latent's rotated dims alone exceed a 4x budget
 ]
 
 

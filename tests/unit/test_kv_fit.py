@@ -13,7 +13,7 @@ from pikv.models import Transformer
 from pikv.training.schedule import lr_at
 
 CFG = ModelConfig(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=96,
-                  max_seq_len=64)
+                  max_seq_len=64, rotary_fraction=1.0)  # the joint latent (a decoupled one has no 4x at head dim 16)
 
 
 def model(ratios=(2.0, 4.0), bits=16, window=0, seed=0):

@@ -180,7 +180,7 @@ def test_kv_config_errors():
     assert load_config(None, []).kv.compressor == "learned"  # the default main job trains it
     # the exact window resolves to 8 tokens, fewer where it would take over half of the 8x budget
     assert load_config(None, []).kv.latent_window == 8
-    assert load_config(None, ["data.seq_len=64", "model.max_seq_len=64"]).kv.latent_window == 4
+    assert load_config(None, ["data.seq_len=64", "model.max_seq_len=64", "kv.train_ratios=[2,4,8]"]).kv.latent_window == 4
 
 
 def test_hf_llama_port_matches_logits():

@@ -142,7 +142,7 @@ def test_rank_counts_the_rotated_dims_and_impossible_ratios_say_what_is_possible
     assert 256 / 6.91 >= 34 + 1 + 2 > 256 / 6.92  # the bound: rotated dims + a rank-1 int8 latent
     with pytest.raises(ValueError, match=r"'kv.train_ratios' = \[2.0, 4.0, 8.0\] is invalid: .*ratio 8.0 is "
                                          r"impossible for the decoupled learned latent.*16 rotary key dims"):
-        load_job(None, ["model.rotary_fraction=0.5"])
+        load_job(None, ["kv.train_ratios=[2,4,8]"])
     with pytest.raises(ValueError, match=r"ratio 16 is impossible for the decoupled learned latent"):
         make_cache("learned", tiny_model(), ratio=16, total_tokens=N_TOK)
 

@@ -59,7 +59,8 @@ class PlainReference:
 def tiny_model(learned: bool = True, latent_bits: int = 8, latent_window: int = 0) -> Transformer:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=96, hidden_size=N_HEADS * D, num_layers=L, num_heads=N_HEADS, num_kv_heads=G,
-                      ffn_hidden_size=64, expert_ffn_hidden_size=32, num_experts=4, max_seq_len=N_TOK)
+                      ffn_hidden_size=64, expert_ffn_hidden_size=32, num_experts=4, max_seq_len=N_TOK,
+                      rotary_fraction=1.0)  # the joint latent: tests/unit/test_kv_mla.py has the decoupled one
     kv_cfg = KVConfig(compressor="learned", latent_bits=latent_bits, latent_window=latent_window) if learned else None
     return Transformer(cfg, MoEConfig(every_n_layers=0), kv_cfg=kv_cfg).eval()
 

@@ -82,7 +82,7 @@ def test_fraction_one_is_bit_identical_to_full_rope():
     for start in (0, 5, 27):
         cos, sin = emb.cos()[start:start + 13], emb.sin()[start:start + 13]
         assert torch.equal(RotaryEmbedding(D, 40, THETA, 1.0)(x, start), x * cos + rotate_half(x) * sin)
-    assert ModelConfig().rotary_fraction == 1.0  # the default model is today's model
+    assert ModelConfig().rotary_fraction == 0.5  # the default: MLA-style decoupled latent (schema.py)
     stored = to_dict(JobConfig())
     del stored["model"]["rotary_fraction"]  # a checkpoint written before the option: full rotary
     assert from_dict(stored).model.rotary_fraction == 1.0
