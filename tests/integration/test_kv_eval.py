@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def test_joint_compressor_training_and_kv_decoding_eval(run_job):
     run_job(TINY + ["train.run_name=kv", "train.max_steps=8", "train.checkpoint_every=8", "kv.compressor=learned",
-                    "kv.cotrain_start=0.5", "data.probe_rate=0.5", "logging.wandb_mode=offline"])
+                    "kv.train_ratios=[2,4,8]", "kv.cotrain_start=0.5", "data.probe_rate=0.5", "logging.wandb_mode=offline"])
     run_dir = run_job.cwd / "runs" / "kv"
     rows = read_metrics(run_dir)
     ranks = [rows[s]["kv_rank"] for s in range(1, 9)]
