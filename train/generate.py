@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pikv.data import load_tokenizer  # noqa: E402
-from pikv.distributed import destroy_distributed, init_distributed  # noqa: E402
+from pikv.distributed import destroy_distributed, init_distributed, launch_world_size  # noqa: E402
 from pikv.inference import (GenerateOptions, check_expert_split, encode_prompts, format_report,  # noqa: E402
                             generate_texts, load_for_decoding, needs_svd, read_job, read_prompts, svd_calibration)
 
@@ -66,11 +66,11 @@ def main(argv: list[str]) -> int:
         prompts = read_prompts(args.prompt, args.prompts)
         tokenizer = load_tokenizer(str(ckpt / "tokenizer.json"))
         prompt_ids = encode_prompts(tokenizer, prompts, opts.max_new_tokens, cfg.model.max_seq_len)
+        check_expert_split(cfg, launch_world_size())
     except ValueError as err:
         return error(str(err))
     ctx = init_distributed(args.device)
     try:
-        check_expert_split(cfg, ctx.world_size)
         if ctx.world_size > 1:  # the EP groups over every rank (the first call made the process group)
             ctx = init_distributed(args.device, ep_size=ctx.world_size)
         model = load_for_decoding(ckpt, cfg, ctx)

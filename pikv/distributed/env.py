@@ -78,6 +78,13 @@ def _launch_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def launch_world_size() -> int:
+    """The number of processes this one was launched with (torchrun, SLURM, else 1), known before
+    any process group: checks that fail alike on every rank run before the rendezvous, so no rank
+    exits while another is still building groups through rank 0's store."""
+    return _launch_env()[1]
+
+
 class RendezvousError(RuntimeError):
     """The rendezvous endpoint (MASTER_ADDR:MASTER_PORT) could not be reached in time."""
 
