@@ -37,7 +37,9 @@ __all__ = ["CHOICES", "RESUME_MODES", "RENAMED", "OptionError", "config_keys", "
 RENAMED = {"kv.distill_weight": "kv.attn_error_weight"}
 # Keys added after configs were already being stored, with the behaviour a stored config that lacks
 # one was written under (not today's default, which may differ: the default rotary fraction is 0.5).
-ADDED = {"model.rotary_fraction": 1.0}
+ADDED = {"model.rotary_fraction": 1.0,
+         "kv.latent_bits": 16,  # before int8 latents: fp16 codes
+         "kv.latent_window": 0}  # before the exact window: none
 
 
 def _schema_error(err: OmegaConfBaseException, where: str) -> ValueError:

@@ -28,12 +28,9 @@ from pikv.training.checkpoint import load_checkpoint, read_trainer_state, resolv
 def stored_config(ckpt: Path, state) -> JobConfig:
     """The run's config, checked as a new job would be; checkpoints from before a KV feature get
     the setting they were trained with."""
-    cfg = from_dict(state.config)
+    cfg = from_dict(state.config)  # keys added since take the value it was written under (ADDED)
     if "kv" not in state.config:  # trained before the KV compressor existed
         cfg.kv.compressor = "none"
-    else:  # trained before int8 latents (fp16 codes) / before the exact window (none)
-        cfg.kv.latent_bits = state.config["kv"].get("latent_bits", 16)
-        cfg.kv.latent_window = state.config["kv"].get("latent_window", 0)
     return check_job(cfg)
 
 
