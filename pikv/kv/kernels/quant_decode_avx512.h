@@ -18,6 +18,7 @@
 #include <immintrin.h>
 
 #include <atomic>
+#include <type_traits>
 
 namespace simd {
 
@@ -62,19 +63,25 @@ inline void row_codes(const uint8_t* src, float* out) {
   }
 }
 
+// f(std::integral_constant<int, R>) with R = `row` (8, 16, 32, else 64): the unpack loops need
+// the row size at compile time to unroll.
+template <typename F>
+inline void with_row_size(int64_t row, F&& f) {
+  switch (row) {
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    default: f(std::integral_constant<int, 64>{}); break;
+  }
+}
+
 // T rows of `row` bytes each -> out[t * D + e], the row's codes in planar order (D = row*8/BITS).
 template <int BITS>
 inline void rows_codes(const uint8_t* src, int64_t row, int64_t T, float* out) {
   const int64_t D = row * 8 / BITS;
-#define PIKV_ROWS(R) \
-  for (int64_t t = 0; t < T; ++t) row_codes<BITS, R>(src + t * R, out + t * D)
-  switch (row) {
-    case 8: PIKV_ROWS(8); break;
-    case 16: PIKV_ROWS(16); break;
-    case 32: PIKV_ROWS(32); break;
-    default: PIKV_ROWS(64); break;
-  }
-#undef PIKV_ROWS
+  with_row_size(row, [&](auto R) {
+    for (int64_t t = 0; t < T; ++t) row_codes<BITS, decltype(R)::value>(src + t * R, out + t * D);
+  });
 }
 
 inline bool row_ok(int64_t row) { return row == 8 || row == 16 || row == 32 || row == 64; }
@@ -106,16 +113,11 @@ void token_rows_transposed(const uint8_t* src, int64_t row, int64_t T, int64_t T
 template <int BITS>
 void kivi_blocks_transposed(const uint8_t* src, int64_t D, int64_t rb, int64_t nb, int64_t Tp, float* out) {
   const int64_t g = rb * 8 / BITS;
-#define PIKV_BLOCKS(R)                   \
-  for (int64_t blk = 0; blk < nb; ++blk) \
-    for (int64_t d = 0; d < D; ++d) row_codes<BITS, R>(src + (blk * D + d) * R, out + d * Tp + blk * g)
-  switch (rb) {
-    case 8: PIKV_BLOCKS(8); break;
-    case 16: PIKV_BLOCKS(16); break;
-    case 32: PIKV_BLOCKS(32); break;
-    default: PIKV_BLOCKS(64); break;
-  }
-#undef PIKV_BLOCKS
+  with_row_size(rb, [&](auto R) {
+    for (int64_t blk = 0; blk < nb; ++blk)
+      for (int64_t d = 0; d < D; ++d)
+        row_codes<BITS, decltype(R)::value>(src + (blk * D + d) * R, out + d * Tp + blk * g);
+  });
 }
 
 // dots[v] = sum_e coef_v[e] * codes[e * Tp + 16 v + lane] for NVEC vectors of 16 tokens; two
