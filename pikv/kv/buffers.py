@@ -69,12 +69,16 @@ class Buffers:
             buf[:, :, :M] = src.gather(2, index)
         self.n = M
 
-    def move_last(self, slot_BH1: torch.Tensor) -> None:
-        """Evict one token per row (batch row, head): the last token takes the evicted slot."""
+    def move_last(self, slot_BH1: torch.Tensor, src: Optional[int] = None) -> None:
+        """Evict one token per row (batch row, head): token `src` (default: the last) takes the
+        evicted slot and the tokens after it move down one (a store's tail kept in order)."""
+        src = self.n - 1 if src is None else src
         for buf in self.t.values():
-            last = buf[:, :, self.n - 1:self.n]
-            index = slot_BH1.reshape(*slot_BH1.shape, *[1] * (buf.dim() - 3)).expand_as(last)
-            buf.scatter_(2, index, last.clone())
+            moved = buf[:, :, src:src + 1]
+            index = slot_BH1.reshape(*slot_BH1.shape, *[1] * (buf.dim() - 3)).expand_as(moved)
+            buf.scatter_(2, index, moved.clone())
+            if src < self.n - 1:
+                buf[:, :, src:self.n - 1] = buf[:, :, src + 1:self.n].clone()  # overlapping ranges
         self.n -= 1
 
     def keep_slices(self, first: int, last_from: int) -> None:

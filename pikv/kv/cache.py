@@ -15,9 +15,10 @@ tokens attend to themselves before anything is evicted (a prefill attends to the
 it is compressed, as SnapKV and kvpress do). The plain cache is `KVCache(num_layers)`: exact
 storage in the model's dtype x keep everything.
 
-A decode step evicts one token per row (budget M + 1 -> M): the new token is moved into the evicted
-token's slot (attention does not depend on the order of the slots; recency is read from the stored
-positions), so a step moves one token per row instead of re-gathering the budget. A multi-token step
+A decode step evicts one token per row (budget M + 1 -> M): the newest token (for the latent, the
+one that just left its exact window) is moved into the evicted token's slot (attention does not
+depend on the order of the slots; recency is read from the stored positions), so a step moves one
+token per row instead of re-gathering the budget. A multi-token step
 (a prefill) compacts the kept tokens in place.
 """
 
@@ -161,8 +162,7 @@ class KVCache:
         score_BHS = sel.scores(self, li).masked_fill(protected_BHS, float("inf"))
         if T == 1 and S == M + 1 and store.free_order:
             victim_BH1 = score_BHS.argmin(dim=-1, keepdim=True)
-            store.move_last(victim_BH1)
-            meta.move_last(victim_BH1)
+            meta.move_last(victim_BH1, store.move_last(victim_BH1))
             return
         keep_BHM = score_BHS.topk(M, dim=-1).indices.sort(dim=-1).values
         store.keep(keep_BHM)

@@ -53,6 +53,7 @@ class MLAStore(LatentStore):
         dtype = self.dtype or k_BGTD.dtype
         fields = {name: c[:, None] for name, c in self.fmt.store(self.comp.encode(k_E, v_E, self.rank), dtype).items()}
         self._E = (k_E, v_E, {**fields, **self.fmt.store_rotary(k_E[..., :self.comp.rot], dtype)})
+        self._step = {}  # what both the scores and the values read, computed once per step (append starts one)
 
     def _parts(self) -> list[dict[str, torch.Tensor]]:
         """The stored fields in token order: the buffers' (tokens that left the window), this step's E."""
@@ -79,7 +80,16 @@ class MLAStore(LatentStore):
             return super().attend(q_BNTD, read, pos, start, T, extra, need_probs)
         return self.absorbed(q_BNTD, need_probs)
 
+    def _once(self, name: str, dtype, compute):
+        key = (name, dtype)
+        if key not in self._step:
+            self._step[key] = compute(dtype)
+        return self._step[key]
+
     def _newest(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._once("newest", dtype, self._newest_now)
+
+    def _newest_now(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's E tokens as its one new query reads them, explicitly: (keys, values)
         [B, G, E, D]. The first E - window are at distance >= window, read through the latent
         (the training pass's rule, LatentKVCompressor.attention): decoded here, one token per step
@@ -101,6 +111,9 @@ class MLAStore(LatentStore):
         return self.absorbed_values(p_BGMS).view(B, N, T, D), p_BGMS.view(B, N, T, -1) if need_probs else None
 
     def _codes(self, dtype):
+        return self._once("codes", dtype, self._codes_now)
+
+    def _codes_now(self, dtype):
         """The codes of the tokens that left the window [B, S0, r] and their per-token scale [B, 1, S0]
         (int8; None otherwise). int4 codes have a scale per group of coordinates, which no per-token
         factor can stand for: they are dequantized first (the attention then reads the [S0, r] latent)."""

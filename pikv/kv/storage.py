@@ -85,8 +85,12 @@ class Store:
     def keep(self, idx_BHM: torch.Tensor) -> None:
         self.buf.keep(idx_BHM)
 
-    def move_last(self, slot_BH1: torch.Tensor) -> None:
+    def move_last(self, slot_BH1: torch.Tensor) -> int:
+        """Evict one token per row: the newest token not held apart (`tail`) takes the evicted slot.
+        Returns its index in stored order, where the selection's metadata moves it from."""
+        src = self.buf.n - 1
         self.buf.move_last(slot_BH1)
+        return src
 
     def shrink(self, capacity: int) -> None:
         self.buf.shrink(capacity)
@@ -143,7 +147,10 @@ class LatentStore(Store):
     (one keep set per batch row). E = the held tokens plus the new ones; they are encoded each
     step (as in the training pass), and those leaving the window keep only their codes, in `fmt`
     (pikv/kv/latent_codes.py; default: the format the compressor was trained with)."""
-    joint_heads, free_order = True, False  # codes, then the exact tail: order matters
+    # codes in any order (a code is rotated at its stored position, the decoupled one stores its
+    # rotated dims), then the exact tail: a decode step's victim (never the protected tail) takes the
+    # newest code, the one that just left the window
+    joint_heads = True
 
     def __init__(self, comp, rank: int, dtype, chunk: int = 256, capacity: int = 0, fmt=None):
         W = comp.window
