@@ -10,7 +10,8 @@ its name. The budget rule (docs/kv.md, "One byte budget"): `ratio` is against an
 the same tokens. A single storage takes all of it; a single selection keeps ceil(total / ratio)
 tokens per layer; a composition gives the storage its share (SHARE, else the default: 4-bit codes
 for quant, budgets.rquant_format's rule for rquant, the geometric split sqrt(ratio) for svd /
-learned) and the selection keeps ceil(total / (ratio / storage ratio)) tokens (a named learned format
+learned, the latent's moved to the nearest share it can take) and the selection keeps
+ceil(total / (ratio / storage ratio)) tokens (a named learned format
 capped at the compressor's max_rank takes less than its share: the selection then keeps the tokens
 whose bytes, as codes at max_rank beside the exact window, fill the budget). The measured ratio
 (peak bytes, metadata and capacity included) is what the evaluation reports.
@@ -159,9 +160,12 @@ def _compressor(model, method: Method):
     return comp
 
 
-def _storage_ratio(method: Method, ratio: float, model, D: int, opt: KVOptions) -> tuple[float, dict]:
+def _storage_ratio(method: Method, ratio: float, model, D: int, opt: KVOptions,
+                   total_tokens: Optional[int] = None) -> tuple[float, dict]:
     """(the storage's nominal ratio, its parameters) in a composition at `ratio`."""
     s = method.share
+    if s is None and method.storage == "learned":
+        s = _learned_share(method, ratio, model, total_tokens)
     if method.storage == "quant":
         ratios = {b: quant_token_ratio(D, b, opt.quant_group) for b in (2, 4)}
         if s is None:
@@ -184,6 +188,29 @@ def _storage_ratio(method: Method, ratio: float, model, D: int, opt: KVOptions) 
     return s, {"share": s}  # learned: the rank is sized once the selection's budget is known
 
 
+def _learned_share(method: Method, ratio: float, model, total_tokens: Optional[int]) -> float:
+    """The latent's default share at `ratio`: sqrt(ratio), raised when that needs a rank above the
+    trained max_rank (2x on the default model: 1.41x would; max_rank gives about 2x) to the smallest
+    share, on a grid of 257 from 1 to ratio, that fits: a rank <= max_rank for the tokens the
+    selection then keeps, more of them than the exact window. Never lowered: below a share that
+    does not fit for lack of bytes, the largest one that fits always leaves rank 1 (16x on the
+    default model); sqrt(ratio) is kept and its error says what is possible."""
+    comp, target = _compressor(model, method), math.sqrt(ratio)
+
+    def fits(share: float) -> bool:
+        M = token_budget(ratio / share, None, total_tokens)
+        if M <= comp.window:
+            return False
+        try:
+            _latent_params(method, model, share, M if comp.window else None)
+        except ValueError:
+            return False
+        return True
+    if fits(target):
+        return target
+    return next((s for s in (ratio ** (i / 256) for i in range(257)) if s > target and fits(s)), target)
+
+
 def _rquant_format(method: Method, ratio, D: int, opt: KVOptions, alone: bool):
     """rquant's format: the named one, else the rule of budgets.rquant_format; ValueError naming the method."""
     try:
@@ -194,10 +221,10 @@ def _rquant_format(method: Method, ratio, D: int, opt: KVOptions, alone: bool):
         raise ValueError(f"kv method {method.name!r}" + (f" at ratio {ratio:g}" if ratio else "") + f": {err}") from None
 
 
-def _split(method: Method, ratio: float, model, D: int, opt: KVOptions) -> tuple[float, dict]:
+def _split(method: Method, ratio: float, model, D: int, opt: KVOptions, total_tokens: Optional[int]) -> tuple[float, dict]:
     """(the selection's ratio, the storage's parameters) of a composition; ValueError naming both
     parts when the storage alone exceeds the ratio."""
-    s, params = _storage_ratio(method, ratio, model, D, opt)
+    s, params = _storage_ratio(method, ratio, model, D, opt, total_tokens)
     if ratio < s - 1e-9:
         raise ValueError(f"kv ratio {ratio:g} is impossible for {method.name!r}: storage {method.storage!r} alone "
                          f"takes {s:.2f}x, leaving {ratio / s:.2f}x (< 1) for selection {method.selection!r}; "
@@ -261,7 +288,7 @@ def _composed(method: Method, model, ratio, tokens, total_tokens, opt: KVOptions
         params = _storage_ratio(method, method.share or 1.0, model, D, opt)[1]
         M = token_budget(None, tokens, None)
     else:
-        sel_ratio, params = _split(method, ratio, model, D, opt)
+        sel_ratio, params = _split(method, ratio, model, D, opt, total_tokens)
         M = token_budget(sel_ratio, None, total_tokens)
     if method.storage == "quant" and not SELECTIONS[method.selection].evicts:
         params["residual"] = opt.quant_residual or 0

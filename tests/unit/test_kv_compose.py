@@ -342,6 +342,31 @@ def test_composition_splits_the_budget_and_meets_it_in_measured_bytes(method, ra
     assert ratio * 0.6 < measured <= ratio * 1.05, measured
 
 
+def test_learned_default_share_is_raised_to_what_the_trained_rank_holds():
+    """sqrt(2) = 1.41x would need a latent rank above the trained max_rank (trained at 2x and 4x):
+    the default share rises until max_rank fits, the selection keeping the rest; a ratio whose sqrt
+    share leaves no rank keeps its error (lowering the share there would always give rank 1)."""
+    model = tiny_model()
+    comp = model.layers[0].self_attn.kv_compressor
+    total = 256
+    with pytest.raises(ValueError, match=r"rank \d+ is impossible: the compressor was trained up to rank"):
+        make_cache("learned@1.4142+h2o", model, ratio=2, total_tokens=total)
+    cache = make_cache("learned+h2o", model, ratio=2, total_tokens=total)
+    assert cache.stores[0].rank == comp.max_rank
+    # a share above sqrt(2): the selection keeps more than the sqrt split's ceil(256 / 1.41) = 182
+    assert math.ceil(total / math.sqrt(2)) < cache.budgets[0] < total
+    full = make_cache("full", model, total_tokens=total)
+    x = torch.randint(0, 96, (1, total), generator=seeded(6))
+    with torch.no_grad():
+        for c in (full, cache):
+            model(x[:, :192], c)
+            for t in range(192, total - 1):
+                model(x[:, t:t + 1], c)
+    assert 2 * 0.8 < full.peak_nbytes / cache.peak_nbytes <= 2 * 1.05  # metadata: as the test above
+    with pytest.raises(ValueError, match=r"impossible.*allowed: another split, learned@SHARE\+h2o"):
+        make_cache("learned+h2o", model, ratio=32, total_tokens=total)
+
+
 def test_rquant_split_rule_and_its_errors():
     """budgets.rquant_format at SmolLM2's head dim 64: in a composition, k8v4 (2.46x) while the selection
     keeps <= 2x, else k4v4 (3.56x); alone, the mildest format meeting the ratio; an explicit share, the
@@ -375,9 +400,9 @@ def test_impossible_combinations_name_both_parts():
     with pytest.raises(ValueError, match=r"'learned@2\+window': selection 'window' keeps 4 tokens per layer, not more "
                                          r"than the learned latent's exact window of 4"):
         make_cache("learned@2+window", model, ratio=32, total_tokens=64)
-    with pytest.raises(ValueError, match=r"'learned\+snapkv' at ratio 2: storage 'learned' at share 1.41x beside "
-                                         r"selection 'snapkv' keeping 46 tokens: learned kv rank .* is impossible"):
-        make_cache("learned+snapkv", model, ratio=2, total_tokens=64)
+    with pytest.raises(ValueError, match=r"'learned@1\.4\+snapkv' at ratio 2: storage 'learned' at share 1.40x beside "
+                                         r"selection 'snapkv' keeping 45 tokens: learned kv rank .* is impossible"):
+        make_cache("learned@1.4+snapkv", model, ratio=2, total_tokens=64)  # the default split raises its share
     with pytest.raises(ValueError, match=r"'svd\+h2o': storage 'svd' needs calibration bases"):
         make_cache("svd+h2o", model, ratio=8, total_tokens=64)
     with pytest.raises(ValueError, match=r"impossible for 'quant\+quest': selection 'quest' needs >= 16"):
