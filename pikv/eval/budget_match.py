@@ -55,7 +55,7 @@ def match_budget(model, policy: str, target: float, total: int, prefill: int, sv
     """(budget ratio to give make_cache, its measured ratio): the target itself when it already
     measures >= target, else budgets raised in proportion to the shortfall until it does; the
     target itself when raising the budget does not shrink the bytes (Quest: two steps, each 1% further
-    beyond proportional, leave them unchanged) or 8 steps do not reach it.
+    beyond proportional, gain nothing) or 8 steps do not reach it.
     ValueError (the registry's) when some budget on the way is impossible for the method."""
     budget, beyond, stalled = target, 1.001, 0  # 0.1% beyond proportional: ceil() steps converge from above
     measured = first = dry_run_ratio(model, policy, budget, total, prefill, svd_bases)
@@ -64,9 +64,13 @@ def match_budget(model, policy: str, target: float, total: int, prefill: int, sv
             return budget, measured
         budget *= target / measured * beyond
         last, measured = measured, dry_run_ratio(model, policy, budget, total, prefill, svd_bases)
-        if measured == last:  # a step too small to move a ceil() (a token budget behind a capped latent's
-            stalled += 1  # split), or bytes that never shrink with the budget (Quest frees nothing)
+        # no gain: a step too small to move a ceil() (a token budget behind a capped latent's split),
+        # a step whose ceil()s moved the wrong way (a latent share beside a selection that keeps fewer
+        # tokens than the prefill: the prefill's peak and the rank re-sized for the kept tokens trade
+        # places, learned@4+h2o 7.653x -> 7.650x), or bytes that never shrink (Quest frees nothing)
+        if measured <= last:
+            stalled += 1
             beyond *= 1.01
-        if measured < last or stalled == STALLS:
+        if stalled == STALLS:
             break
     return target, first  # not reachable: evaluated as requested, its measured ratio shown

@@ -9,7 +9,7 @@ import pytest
 import torch
 from matplotlib.container import ErrorbarContainer
 
-from pikv.config import ModelConfig, MoEConfig
+from pikv.config import KVConfig, ModelConfig, MoEConfig
 from pikv.eval.budget_match import dry_run_ratio, match_budget
 from pikv.eval.kv import KVEvalRow, evaluate_kv, expand_methods, merge_results, parse_specs, write_results
 from pikv.eval.pareto import PARETO_METHODS, pareto_figure, pareto_markdown, pareto_summary
@@ -182,3 +182,19 @@ def test_bench_windows_from_a_local_text_file(tmp_path):
     assert got.tolist() == [list(text[i:i + 30].encode()) for i in (0, 30, 60)]  # 3 whole windows in 100 bytes
     with pytest.raises(ValueError, match="holds 200 tokens"):
         sequences(byte_tokenizer, 200, 5, data=str(tmp_path / "mine.txt"))
+
+
+def test_matching_goes_on_past_a_step_whose_bytes_moved_the_wrong_way():
+    """SmolLM2-135M's attention shape (9 heads, 3 kv heads, head dim 64) with an 8-token exact window:
+    learned@4+h2o at 8x over 256 tokens, 128 prefilled, measures 7.65x; the budget raised in
+    proportion measures 7.60x (H2O now keeps fewer tokens than the prefill, whose peak then counts,
+    and the latent's rank is re-sized for the kept tokens): one step of ceil()s the wrong way, after
+    which the next reaches 8x. The search used to give up there and evaluate 7.65x as 8x."""
+    cfg = ModelConfig(vocab_size=96, hidden_size=576, num_layers=1, num_heads=9, num_kv_heads=3, ffn_hidden_size=64,
+                      max_seq_len=256, rotary_fraction=1.0)
+    model = Transformer(cfg, MoEConfig(every_n_layers=0),
+                        kv_cfg=KVConfig(compressor="learned", latent_bits=8, latent_window=8, train_ratios=[4, 8])).eval()
+    first = dry_run_ratio(model, "learned@4+h2o", 8, 256, 128)
+    budget, measured = match_budget(model, "learned@4+h2o", 8, 256, 128)
+    assert first < 7.7 and budget > 8 and 8 <= measured < 8.3
+    assert measured == dry_run_ratio(model, "learned@4+h2o", budget, 256, 128)
