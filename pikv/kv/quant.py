@@ -199,10 +199,11 @@ class _QuantAttention(Store):
         return o_BND.view(B, N, 1, D).to(q_BN1D.dtype), p_BNS.view(B, N, 1, S) if need_probs else None
 
     @staticmethod
-    def _token_codes(buf: Buffers, prefix: str, D: int):
-        """(codes, scale, zero, bits, channels per group) of per-token codes, read off their shapes."""
-        codes, scale = buf.view(prefix + "c"), buf.view(prefix + "s")
-        return codes, scale, buf.view(prefix + "z"), 8 * codes.shape[-1] // D, D // scale.shape[-1]
+    def _token_codes(buf: Buffers, prefix: str, D: int, n: Optional[int] = None):
+        """(codes, scale, zero, bits, channels per group) of the first n (default: all) tokens'
+        per-token codes, read off their shapes."""
+        codes, scale, zero = (buf.view(prefix + x)[:, :, :n] for x in "csz")
+        return codes, scale, zero, 8 * codes.shape[-1] // D, D // scale.shape[-1]
 
     def _token_block(self, prefix: str, buf: Buffers, lo: int, hi: int, unpacker: Unpacker):
         """Planes of the per-token codes of tokens lo..hi-1 [per, B, G, K, n, row bytes], scale, zero [B, G, K, n]."""
@@ -216,7 +217,14 @@ class TokenQuantStore(_QuantAttention):
     """Quantized storage that any selection may evict from: keys and values both quantized per
     token (min-max over groups of `group` channels, codes packed), as soon as they are appended, so
     every stored token stands alone. KIVI's per-channel key groups span `group` consecutive tokens,
-    which an eviction would break (KiviStore: selections that free nothing)."""
+    which an eviction would break (KiviStore: selections that free nothing).
+
+    The tokens of a step are attended exactly in that step and through their codes afterwards, as
+    KIVI's residual and HF's QuantizedCache hold the newest tokens at full precision: a prefill
+    reads its own prompt exactly, so the keys and values of every later layer are computed from
+    exact attention, and a decode step reads its own token exactly. The exact copy is this step's
+    input, dropped at `settle`: no stored byte. Measured on SmolLM2-135M's development windows
+    (docs/benchmarks.md, "Rotated quantization"): 4-bit rotated keys and values alone +5.52% -> +2.84%."""
 
     def __init__(self, bits: int, group: int, dtype=None, chunk: int = 256, capacity: int = 0,
                  value_bits: Optional[int] = None):
@@ -226,38 +234,68 @@ class TokenQuantStore(_QuantAttention):
         self.unpacker = Unpacker(bits)
         self.value_unpacker = self.unpacker if self.value_bits == bits else Unpacker(self.value_bits)
 
-    def _fields(self, k_pre_BGTD, k_BGTD, v_BGTD):
+        self._new = None  # this step's keys and values in the codes' space, fp32 (the class docstring)
+
+    def _space(self, x_D: torch.Tensor) -> torch.Tensor:
+        """Keys / values in the space their codes are made in, fp32 (RotatedQuantStore: rotated)."""
+        return x_D.float()
+
+    def append(self, k_pre_BGTD, k_BGTD, v_BGTD, at=None):
+        k, v = self._space(k_BGTD), self._space(v_BGTD)
         out = {}
-        for name, x, bits in (("k", k_BGTD, self.bits), ("v", v_BGTD, self.value_bits)):
+        for name, x, bits in (("k", k, self.bits), ("v", v, self.value_bits)):
             B, G, T, D = x.shape
             gc = min(self.group, D)
-            codes, scale, zero = quantize(x.float().view(B, G, T, D // gc, gc), bits, dim=-1)
+            codes, scale, zero = quantize(x.view(B, G, T, D // gc, gc), bits, dim=-1)
             out.update({f"{name}c": pack(codes, bits).view(B, G, T, -1), f"{name}s": scale[..., 0],
                         f"{name}z": zero[..., 0]})
-        return out
+        self.buf.write(out, at)
+        # the kernel reads rows of D: standard strides (contiguous() keeps a size-1 dim's odd stride)
+        self._new = tuple(x.reshape(-1).view(x.shape) for x in (k, v))
+
+    def settle(self):
+        self._new = None
+
+    def _coded(self) -> int:
+        """Stored tokens read through their codes this step: all but the step's new ones."""
+        return self.buf.n - (self._new[0].shape[2] if self._new is not None else 0)
 
     def read(self, dtype, rope, pos, start, T):
-        return self._dequant("k", dtype), self._dequant("v", dtype), None
+        return self._read("k", dtype), self._read("v", dtype), None
 
-    def _dequant(self, name: str, dtype) -> torch.Tensor:
-        scale, zero = self.buf.view(f"{name}s"), self.buf.view(f"{name}z")
-        B, G, S, n_groups = scale.shape
+    def _read(self, name: str, dtype) -> torch.Tensor:
+        """Keys or values [B, G, S, D] in the codes' space as this step reads them: dequantized, then
+        the step's new tokens exactly."""
+        n = self._coded()
+        scale, zero = self.buf.view(f"{name}s")[:, :, :n], self.buf.view(f"{name}z")[:, :, :n]
+        B, G, _, n_groups = scale.shape
         bits = self.bits if name == "k" else self.value_bits
-        codes = unpack(self.buf.view(f"{name}c").view(B, G, S, n_groups, -1), bits)
-        return dequantize(codes, scale[..., None], zero[..., None], dtype).view(B, G, S, -1)
+        packed = self.buf.view(f"{name}c")[:, :, :n]
+        codes = unpack(packed.reshape(B, G, n, n_groups, packed.shape[-1] // n_groups), bits)
+        coded = dequantize(codes, scale[..., None], zero[..., None], dtype).flatten(-2)
+        if self._new is None:
+            return coded
+        return torch.cat([coded, self._new[0 if name == "k" else 1].to(dtype)], 2)
 
     def _kernel_inputs(self, B, D, device):
-        G = self.buf.view("kc").shape[1]
-        none = torch.empty(B, G, 0, D, device=device)
-        return False, self._token_codes(self.buf, "k", D), self._token_codes(self.buf, "v", D), none, none
+        n = self._coded()
+        k_new, v_new = self._new if self._new is not None else (torch.empty(B, self.buf.view("kc").shape[1], 0, D,
+                                                                            device=device),) * 2
+        return False, self._token_codes(self.buf, "k", D, n), self._token_codes(self.buf, "v", D, n), k_new, v_new
 
     def _blocks(self):
-        B, G, S, row = self.buf.view("kc").shape
+        B, G, _, row = self.buf.view("kc").shape
+        S = self._coded()
         step = max(1, self.block_codes // (B * G * row * self.unpacker.per))
         for lo in range(0, S, step):
             hi = min(S, lo + step)
             yield (lo, hi, lambda q, lo=lo, hi=hi: _token_scores(q, *self._token_block("k", self.buf, lo, hi, self.unpacker)),
                    lambda p, lo=lo, hi=hi: _token_values(p, *self._token_block("v", self.buf, lo, hi, self.value_unpacker)))
+        if self._new is not None:
+            yield _exact_block(S, self.buf.n, *self._new)
+
+    def final_tokens(self):
+        return self._coded()  # the new tokens' keys, read exactly now, are read through their codes next step
 
 
 def _kivi_scores(q_BGMD, planes, scale_BGnD, zero_BGnD):

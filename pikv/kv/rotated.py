@@ -10,7 +10,7 @@ and a per-token min-max scale no longer spends its levels on one channel. R is a
 Hadamard matrix with a seeded random sign per row (QuaRot's randomised Hadamard); a head dim that is
 not a power of two gets a seeded random orthogonal matrix (QR of a Gaussian) instead.
 
-The rotation sits outside the codes: `_fields` rotates before TokenQuantStore quantizes, `attend`
+The rotation sits outside the codes: `_space` rotates before TokenQuantStore quantizes, `attend`
 rotates q before and the output after the store's compressed-domain attention, and `read` rotates
 the dequantized keys/values back (the reference path and Quest's page bounds see real keys). The
 store layout (packed planes, scales, zero points) and the block loop are TokenQuantStore's own.
@@ -66,8 +66,8 @@ class RotatedQuantStore(TokenQuantStore):
         R = self._R(x_D.device)
         return x_D.float() @ (R.T if transpose else R)
 
-    def _fields(self, k_pre_BGTD, k_BGTD, v_BGTD):
-        return super()._fields(k_pre_BGTD, self._rotate(k_BGTD), self._rotate(v_BGTD))
+    def _space(self, x_D):
+        return self._rotate(x_D)
 
     def read(self, dtype, rope, pos, start, T):
         k, v, _ = super().read(torch.float32, rope, pos, start, T)

@@ -108,14 +108,16 @@ class Reference:
         self.evict(T)
         return out
 
-    def visible(self, b, h, g, p, T, q_bn):
-        """(entry index, key, value) a query at p of kv head g reads."""
+    def visible(self, b, h, g, p, T, q_bn, t_in_step):
+        """(entry index, key, value) a query at p (the step's t_in_step-th) of kv head g reads."""
         entries = self.lists[b][h]
         pages = self.quest_pages(entries, g, q_bn) if self.selection == "quest" and T == 1 else None
         for j, e in enumerate(entries):
             if e["pos"] > p or (pages is not None and j // OPT.quest_page not in pages):
                 continue
-            exact = self.storage == "learned" and p - e["pos"] < WINDOW
+            # the learned latent's window; per-token codes read this step's own tokens exactly
+            exact = ((self.storage == "learned" and p - e["pos"] < WINDOW)
+                     or (self.storage in ("quant", "rquant") and e["pos"] >= p - t_in_step))
             yield j, (e["ke"] if exact else e["k"])[g], (e["ve"] if exact else e["v"])[g]
 
     def quest_pages(self, entries, g, q_n):
@@ -140,7 +142,7 @@ class Reference:
                 g = n // (N // G)
                 h = g if self.H == G else 0
                 for t in range(T):
-                    seen = list(self.visible(b, h, g, start + t, T, q[b, :, t]))
+                    seen = list(self.visible(b, h, g, start + t, T, q[b, :, t], t))
                     s = torch.stack([q[b, n, t] @ kk / math.sqrt(D) for _, kk, _ in seen])
                     p = torch.softmax(s, 0)
                     out[b, n, t] = sum(pi * vv for pi, (_, _, vv) in zip(p, seen))

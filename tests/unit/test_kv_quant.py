@@ -204,11 +204,16 @@ def test_rotated_attention_equals_attention_over_the_rotated_back_values(value_b
 
 
 def test_read_gives_the_keys_rotated_back_from_their_codes():
-    """read() = R^T dequantize(quantize(x R)), the per-token min-max round trip written out."""
+    """read() = R^T dequantize(quantize(x R)), the per-token min-max round trip written out, once
+    the step is over; within it the step's own tokens read exactly."""
     _, k, v = inputs(20, seed=17)
     R = rotation_matrix(D, 0)
     store = rotated(4, 2)()
     store.append(k, k, v)
+    in_step_k, in_step_v, _ = store.read(torch.float32, None, 0, 0, 20)
+    torch.testing.assert_close(in_step_k, k[:, :, :20], atol=1e-5, rtol=1e-5)  # rotated there and back
+    torch.testing.assert_close(in_step_v, v[:, :, :20], atol=1e-5, rtol=1e-5)
+    store.settle()
     got_k, got_v, _ = store.read(torch.float32, None, 0, 0, 20)
 
     def roundtrip(x, bits):  # asymmetric min-max over the head dim, fp16 min and scale
@@ -230,6 +235,7 @@ def test_rotation_spreads_outlier_channels_for_per_token_codes():
     for make in (lambda: TokenQuantStore(4, D), rotated(4)):
         store = make()
         store.append(k, k, v)
+        store.settle()  # read through the codes (the step's own tokens read exactly)
         errs.append(float((store.read(torch.float32, None, 0, 0, 256)[0] - k).pow(2).mean()))
     assert errs[1] < errs[0] / 3, errs  # measured 4.4x lower mean squared error (seeded)
 
@@ -260,7 +266,7 @@ def test_key_and_value_bits_apart_pack_and_attend_as_dequantize_then_attend(bits
     for name, x, b in (("k", k, bits), ("v", v, value_bits)):
         codes = unpack(store.buf.view(f"{name}c").view(B, G, 140, D // GROUP, -1), b)
         assert int(codes.max()) == 2 ** b - 1  # each tensor at its own width (min-max: the top code is used)
-        deq = store._dequant(name, torch.float32)
+        deq = store._read(name, torch.float32)  # after settle: every token through its codes
         # within half a quantization step of the input (+ fp16 scale rounding)
         step = store.buf.view(f"{name}s").float().repeat_interleave(GROUP, -1)
         assert ((deq - x[:, :, :140]).abs() <= step * 0.5 + 1e-3).all()
