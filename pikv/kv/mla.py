@@ -23,6 +23,13 @@ multiplies the scores / probabilities ([N, S] numbers) instead of the codes ([S,
 codes (a scale per group of coordinates) are dequantized to the [S, r] latent first.
 A prefill (T > 1) reconstructs keys and values and runs SDPA (`LatentStore.attend`): absorbed
 attention materialises the [N*T, K] scores that SDPA's fused kernel avoids.
+
+With int8 codes (the default) a decode step on the CPU runs the stored tokens' part in one fused
+C++ op (pikv/kv/kernels/mla_decode.cpp, `_absorbed_fused`): it reads the int8 codes and rotated
+dims in place (no fp32 copy of the cache), scores, softmaxes (with the E newest tokens' scores,
+which torch computes, tiny) and sums p c_scale c into the [M, r] latent output in one pass; torch
+then applies Uv and adds the newest tokens' values. `fused_kernel = False` (the benchmark's
+`--torch-path`), other code widths, CUDA tensors and autograd keep the torch path below.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import math
 
 import torch
 
+from pikv.kv import kernels
 from pikv.kv.storage import LatentStore
 
 
@@ -38,6 +46,8 @@ class MLAStore(LatentStore):
     """The decoupled latent (LatentKVCompressor with rotary_dims > 0): codes [B, 1, S, r] (+ scale),
     rotated key dims kr [B, G, S, P] (+ scale [B, 1, S, 1]), the last `window` tokens exact (keys
     after RoPE here: the latent reads only position-free dims, so they need no re-rotation)."""
+    fused_kernel = True  # int8 decode steps on the CPU through pikv/kv/kernels (False: the torch path)
+    fused_simd = True  # the kernel's AVX-512 build (False: its portable build, a benchmark baseline)
 
     def __init__(self, comp, rank: int, dtype, chunk: int = 256, capacity: int = 0, fmt=None):
         if not comp.rot:
@@ -106,9 +116,35 @@ class MLAStore(LatentStore):
         the probabilities are per stored token. Returns (o_BNTD, probs [B, N, 1, S] or None), the
         same as `LatentStore.attend` over `read` up to fp rounding."""
         B, N, T, D = q_BNTD.shape
+        if self.fmt.bits == 8 and T == 1:
+            op = kernels.decode_op(q_BNTD, self.fused_kernel, self.fused_simd, "mla_decode")
+            if op is not None:
+                return self._absorbed_fused(op, q_BNTD, need_probs)
         s_BGMS = self.absorbed_scores(q_BNTD)
         p_BGMS = torch.softmax(s_BGMS.float(), dim=-1).to(q_BNTD.dtype)
         return self.absorbed_values(p_BGMS).view(B, N, T, D), p_BGMS.view(B, N, T, -1) if need_probs else None
+
+    def _absorbed_fused(self, op, q_BNTD, need_probs: bool):
+        """`absorbed` through the fused op: the same sums in fp32, the S0 stored tokens' in C++
+        straight from the int8 buffers (views of the capacity buffers, read in place)."""
+        comp, r, P, S0 = self.comp, self.rank, self.comp.rot, self.buf.n
+        B, N, T, D = q_BNTD.shape
+        G, f32 = comp.G, torch.float32
+        q_BGMD = q_BNTD.reshape(B, G, N // G * T, D).to(f32) * (1 / math.sqrt(D))
+        k_new_BGED, v_new_BGED = self._newest(f32)
+        if S0:
+            c_BSR, c_scale_BS = self.buf.view("c")[:, 0], self.buf.view("c_scale")[:, 0, :, 0]
+            kr_BGSP, kr_scale_BS = self.buf.view("kr"), self.buf.view("kr_scale")[:, 0, :, 0]
+        else:  # nothing left the window yet (the buffers may not exist)
+            c_BSR, kr_BGSP = q_BNTD.new_empty(B, 0, r, dtype=torch.int8), q_BNTD.new_empty(B, G, 0, P, dtype=torch.int8)
+            c_scale_BS = kr_scale_BS = q_BNTD.new_empty(B, 0, dtype=torch.half)
+        q_abs_BGMR = q_BGMD[..., P:] @ comp.up_k_GCR(r).to(f32)
+        o_lat_BGMR, p_BGMK = op(q_abs_BGMR.contiguous(), q_BGMD[..., :P].contiguous(), c_BSR, c_scale_BS, kr_BGSP,
+                                kr_scale_BS, (q_BGMD @ k_new_BGED.transpose(-1, -2)).contiguous(), need_probs)
+        E = k_new_BGED.shape[2]
+        o_BGMD = o_lat_BGMR @ comp.up_v_GDR(r).to(f32).transpose(-1, -2) + p_BGMK[..., -E:] @ v_new_BGED
+        dtype = q_BNTD.dtype
+        return o_BGMD.view(B, N, T, D).to(dtype), p_BGMK.view(B, N, T, S0 + E).to(dtype) if need_probs else None
 
     def _codes(self, dtype):
         return self._once("codes", dtype, self._codes_now)
