@@ -125,26 +125,31 @@ class MLAStore(LatentStore):
         return self.absorbed_values(p_BGMS).view(B, N, T, D), p_BGMS.view(B, N, T, -1) if need_probs else None
 
     def _absorbed_fused(self, op, q_BNTD, need_probs: bool):
-        """`absorbed` through the fused op: the same sums in fp32, the S0 stored tokens' in C++
-        straight from the int8 buffers (views of the capacity buffers, read in place)."""
-        comp, r, P, S0 = self.comp, self.rank, self.comp.rot, self.buf.n
+        """`absorbed` through the fused op: the same sums in fp32, read straight from the int8
+        buffers (views of the capacity buffers) and this step's codes; the tokens that left the
+        window are read through their codes (no decoded copy), the window's exactly."""
+        r, P = self.rank, self.comp.rot
         B, N, T, D = q_BNTD.shape
-        G, f32 = comp.G, torch.float32
-        q_BGMD = q_BNTD.reshape(B, G, N // G * T, D).to(f32) * (1 / math.sqrt(D))
-        k_new_BGED, v_new_BGED = self._newest(f32)
-        if S0:
-            c_BSR, c_scale_BS = self.buf.view("c")[:, 0], self.buf.view("c_scale")[:, 0, :, 0]
-            kr_BGSP, kr_scale_BS = self.buf.view("kr"), self.buf.view("kr_scale")[:, 0, :, 0]
-        else:  # nothing left the window yet (the buffers may not exist)
-            c_BSR, kr_BGSP = q_BNTD.new_empty(B, 0, r, dtype=torch.int8), q_BNTD.new_empty(B, G, 0, P, dtype=torch.int8)
-            c_scale_BS = kr_scale_BS = q_BNTD.new_empty(B, 0, dtype=torch.half)
-        q_abs_BGMR = q_BGMD[..., P:] @ comp.up_k_GCR(r).to(f32)
-        o_lat_BGMR, p_BGMK = op(q_abs_BGMR.contiguous(), q_BGMD[..., :P].contiguous(), c_BSR, c_scale_BS, kr_BGSP,
-                                kr_scale_BS, (q_BGMD @ k_new_BGED.transpose(-1, -2)).contiguous(), need_probs)
-        E = k_new_BGED.shape[2]
-        o_BGMD = o_lat_BGMR @ comp.up_v_GDR(r).to(f32).transpose(-1, -2) + p_BGMK[..., -E:] @ v_new_BGED
+        G, f32 = self.comp.G, torch.float32
+        k_E, v_E, fields = self._E
+        first = k_E.shape[2] - min(self.tail, k_E.shape[2])  # this step's tokens read through the latent
+        stored = self._fields_of(self.buf.view if self.buf.n else None, B, G, r, P, q_BNTD.device)
+        leaving = self._fields_of(lambda name: fields[name][:, :, :first], B, G, r, P, q_BNTD.device)
+        o_BGMD, p_BGMK = op(q_BNTD.reshape(B, G, N // G * T, D).to(f32).contiguous(), self.comp.up.weight.to(f32), r,
+                            *stored, *leaving, k_E[:, :, first:].to(f32).contiguous(),
+                            v_E[:, :, first:].to(f32).contiguous(), need_probs)
         dtype = q_BNTD.dtype
-        return o_BGMD.view(B, N, T, D).to(dtype), p_BGMK.view(B, N, T, S0 + E).to(dtype) if need_probs else None
+        return o_BGMD.view(B, N, T, D).to(dtype), p_BGMK.view(B, N, T, -1).to(dtype) if need_probs else None
+
+    @staticmethod
+    def _fields_of(view, B, G, r, P, device):
+        """(c [B, S, r], c_scale [B, S], kr [B, G, S, P], kr_scale [B, S]) of stored int8 fields
+        (view(name) -> [B, H, S, .]), or empty ones (view None)."""
+        if view is None:
+            empty = torch.empty(B, 0, dtype=torch.half, device=device)
+            return (torch.empty(B, 0, r, dtype=torch.int8, device=device), empty,
+                    torch.empty(B, G, 0, P, dtype=torch.int8, device=device), empty)
+        return view("c")[:, 0], view("c_scale")[:, 0, :, 0], view("kr"), view("kr_scale")[:, 0, :, 0]
 
     def _codes(self, dtype):
         return self._once("codes", dtype, self._codes_now)

@@ -1,23 +1,22 @@
 // Fused decode attention over the decoupled learned latent with int8 codes (pikv/kv/mla.py,
 // MLAStore.absorbed: MLA's absorbed attention, DeepSeek-V2 arXiv:2405.04434 section 2.1), CPU.
 //
-// One query token per sequence. For each batch row one pass over the S0 stored tokens in tiles of
-// 64: the tile's int8 latent codes (shared by every kv head) and each kv head's int8 rotated key
-// dims are converted to fp32 ONCE, into L1, with the tokens innermost; every query row then scores
+// One query token per sequence. For each batch row one pass over the latent tokens in tiles of 64:
+// the tile's int8 latent codes (shared by every kv head) and each kv head's int8 rotated key dims
+// are converted to fp32 ONCE, into L1, with the tokens innermost; every query row then scores
 // them, s_j = kr_scale_j (q_rot . kr_j) + c_scale_j (q_abs . c_j), an online softmax (flash
 // attention's running max and sum) turns the scores into weights, and the weighted codes
-// accumulate into the latent output o_lat = sum_j p_j c_scale_j c_j (r numbers per row): the same
-// tile's fp32 codes serve the scores and the values. Then this step's E newest tokens (their scores
-// computed by torch, passed in) join the softmax. Everything is fp32; only the order of the sums
-// differs from the torch path.
+// accumulate into the latent output sum_j p_j c_scale_j c_j (r numbers per row): the same tile's
+// fp32 codes serve the scores and the values. The latent tokens come in two segments: the
+// store's buffers, then this step's tokens that left the exact window (their codes, not yet in the
+// buffers). Then the exact window's X tokens join the softmax, and o = o_lat @ Uv_g^T + p_x v_x.
+// The small per-step matmuls (q_abs = q[P:] @ Uk_g, the exact tokens, Uv) run here too: in torch
+// they were ~20 dispatched ops per layer-step, more than the attention itself at 2k tokens.
+// Everything is fp32; only the order of the sums differs from the torch path.
 //
-// Inputs (one decode step; B batch, G kv heads, M = N/G query rows per kv head, r rank, P rotated
-// dims, S0 stored tokens, E newest tokens):
-//   q_abs [B,G,M,r], q_rot [B,G,M,P] fp32 contiguous (scaled by 1/sqrt(D); q_abs = q[P:] @ Uk_g)
-//   c [B,S0,r] int8, c_scale [B,S0] fp16; kr [B,G,S0,P] int8, kr_scale [B,S0] fp16: views of the
-//     store's capacity buffers (any batch / head strides; a token's codes contiguous)
-//   s_new [B,G,M,E] fp32 contiguous: the newest tokens' scaled scores
-// Returns (o_lat [B,G,M,r], p [B,G,M,S0+E] with need_probs else [B,G,M,E]): normalised.
+// Shapes: B batch, G kv heads, M = N/G query rows per kv head, D head dim, P rotated dims, r rank,
+// S latent tokens (both segments), X exact tokens. Codes and scales are views of the store's
+// capacity buffers (any batch / head / token strides; a token's codes contiguous), read in place.
 //
 // Threads: at::parallel_for over B (the codes are shared by the kv heads). Two builds (decode_math.h):
 // the AVX-512 one transposes a tile by dword gathers and keeps the value sums in 16 lanes per
@@ -46,24 +45,21 @@ constexpr int64_t kLanes = 1;
 std::atomic<int64_t> simd_tiles{0};  // tiles that took the AVX-512 loops (tests assert they ran)
 
 struct Dims {
-  int64_t G, M, r, P, S0, E;
-  bool probs_all;  // p holds the S0 stored tokens' probabilities before the E newest ones'
+  int64_t G, M, D, r, P, X;  // X: exact tokens
+  int64_t S;                 // latent tokens of both segments
+  bool probs_all;            // p holds the latent tokens' probabilities before the exact ones'
   int64_t rows() const { return G * M; }
-  int64_t p_row() const { return (probs_all ? S0 : 0) + E; }
+  int64_t p_row() const { return (probs_all ? S : 0) + X; }
 };
 
-struct Row {  // the inputs and outputs of one batch row
-  const float* q_abs;  // [G*M, r]
-  const float* q_rot;  // [G*M, P]
-  const int8_t* c;     // token t's codes at c + t * c_row
+struct Segment {  // latent tokens of one batch row: int8 codes and rotated key dims, fp16 scales
+  const int8_t* c;  // token t's codes at c + t * c_row
   int64_t c_row;
-  const c10::Half* c_scale;  // [S0]
+  const c10::Half* c_scale;  // [n]
   const int8_t* kr;  // kv head g, token t at kr + g * kr_head + t * kr_row
   int64_t kr_head, kr_row;
-  const c10::Half* kr_scale;  // [S0]
-  const float* s_new;  // [G*M, E]
-  float* o_lat;        // [G*M, r]
-  float* p;            // [G*M, p_row]
+  const c10::Half* kr_scale;  // [n]
+  int64_t n;
 };
 
 }  // namespace
@@ -277,22 +273,23 @@ struct Softmax {
   }
 };
 
-// The S0 stored tokens of one batch row, tile by tile, into st; their raw scores into p when asked.
-void stored_tokens(const Dims& d, const Row& in, Softmax& st) {
+// The latent tokens of one segment, tile by tile, into st; their raw scores into p (row stride
+// p_row) when asked. q_abs [rows, r], q_rot [rows, P]: the scaled queries.
+void latent_tokens(const Dims& d, const Segment& in, const float* q_abs, const float* q_rot, Softmax& st, float* p) {
   std::vector<float> cf(d.r * kTile), kf(d.P * kTile), csc(kTile), ksc(kTile), s(d.rows() * kTile),
       w(d.rows() * kTile);
-  for (int64_t t0 = 0; t0 < d.S0; t0 += kTile) {
-    const int64_t T = std::min(kTile, d.S0 - t0);
+  for (int64_t t0 = 0; t0 < in.n; t0 += kTile) {
+    const int64_t T = std::min(kTile, in.n - t0);
     unpack_transposed(in.c + t0 * in.c_row, in.c_row, d.r, T, cf.data());
     unpack_scales(in.c_scale + t0, T, csc.data());
     unpack_scales(in.kr_scale + t0, T, ksc.data());
-    scaled_dots(cf.data(), d.r, in.q_abs, d.r, csc.data(), 0, d.rows(), false, s.data());
+    scaled_dots(cf.data(), d.r, q_abs, d.r, csc.data(), 0, d.rows(), false, s.data());
     for (int64_t g = 0; g < d.G; ++g) {
       unpack_transposed(in.kr + g * in.kr_head + t0 * in.kr_row, in.kr_row, d.P, T, kf.data());
-      scaled_dots(kf.data(), d.P, in.q_rot, d.P, ksc.data(), g * d.M, (g + 1) * d.M, true, s.data());
+      scaled_dots(kf.data(), d.P, q_rot, d.P, ksc.data(), g * d.M, (g + 1) * d.M, true, s.data());
     }
     if (d.probs_all)
-      for (int64_t h = 0; h < d.rows(); ++h) std::memcpy(in.p + h * d.p_row() + t0, &s[h * kTile], T * sizeof(float));
+      for (int64_t h = 0; h < d.rows(); ++h) std::memcpy(p + h * d.p_row() + t0, &s[h * kTile], T * sizeof(float));
     st.weights(s.data(), d.rows(), T);
     tile_values(d, cf.data(), csc.data(), s.data(), st.acc.data(), w.data());
 #ifdef PIKV_SIMD
@@ -301,24 +298,70 @@ void stored_tokens(const Dims& d, const Row& in, Softmax& st) {
   }
 }
 
-// Then the E newest tokens join the softmax; the outputs are normalised over all S0 + E.
-void attend_row(const Dims& d, const Row& in) {
-  Softmax st(d.rows(), d.r);
-  stored_tokens(d, in, st);
-  std::vector<float> exps(d.E);
+struct Row {  // one batch row
+  const float* q;  // [rows, D], not yet scaled
+  Segment seg[2];
+  const float* k_exact;  // kv head g, token x at k_exact + g * head + x * D (v_exact alike)
+  const float* v_exact;
+  int64_t k_head, v_head;
+  float* o;  // [rows, D]
+  float* p;  // [rows, p_row]
+};
+
+// The queries scaled by 1/sqrt(D): rotated dims q_rot [rows, P], and q_abs [rows, r] = q[P:] @ Uk_g
+// (up: the up-projection [C, up_row], key rows g * (D - P) + i of kv head g).
+void absorbed_queries(const Dims& d, const float* q_in, const float* up, int64_t up_row, std::vector<float>& q,
+                      std::vector<float>& q_rot, std::vector<float>& q_abs) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d.D));
+  const int64_t Dk = d.D - d.P;
   for (int64_t h = 0; h < d.rows(); ++h) {
+    const int64_t g = h / d.M;
+    for (int64_t i = 0; i < d.D; ++i) q[h * d.D + i] = q_in[h * d.D + i] * scale;
+    for (int64_t i = 0; i < d.P; ++i) q_rot[h * d.P + i] = q[h * d.D + i];
+    for (int64_t j = 0; j < d.r; ++j) q_abs[h * d.r + j] = 0.0f;
+    for (int64_t i = 0; i < Dk; ++i) {
+      const float qi = q[h * d.D + d.P + i];
+      const float* u = up + (g * Dk + i) * up_row;
+      for (int64_t j = 0; j < d.r; ++j) q_abs[h * d.r + j] += qi * u[j];
+    }
+  }
+}
+
+// Both latent segments, then the X exact tokens join the softmax; o = (p c_scale c) @ Uv_g^T + p_x v_x,
+// normalised over all S + X (up: value rows C_k + g * D + d).
+void attend_row(const Dims& d, const Row& in, const float* up, int64_t up_row) {
+  std::vector<float> q(d.rows() * d.D), q_rot(d.rows() * d.P), q_abs(d.rows() * d.r), sx(d.X), o_lat(d.r);
+  absorbed_queries(d, in.q, up, up_row, q, q_rot, q_abs);
+  Softmax st(d.rows(), d.r);
+  latent_tokens(d, in.seg[0], q_abs.data(), q_rot.data(), st, in.p);
+  latent_tokens(d, in.seg[1], q_abs.data(), q_rot.data(), st, in.p + in.seg[0].n);
+  const float* up_v = up + d.G * (d.D - d.P) * up_row;
+  for (int64_t h = 0; h < d.rows(); ++h) {
+    const int64_t g = h / d.M;
+    const float* qh = &q[h * d.D];
+    for (int64_t x = 0; x < d.X; ++x) {
+      const float* k = in.k_exact + g * in.k_head + x * d.D;
+      float dot = 0.0f;
+      for (int64_t i = 0; i < d.D; ++i) dot += qh[i] * k[i];
+      sx[x] = dot;
+    }
     float* p = in.p + h * d.p_row();
-    float* p_new = p + d.p_row() - d.E;
-    std::memcpy(p_new, in.s_new + h * d.E, d.E * sizeof(float));
-    std::memcpy(exps.data(), p_new, d.E * sizeof(float));
-    const float m = max_of(p_new, d.E, st.max[h]);
+    std::memcpy(p + d.p_row() - d.X, sx.data(), d.X * sizeof(float));
+    const float m = max_of(sx.data(), d.X, st.max[h]);
     const float alpha = exp_nonpos(st.max[h] - m);
-    const float inv = 1.0f / (st.sum[h] * alpha + exp_shifted(exps.data(), d.E, m, 1.0f));
+    const float inv = 1.0f / (st.sum[h] * alpha + exp_shifted(sx.data(), d.X, m, 1.0f));
     for (int64_t e = 0; e < d.r; ++e) {
       const float* a = &st.acc[(h * d.r + e) * kLanes];
       float total = 0.0f;
       for (int64_t lane = 0; lane < kLanes; ++lane) total += a[lane];
-      in.o_lat[h * d.r + e] = total * alpha * inv;
+      o_lat[e] = total * alpha;
+    }
+    for (int64_t i = 0; i < d.D; ++i) {
+      const float* u = up_v + (g * d.D + i) * up_row;
+      float out = 0.0f;
+      for (int64_t e = 0; e < d.r; ++e) out += o_lat[e] * u[e];
+      for (int64_t x = 0; x < d.X; ++x) out += sx[x] * in.v_exact[g * in.v_head + x * d.D + i];
+      in.o[h * d.D + i] = out * inv;
     }
     exp_shifted(p, d.p_row(), m, inv);
   }
@@ -332,46 +375,62 @@ void check_tokens(const at::Tensor& x, at::ScalarType type, int64_t dim, const c
   TORCH_CHECK(x.numel() == 0 || last <= 1 || x.stride(dim - 1) == 1, what, ": a token's entries must be contiguous");
 }
 
-std::tuple<at::Tensor, at::Tensor> mla_decode(const at::Tensor& q_abs, const at::Tensor& q_rot, const at::Tensor& c,
-                                              const at::Tensor& c_scale, const at::Tensor& kr,
-                                              const at::Tensor& kr_scale, const at::Tensor& s_new, bool need_probs) {
-  for (const auto* x : {&q_abs, &q_rot, &s_new})
-    TORCH_CHECK(x->device().is_cpu() && x->scalar_type() == at::kFloat && x->dim() == 4 && x->is_contiguous(),
-                "q_abs, q_rot, s_new: contiguous fp32 [B, G, M, .] on the CPU");
-  check_tokens(c, at::kChar, 3, "c [B, S0, r]");
-  check_tokens(kr, at::kChar, 4, "kr [B, G, S0, P]");
-  check_tokens(c_scale, at::kHalf, 2, "c_scale [B, S0]");
-  check_tokens(kr_scale, at::kHalf, 2, "kr_scale [B, S0]");
-  const int64_t B = q_abs.size(0), G = q_abs.size(1), M = q_abs.size(2), r = q_abs.size(3), P = q_rot.size(3);
-  const int64_t S0 = c.size(1), E = s_new.size(3);
-  TORCH_CHECK(q_rot.sizes().slice(0, 3) == q_abs.sizes().slice(0, 3) && s_new.sizes().slice(0, 3) == q_abs.sizes().slice(0, 3),
-              "q_abs, q_rot, s_new: the same [B, G, M]");
-  TORCH_CHECK(c.size(0) == B && c.size(2) == r && kr.size(0) == B && kr.size(1) == G && kr.size(2) == S0 &&
-                  kr.size(3) == P && c_scale.size(0) == B && c_scale.size(1) == S0 && kr_scale.size(0) == B &&
-                  kr_scale.size(1) == S0,
-              "c [B, S0, r], kr [B, G, S0, P], c_scale / kr_scale [B, S0] do not match the queries");
-  const Dims d{G, M, r, P, S0, E, need_probs};
-  at::Tensor o_lat = at::empty({B, G, M, r}, q_abs.options());
-  at::Tensor p = at::empty({B, G, M, d.p_row()}, q_abs.options());
+Segment segment_of(const at::Tensor& c, const at::Tensor& c_scale, const at::Tensor& kr, const at::Tensor& kr_scale,
+                   int64_t b) {
+  check_tokens(c, at::kChar, 3, "c [B, S, r]");
+  check_tokens(kr, at::kChar, 4, "kr [B, G, S, P]");
+  check_tokens(c_scale, at::kHalf, 2, "c_scale [B, S]");
+  check_tokens(kr_scale, at::kHalf, 2, "kr_scale [B, S]");
+  const int64_t n = c.size(1);
+  TORCH_CHECK(kr.size(2) == n && c_scale.size(1) == n && kr_scale.size(1) == n && c.size(0) == kr.size(0) &&
+                  c.size(0) == c_scale.size(0) && c.size(0) == kr_scale.size(0),
+              "c [B, S, r], kr [B, G, S, P], c_scale / kr_scale [B, S]: the same B and S");
+  return {c.data_ptr<int8_t>() + b * c.stride(0), c.stride(1), c_scale.data_ptr<c10::Half>() + b * c_scale.stride(0),
+          kr.data_ptr<int8_t>() + b * kr.stride(0), kr.stride(1), kr.stride(2),
+          kr_scale.data_ptr<c10::Half>() + b * kr_scale.stride(0), n};
+}
+
+// q [B, G, M, D] fp32 contiguous; up [C, R] fp32 (rows contiguous), rank <= R; two latent segments
+// (the buffers' tokens, then this step's tokens that left the exact window); k_exact / v_exact
+// [B, G, X, D] fp32 (rows contiguous). Returns (o [B, G, M, D], p [B, G, M, S + X] or [B, G, M, X]).
+std::tuple<at::Tensor, at::Tensor> mla_decode(const at::Tensor& q, const at::Tensor& up, int64_t rank,
+                                              const at::Tensor& c, const at::Tensor& c_scale, const at::Tensor& kr,
+                                              const at::Tensor& kr_scale, const at::Tensor& c2,
+                                              const at::Tensor& c2_scale, const at::Tensor& kr2,
+                                              const at::Tensor& kr2_scale, const at::Tensor& k_exact,
+                                              const at::Tensor& v_exact, bool need_probs) {
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 4 && q.is_contiguous(),
+              "q: contiguous fp32 [B, G, M, D] on the CPU");
+  const int64_t B = q.size(0), G = q.size(1), M = q.size(2), D = q.size(3), P = kr.size(3), X = k_exact.size(2);
+  TORCH_CHECK(up.scalar_type() == at::kFloat && up.dim() == 2 && up.stride(1) == 1 && 0 < rank && rank <= up.size(1) &&
+                  up.size(0) == G * (2 * D - P),
+              "up: fp32 [G * (2 D - P), R] with contiguous rows and 0 < rank <= R");
+  for (const auto* x : {&k_exact, &v_exact})
+    TORCH_CHECK(x->scalar_type() == at::kFloat && x->dim() == 4 && x->size(0) == B && x->size(1) == G &&
+                    x->size(2) == X && x->size(3) == D && x->stride(3) == 1 && (X <= 1 || x->stride(2) == D),
+                "k_exact / v_exact: fp32 [B, G, X, D] with contiguous rows");
+  TORCH_CHECK(c.size(0) == B && c.size(2) == rank && c2.size(0) == B && c2.size(2) == rank && kr.size(1) == G &&
+                  kr2.size(1) == G && kr2.size(3) == P && P < D,
+              "c / c2 [B, S, rank], kr / kr2 [B, G, S, P < D] do not match the queries");
+  const Dims d{G, M, D, rank, P, X, c.size(1) + c2.size(1), need_probs};
+  at::Tensor o = at::empty({B, G, M, D}, q.options());
+  at::Tensor p = at::empty({B, G, M, d.p_row()}, q.options());
   at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       Row in;
-      in.q_abs = q_abs.data_ptr<float>() + b * G * M * r;
-      in.q_rot = q_rot.data_ptr<float>() + b * G * M * P;
-      in.c = c.data_ptr<int8_t>() + b * c.stride(0);
-      in.c_row = c.stride(1);
-      in.c_scale = c_scale.data_ptr<c10::Half>() + b * c_scale.stride(0);
-      in.kr = kr.data_ptr<int8_t>() + b * kr.stride(0);
-      in.kr_head = kr.stride(1);
-      in.kr_row = kr.stride(2);
-      in.kr_scale = kr_scale.data_ptr<c10::Half>() + b * kr_scale.stride(0);
-      in.s_new = s_new.data_ptr<float>() + b * G * M * E;
-      in.o_lat = o_lat.data_ptr<float>() + b * G * M * r;
+      in.q = q.data_ptr<float>() + b * G * M * D;
+      in.seg[0] = segment_of(c, c_scale, kr, kr_scale, b);
+      in.seg[1] = segment_of(c2, c2_scale, kr2, kr2_scale, b);
+      in.k_exact = k_exact.data_ptr<float>() + b * k_exact.stride(0);
+      in.v_exact = v_exact.data_ptr<float>() + b * v_exact.stride(0);
+      in.k_head = k_exact.stride(1);
+      in.v_head = v_exact.stride(1);
+      in.o = o.data_ptr<float>() + b * G * M * D;
       in.p = p.data_ptr<float>() + b * G * M * d.p_row();
-      attend_row(d, in);
+      attend_row(d, in, up.data_ptr<float>(), up.stride(0));
     }
   });
-  return {o_lat, p};
+  return {o, p};
 }
 
 int64_t mla_simd_tiles() { return simd_tiles.load(); }
@@ -379,8 +438,9 @@ int64_t mla_simd_tiles() { return simd_tiles.load(); }
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pikv_kernels, m) {
-  m.def("mla_decode" PIKV_OP_SUFFIX "(Tensor q_abs, Tensor q_rot, Tensor c, Tensor c_scale, Tensor kr, "
-        "Tensor kr_scale, Tensor s_new, bool need_probs) -> (Tensor, Tensor)");
+  m.def("mla_decode" PIKV_OP_SUFFIX "(Tensor q, Tensor up, int rank, Tensor c, Tensor c_scale, Tensor kr, "
+        "Tensor kr_scale, Tensor c2, Tensor c2_scale, Tensor kr2, Tensor kr2_scale, Tensor k_exact, Tensor v_exact, "
+        "bool need_probs) -> (Tensor, Tensor)");
   m.impl("mla_decode" PIKV_OP_SUFFIX, c10::DispatchKey::CPU, TORCH_FN(mla_decode));
   m.def("mla_simd_tiles" PIKV_OP_SUFFIX "() -> int", &mla_simd_tiles);
 }
