@@ -136,10 +136,15 @@ class MLAStore(LatentStore):
         stored = self._fields_of(self.buf.view if self.buf.n else None, B, G, r, P, q_BNTD.device)
         leaving = self._fields_of(lambda name: fields[name][:, :, :first], B, G, r, P, q_BNTD.device)
         o_BGMD, p_BGMK = op(q_BNTD.reshape(B, G, N // G * T, D).to(f32).contiguous(), self.comp.up.weight.to(f32), r,
-                            *stored, *leaving, k_E[:, :, first:].to(f32).contiguous(),
-                            v_E[:, :, first:].to(f32).contiguous(), need_probs)
+                            *stored, *leaving, *(self._rows_contiguous(x[:, :, first:].to(f32)) for x in (k_E, v_E)), need_probs)
         dtype = q_BNTD.dtype
         return o_BGMD.view(B, N, T, D).to(dtype), p_BGMK.view(B, N, T, -1).to(dtype) if need_probs else None
+
+    @staticmethod
+    def _rows_contiguous(x_BGXD):
+        """x itself when its token rows are contiguous (a slice of the step's keys: no copy), else a copy."""
+        return x_BGXD if x_BGXD.stride(-1) == 1 and (x_BGXD.shape[2] <= 1 or x_BGXD.stride(2) == x_BGXD.shape[3]) \
+            else x_BGXD.contiguous()
 
     @staticmethod
     def _fields_of(view, B, G, r, P, device):

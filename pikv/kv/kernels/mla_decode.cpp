@@ -30,6 +30,7 @@
 
 #include <atomic>
 #include <type_traits>
+#include <utility>
 #include <tuple>
 #include <vector>
 
@@ -253,6 +254,8 @@ void tile_values(const Dims& d, const float* cf, const float* csc, const float* 
 // The online softmax of the G*M query rows of one batch row, the latent output's sums in acc.
 struct Softmax {
   std::vector<float> max, sum, acc;
+  std::vector<float> tiles;  // the running max of each row after each tile (probabilities asked for)
+  std::vector<std::pair<int64_t, int64_t>> tile_at;  // (first token, tokens) of each such tile
   int64_t width;  // accumulator floats per row
   Softmax(int64_t rows, int64_t r) : max(rows, -1e30f), sum(rows, 0.0f), acc(rows * r * kLanes, 0.0f), width(r * kLanes) {}
 
@@ -275,7 +278,8 @@ struct Softmax {
 
 // The latent tokens of one segment, tile by tile, into st; their raw scores into p (row stride
 // p_row) when asked. q_abs [rows, r], q_rot [rows, P]: the scaled queries.
-void latent_tokens(const Dims& d, const Segment& in, const float* q_abs, const float* q_rot, Softmax& st, float* p) {
+void latent_tokens(const Dims& d, const Segment& in, const float* q_abs, const float* q_rot, Softmax& st, float* p,
+                   int64_t offset) {
   std::vector<float> cf(d.r * kTile), kf(d.P * kTile), csc(kTile), ksc(kTile), s(d.rows() * kTile),
       w(d.rows() * kTile);
   for (int64_t t0 = 0; t0 < in.n; t0 += kTile) {
@@ -288,9 +292,14 @@ void latent_tokens(const Dims& d, const Segment& in, const float* q_abs, const f
       unpack_transposed(in.kr + g * in.kr_head + t0 * in.kr_row, in.kr_row, d.P, T, kf.data());
       scaled_dots(kf.data(), d.P, q_rot, d.P, ksc.data(), g * d.M, (g + 1) * d.M, true, s.data());
     }
-    if (d.probs_all)
-      for (int64_t h = 0; h < d.rows(); ++h) std::memcpy(p + h * d.p_row() + t0, &s[h * kTile], T * sizeof(float));
     st.weights(s.data(), d.rows(), T);
+    if (d.probs_all) {  // the weights relative to the running max, rescaled once at the end (attend_row)
+      st.tile_at.emplace_back(offset + t0, T);
+      for (int64_t h = 0; h < d.rows(); ++h) {
+        std::memcpy(p + h * d.p_row() + offset + t0, &s[h * kTile], T * sizeof(float));
+        st.tiles.push_back(st.max[h]);
+      }
+    }
     tile_values(d, cf.data(), csc.data(), s.data(), st.acc.data(), w.data());
 #ifdef PIKV_SIMD
     simd_tiles.fetch_add(1, std::memory_order_relaxed);
@@ -333,8 +342,8 @@ void attend_row(const Dims& d, const Row& in, const float* up, int64_t up_row) {
   std::vector<float> q(d.rows() * d.D), q_rot(d.rows() * d.P), q_abs(d.rows() * d.r), sx(d.X), o_lat(d.r);
   absorbed_queries(d, in.q, up, up_row, q, q_rot, q_abs);
   Softmax st(d.rows(), d.r);
-  latent_tokens(d, in.seg[0], q_abs.data(), q_rot.data(), st, in.p);
-  latent_tokens(d, in.seg[1], q_abs.data(), q_rot.data(), st, in.p + in.seg[0].n);
+  latent_tokens(d, in.seg[0], q_abs.data(), q_rot.data(), st, in.p, 0);
+  latent_tokens(d, in.seg[1], q_abs.data(), q_rot.data(), st, in.p, in.seg[0].n);
   const float* up_v = up + d.G * (d.D - d.P) * up_row;
   for (int64_t h = 0; h < d.rows(); ++h) {
     const int64_t g = h / d.M;
@@ -345,11 +354,17 @@ void attend_row(const Dims& d, const Row& in, const float* up, int64_t up_row) {
       for (int64_t i = 0; i < d.D; ++i) dot += qh[i] * k[i];
       sx[x] = dot;
     }
-    float* p = in.p + h * d.p_row();
-    std::memcpy(p + d.p_row() - d.X, sx.data(), d.X * sizeof(float));
     const float m = max_of(sx.data(), d.X, st.max[h]);
     const float alpha = exp_nonpos(st.max[h] - m);
     const float inv = 1.0f / (st.sum[h] * alpha + exp_shifted(sx.data(), d.X, m, 1.0f));
+    float* p = in.p + h * d.p_row();
+    for (int64_t x = 0; x < d.X; ++x) p[d.p_row() - d.X + x] = sx[x] * inv;
+    for (size_t k = 0; k < st.tile_at.size(); ++k) {  // tile k: weights exp(s - its running max)
+      const float scale = exp_nonpos(st.tiles[k * d.rows() + h] - m) * inv;
+      float* pk = p + st.tile_at[k].first;
+#pragma omp simd
+      for (int64_t t = 0; t < st.tile_at[k].second; ++t) pk[t] *= scale;
+    }
     for (int64_t e = 0; e < d.r; ++e) {
       const float* a = &st.acc[(h * d.r + e) * kLanes];
       float total = 0.0f;
@@ -363,7 +378,6 @@ void attend_row(const Dims& d, const Row& in, const float* up, int64_t up_row) {
       for (int64_t x = 0; x < d.X; ++x) out += sx[x] * in.v_exact[g * in.v_head + x * d.D + i];
       in.o[h * d.D + i] = out * inv;
     }
-    exp_shifted(p, d.p_row(), m, inv);
   }
 }
 
