@@ -41,7 +41,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("quant_decode.cpp", "mla_decode.cpp")]
-HEADERS = [Path(__file__).with_name(name) for name in ("decode_math.h", "quant_decode_avx512.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("decode_math.h", "quant_decode_avx512.h", "mla_decode_avx512.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"]
 # variant -> (extra flags, op name suffix)
 VARIANTS = {"simd": ([], ""), "portable": (["-DPIKV_NO_SIMD"], "_portable")}
