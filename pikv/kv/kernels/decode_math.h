@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 // exp(x) for x <= 0 (a score minus the running max), written so that the compiler vectorises it
 // without -ffast-math (which breaks -inf masking and, linked into a shared object, may set
@@ -50,6 +51,15 @@ inline float half_to_float(c10::Half h) {
   _Float16 x;
   std::memcpy(&x, &h, sizeof(x));
   return static_cast<float>(x);
+}
+
+// f(std::integral_constant<int, V>) with V the first of Vs equal to x, else the last one: a size
+// known at run time that a loop needs at compile time (to unroll, or to keep its sums in registers).
+template <int... Vs, typename F>
+inline void with_constant(int64_t x, F&& f) {
+  constexpr int kLast = (Vs, ...);
+  bool done = false;
+  ((done = done || ((x == Vs || Vs == kLast) && (f(std::integral_constant<int, Vs>{}), true))), ...);
 }
 
 #ifdef PIKV_SIMD

@@ -68,14 +68,7 @@ constexpr int64_t kRows = 6;  // query rows per register block
 // f(std::integral_constant<int, R>) with R = rows (1..kRows): the blocks need R at compile time.
 template <typename F>
 inline void with_rows(int64_t rows, F&& f) {
-  switch (rows) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    default: f(std::integral_constant<int, 6>{}); break;
-  }
+  with_constant<1, 2, 3, 4, 5, 6>(rows, f);
 }
 
 // s[h * kTile + t] (+)= scale_t (q_h . codes_t) for rows h0..h1-1 (add: accumulate into s).

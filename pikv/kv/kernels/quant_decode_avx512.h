@@ -67,12 +67,7 @@ inline void row_codes(const uint8_t* src, float* out) {
 // the row size at compile time to unroll.
 template <typename F>
 inline void with_row_size(int64_t row, F&& f) {
-  switch (row) {
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    case 16: f(std::integral_constant<int, 16>{}); break;
-    case 32: f(std::integral_constant<int, 32>{}); break;
-    default: f(std::integral_constant<int, 64>{}); break;
-  }
+  with_constant<8, 16, 32, 64>(row, f);
 }
 
 // T rows of `row` bytes each -> out[t * D + e], the row's codes in planar order (D = row*8/BITS).
