@@ -24,12 +24,13 @@ codes (a scale per group of coordinates) are dequantized to the [S, r] latent fi
 A prefill (T > 1) reconstructs keys and values and runs SDPA (`LatentStore.attend`): absorbed
 attention materialises the [N*T, K] scores that SDPA's fused kernel avoids.
 
-With int8 codes (the default) a decode step on the CPU runs the stored tokens' part in one fused
-C++ op (pikv/kv/kernels/mla_decode.cpp, `_absorbed_fused`): it reads the int8 codes and rotated
-dims in place (no fp32 copy of the cache), scores, softmaxes (with the E newest tokens' scores,
-which torch computes, tiny) and sums p c_scale c into the [M, r] latent output in one pass; torch
-then applies Uv and adds the newest tokens' values. `fused_kernel = False` (the benchmark's
-`--torch-path`), other code widths, CUDA tensors and autograd keep the torch path below.
+With int8 codes (the default) a decode step on the CPU is one fused C++ op
+(pikv/kv/kernels/mla_decode.cpp, `_absorbed_fused`): it reads the int8 codes and rotated dims in
+place (no fp32 copy of the cache), this step's tokens that left the window through their codes
+(nothing decoded), scores, softmaxes with the exact window, sums p c_scale c into the [M, r] latent
+output and applies Uv, all in one call. `fused_kernel = False` (the benchmark's `--torch-path`),
+other code widths, CUDA tensors and autograd keep the torch path below; the sharded latent
+(pikv/kv/sharded_latent.py) calls `absorbed_scores` / `absorbed_values` for its log-sum-exp merge.
 """
 
 from __future__ import annotations
@@ -135,8 +136,9 @@ class MLAStore(LatentStore):
         first = k_E.shape[2] - min(self.tail, k_E.shape[2])  # this step's tokens read through the latent
         stored = self._fields_of(self.buf.view if self.buf.n else None, B, G, r, P, q_BNTD.device)
         leaving = self._fields_of(lambda name: fields[name][:, :, :first], B, G, r, P, q_BNTD.device)
+        exact = [self._rows_contiguous(x[:, :, first:].to(f32)) for x in (k_E, v_E)]
         o_BGMD, p_BGMK = op(q_BNTD.reshape(B, G, N // G * T, D).to(f32).contiguous(), self.comp.up.weight.to(f32), r,
-                            *stored, *leaving, *(self._rows_contiguous(x[:, :, first:].to(f32)) for x in (k_E, v_E)), need_probs)
+                            *stored, *leaving, *exact, need_probs)
         dtype = q_BNTD.dtype
         return o_BGMD.view(B, N, T, D).to(dtype), p_BGMK.view(B, N, T, -1).to(dtype) if need_probs else None
 

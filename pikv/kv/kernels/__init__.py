@@ -141,7 +141,8 @@ def mla_simd_tiles() -> int:
     return int(torch.ops.pikv_kernels.mla_simd_tiles()) if mla_decode("simd") is not None else 0
 
 
-def decode_op(q_BNTD: torch.Tensor, enabled: bool, simd: bool = True, kernel: str = "quant_decode") -> Optional[Callable]:
+def decode_op(q_BNTD: torch.Tensor, enabled: bool, simd: bool = True,
+              kernel: str = "quant_decode") -> Optional[Callable]:
     """The fused op `kernel` for one decode step of a store, or None: the caller's torch path
     runs (switched off, not on the CPU, autograd through the cache, or not buildable). `simd`
     False picks the portable build (the benchmark's baseline). Counts the path in `calls` and logs
