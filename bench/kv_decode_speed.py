@@ -5,7 +5,7 @@
       [--rotary-fraction 1.0]
   python bench/kv_decode_speed.py --contexts 64 --batch 1 --ratios 4 --steps 2 --repeats 2   # quickest check
   python bench/kv_decode_speed.py --policies full,quant --dequantized   # + each quant method's old path
-  python bench/kv_decode_speed.py --policies full,quant --torch-path    # + the torch blocks instead of the C++ kernel
+  python bench/kv_decode_speed.py --policies full,quant,learned --torch-path  # + the torch paths instead of the C++ kernels
   python bench/kv_decode_speed.py --policies full,quant --portable-kernel  # + the kernel's portable build
 
 The model is the default configuration (pikv/config/) with max_seq_len raised to the longest
@@ -23,8 +23,9 @@ order), so a burst of load on this shared machine hits all methods of a round al
 gives the median tokens/s and the median of the per-round speed-up vs the full cache.
 --dequantized also times every quantized method through dequantize-then-attend (`Store.attend`,
 the path before the stores attended in their compressed domain) on a copy of the same filled cache,
-as "METHOD (dequantized)". --torch-path likewise times every quantized method with the fused C++
-decode kernel switched off (`fused_kernel = False`: the torch blockwise compressed-domain path) as
+as "METHOD (dequantized)". --torch-path likewise times every quantized or decoupled-latent method
+with the fused C++ decode kernel switched off (`fused_kernel = False`: the torch blockwise
+compressed-domain path of the quantized stores, the torch absorbed attention of pikv/kv/mla.py) as
 "METHOD (torch path)". --portable-kernel times them through the kernel's portable build instead of
 its AVX-512 one (`fused_simd = False`: the -DPIKV_NO_SIMD build, pikv/kv/kernels) as "METHOD (portable
 kernel)".
@@ -92,9 +93,11 @@ def main(argv):
     ap.add_argument("--dequantized", action="store_true",
                     help="also time each quantized method through dequantize-then-attend (its old path)")
     ap.add_argument("--torch-path", action="store_true",
-                    help="also time each quantized method without the fused C++ decode kernel (torch blocks)")
+                    help="also time each quantized / decoupled-latent method without the fused C++ decode kernel "
+                         "(its torch path)")
     ap.add_argument("--portable-kernel", action="store_true",
-                    help="also time each quantized method through the kernel's portable (non-SIMD) build")
+                    help="also time each quantized / decoupled-latent method through the kernel's portable (non-SIMD) "
+                         "build")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

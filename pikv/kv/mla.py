@@ -23,6 +23,14 @@ multiplies the scores / probabilities ([N, S] numbers) instead of the codes ([S,
 codes (a scale per group of coordinates) are dequantized to the [S, r] latent first.
 A prefill (T > 1) reconstructs keys and values and runs SDPA (`LatentStore.attend`): absorbed
 attention materialises the [N*T, K] scores that SDPA's fused kernel avoids.
+
+With int8 codes (the default) a decode step on the CPU is one fused C++ op
+(pikv/kv/kernels/mla_decode.cpp, `_absorbed_fused`): it reads the int8 codes and rotated dims in
+place (no fp32 copy of the cache), this step's tokens that left the window through their codes
+(nothing decoded), scores, softmaxes with the exact window, sums p c_scale c into the [M, r] latent
+output and applies Uv, all in one call. `fused_kernel = False` (the benchmark's `--torch-path`),
+other code widths, CUDA tensors and autograd keep the torch path below; the sharded latent
+(pikv/kv/sharded_latent.py) calls `absorbed_scores` / `absorbed_values` for its log-sum-exp merge.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import math
 
 import torch
 
+from pikv.kv import kernels
 from pikv.kv.storage import LatentStore
 
 
@@ -38,6 +47,8 @@ class MLAStore(LatentStore):
     """The decoupled latent (LatentKVCompressor with rotary_dims > 0): codes [B, 1, S, r] (+ scale),
     rotated key dims kr [B, G, S, P] (+ scale [B, 1, S, 1]), the last `window` tokens exact (keys
     after RoPE here: the latent reads only position-free dims, so they need no re-rotation)."""
+    fused_kernel = True  # int8 decode steps on the CPU through pikv/kv/kernels (False: the torch path)
+    fused_simd = True  # the kernel's AVX-512 build (False: its portable build, a benchmark baseline)
 
     def __init__(self, comp, rank: int, dtype, chunk: int = 256, capacity: int = 0, fmt=None):
         if not comp.rot:
@@ -106,9 +117,46 @@ class MLAStore(LatentStore):
         the probabilities are per stored token. Returns (o_BNTD, probs [B, N, 1, S] or None), the
         same as `LatentStore.attend` over `read` up to fp rounding."""
         B, N, T, D = q_BNTD.shape
+        if self.fmt.bits == 8 and T == 1:
+            op = kernels.decode_op(q_BNTD, self.fused_kernel, self.fused_simd, "mla_decode")
+            if op is not None:
+                return self._absorbed_fused(op, q_BNTD, need_probs)
         s_BGMS = self.absorbed_scores(q_BNTD)
         p_BGMS = torch.softmax(s_BGMS.float(), dim=-1).to(q_BNTD.dtype)
         return self.absorbed_values(p_BGMS).view(B, N, T, D), p_BGMS.view(B, N, T, -1) if need_probs else None
+
+    def _absorbed_fused(self, op, q_BNTD, need_probs: bool):
+        """`absorbed` through the fused op: the same sums in fp32, read straight from the int8
+        buffers (views of the capacity buffers) and this step's codes; the tokens that left the
+        window are read through their codes (no decoded copy), the window's exactly."""
+        r, P = self.rank, self.comp.rot
+        B, N, T, D = q_BNTD.shape
+        G, f32 = self.comp.G, torch.float32
+        k_E, v_E, fields = self._E
+        first = k_E.shape[2] - min(self.tail, k_E.shape[2])  # this step's tokens read through the latent
+        stored = self._fields_of(self.buf.view if self.buf.n else None, B, G, r, P, q_BNTD.device)
+        leaving = self._fields_of(lambda name: fields[name][:, :, :first], B, G, r, P, q_BNTD.device)
+        exact = [self._rows_contiguous(x[:, :, first:].to(f32)) for x in (k_E, v_E)]
+        o_BGMD, p_BGMK = op(q_BNTD.reshape(B, G, N // G * T, D).to(f32).contiguous(), self.comp.up.weight.to(f32), r,
+                            *stored, *leaving, *exact, need_probs)
+        dtype = q_BNTD.dtype
+        return o_BGMD.view(B, N, T, D).to(dtype), p_BGMK.view(B, N, T, -1).to(dtype) if need_probs else None
+
+    @staticmethod
+    def _rows_contiguous(x_BGXD):
+        """x itself when its token rows are contiguous (a slice of the step's keys: no copy), else a copy."""
+        return x_BGXD if x_BGXD.stride(-1) == 1 and (x_BGXD.shape[2] <= 1 or x_BGXD.stride(2) == x_BGXD.shape[3]) \
+            else x_BGXD.contiguous()
+
+    @staticmethod
+    def _fields_of(view, B, G, r, P, device):
+        """(c [B, S, r], c_scale [B, S], kr [B, G, S, P], kr_scale [B, S]) of stored int8 fields
+        (view(name) -> [B, H, S, .]), or empty ones (view None)."""
+        if view is None:
+            empty = torch.empty(B, 0, dtype=torch.half, device=device)
+            return (torch.empty(B, 0, r, dtype=torch.int8, device=device), empty,
+                    torch.empty(B, G, 0, P, dtype=torch.int8, device=device), empty)
+        return view("c")[:, 0], view("c_scale")[:, 0, :, 0], view("kr"), view("kr_scale")[:, 0, :, 0]
 
     def _codes(self, dtype):
         return self._once("codes", dtype, self._codes_now)

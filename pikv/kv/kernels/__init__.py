@@ -1,15 +1,17 @@
 """Compiled kernels of the KV cache, built on first use: the fused CPU decode attention over the
-quantized stores (quant_decode.cpp, called from pikv.kv.quant).
+quantized stores (quant_decode.cpp, called from pikv.kv.quant) and over the decoupled latent's int8
+codes (mla_decode.cpp, called from pikv.kv.mla); both sources are one extension, built once per variant.
 
-Two variants of the same source: "simd" (op torch.ops.pikv_kernels.quant_decode: the AVX-512 loops of
-quant_decode_avx512.h where the compiler targets AVX512F/BW, which -march=native gives on such a
-CPU; elsewhere the same portable loops as the other) and "portable" (quant_decode_portable, compiled
-with -DPIKV_NO_SIMD: the auto-vectorised loops only, the baseline `bench/kv_decode_speed.py
---portable-kernel` times beside it). A store picks one with `fused_simd` (False: portable).
+Two variants of the same sources: "simd" (ops torch.ops.pikv_kernels.quant_decode / mla_decode: the
+AVX-512 loops where the compiler targets AVX512F/BW, which -march=native gives on such a CPU;
+elsewhere the same portable loops as the other) and "portable" (quant_decode_portable /
+mla_decode_portable, compiled with -DPIKV_NO_SIMD: the auto-vectorised loops only, the baseline
+`bench/kv_decode_speed.py --portable-kernel` times beside it). A store picks one with `fused_simd`
+(False: portable).
 
-`quant_decode(variant)` returns the op or None when it cannot be built here (no compiler,
-PIKV_KV_KERNEL=0, a build error); the caller then runs its torch path, which gives the same
-numbers. One log line per process says which path runs.
+`quant_decode(variant)` / `mla_decode(variant)` return the op or None when it cannot be built here
+(no compiler, PIKV_KV_KERNEL=0, a build error); the caller then runs its torch path, which gives the
+same numbers. One log line per process and kernel says which path runs.
 
 Build: torch.utils.cpp_extension.load (ninja, g++ -O3 -march=native -fopenmp-simd), once per
 machine and variant: the build folder is $PIKV_CACHE/torch_extensions (default
@@ -18,8 +20,9 @@ a hash of the sources, the flags and this CPU's model and flags (-march=native c
 loaded on another CPU). Concurrent processes (pytest workers, torchrun ranks) serialise on an flock
 of a file next to it: the kernel drops the lock when a process dies, unlike torch's own lock file,
 which a killed build leaves behind and which then hangs every later build; holding the flock, we
-remove such a stale one. Measured on the shared 2-core Xeon at load ~3.5: the first build takes
-9.2 s (simd) + 8.5 s (portable); later processes load both cached libraries in 0.05 s.
+remove such a stale one. Measured on the shared 2-core Xeon: the first build of both sources (ninja
+compiles them in parallel) takes 15.8 s (simd) + 14.7 s (portable) at load 2.5-3 (quant_decode.cpp
+alone: 9.2 s + 8.5 s at load ~3.5); later processes load both cached libraries in 0.05 s.
 """
 
 from __future__ import annotations
@@ -37,16 +40,18 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("quant_decode.cpp")
-HEADERS = [Path(__file__).with_name("quant_decode_avx512.h")]
+SOURCES = [Path(__file__).with_name(name) for name in ("quant_decode.cpp", "mla_decode.cpp")]
+HEADERS = [Path(__file__).with_name(name) for name in ("decode_math.h", "quant_decode_avx512.h", "mla_decode_avx512.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"]
 # variant -> (extra flags, op name suffix)
 VARIANTS = {"simd": ([], ""), "portable": (["-DPIKV_NO_SIMD"], "_portable")}
+KERNELS = ("quant_decode", "mla_decode")
 # how often each path ran in this process (tests assert the kernel asked for was really taken):
-# "fused" the default (SIMD) kernel, "portable" the -DPIKV_NO_SIMD one, "torch" the torch blocks
-calls = {"fused": 0, "portable": 0, "torch": 0}
+# "fused" the default (SIMD) kernel, "portable" the -DPIKV_NO_SIMD one, "torch" the torch path; the
+# quantized stores' counters, then the decoupled latent's with the prefix "mla_"
+calls = {f"{prefix}{path}": 0 for prefix in ("", "mla_") for path in ("fused", "portable", "torch")}
 
-_state: dict = {}  # variant -> {"op": the loaded op or None, "reason": why not}; "logged"
+_state: dict = {}  # variant -> {"loaded": bool, "reason": why not}; "logged": the kernels logged
 
 
 def cache_dir() -> Path:
@@ -67,12 +72,12 @@ def _cpu_tag() -> str:
 
 def build_name(variant: str = "simd") -> str:
     flags = FLAGS + VARIANTS[variant][0]
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [SOURCE, *HEADERS]) + " ".join(flags).encode()
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [*SOURCES, *HEADERS]) + " ".join(flags).encode()
                             + _cpu_tag().encode() + torch.__version__.encode()).hexdigest()[:12]
-    return f"pikv_quant_decode{VARIANTS[variant][1]}_{digest}"
+    return f"pikv_decode{VARIANTS[variant][1]}_{digest}"
 
 
-def _build(variant: str) -> Callable:
+def _build(variant: str) -> None:
     from torch.utils.cpp_extension import load  # imported here: only a process that decodes pays for it
 
     name = build_name(variant)
@@ -82,34 +87,46 @@ def _build(variant: str) -> Callable:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
         (folder / "lock").unlink(missing_ok=True)  # torch's lock file, stale: we hold the only lock
         start = time.perf_counter()
-        load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS + VARIANTS[variant][0],
+        load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=FLAGS + VARIANTS[variant][0],
              build_directory=str(folder), is_python_module=False, verbose=False)
         seconds = time.perf_counter() - start
-    log.debug("quant_decode kernel %s built or loaded in %.1f s", folder, seconds)
-    return getattr(torch.ops.pikv_kernels, "quant_decode" + VARIANTS[variant][1])
+    log.debug("decode kernels %s built or loaded in %.1f s", folder, seconds)
 
 
-def quant_decode(variant: str = "simd") -> Optional[Callable]:
-    """The fused decode-attention op of `variant` ("simd" or "portable"), built or loaded on the
-    first call; None when unavailable."""
+def kernel_op(kernel: str, variant: str = "simd") -> Optional[Callable]:
+    """The fused decode-attention op `kernel` (one of KERNELS) of `variant` ("simd" or
+    "portable"), the extension built or loaded on the first call; None when unavailable."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; allowed: {list(KERNELS)}")
     if variant not in VARIANTS:
         raise ValueError(f"unknown kernel variant {variant!r}; allowed: {sorted(VARIANTS)}")
     if variant not in _state:
-        op, reason = None, None
+        loaded, reason = False, None
         if os.environ.get("PIKV_KV_KERNEL", "1") == "0":
             reason = "disabled by PIKV_KV_KERNEL=0"
         else:
             try:
-                op = _build(variant)
+                _build(variant)
+                loaded = True
             except Exception as err:  # no compiler, no ninja, a build error: the torch path runs
                 first_line = (str(err).splitlines() or [""])[0][:200]
                 reason = f"the C++ kernel could not be built ({type(err).__name__}: {first_line})"
-        _state[variant] = {"op": op, "reason": reason}
-    return _state[variant]["op"]
+        _state[variant] = {"loaded": loaded, "reason": reason}
+    return getattr(torch.ops.pikv_kernels, kernel + VARIANTS[variant][1]) if _state[variant]["loaded"] else None
+
+
+def quant_decode(variant: str = "simd") -> Optional[Callable]:
+    """The quantized stores' op (quant_decode.cpp) of `variant`, or None."""
+    return kernel_op("quant_decode", variant)
+
+
+def mla_decode(variant: str = "simd") -> Optional[Callable]:
+    """The decoupled latent's op (mla_decode.cpp) of `variant`, or None."""
+    return kernel_op("mla_decode", variant)
 
 
 def reason(variant: str = "simd") -> Optional[str]:
-    """Why `quant_decode(variant)` gave None (None when it loaded or was not asked for yet)."""
+    """Why `kernel_op(..., variant)` gave None (None when it loaded or was not asked for yet)."""
     return _state.get(variant, {}).get("reason")
 
 
@@ -119,11 +136,17 @@ def simd_tiles() -> list[int]:
     return list(torch.ops.pikv_kernels.simd_tiles()) if quant_decode("simd") is not None else [0, 0, 0]
 
 
-def decode_op(q_BNTD: torch.Tensor, enabled: bool, simd: bool = True) -> Optional[Callable]:
-    """The fused op for one decode step of a quantized store, or None: the caller's torch path
+def mla_simd_tiles() -> int:
+    """Tiles the AVX-512 loops of mla_decode.cpp took in this process (0 without them)."""
+    return int(torch.ops.pikv_kernels.mla_simd_tiles()) if mla_decode("simd") is not None else 0
+
+
+def decode_op(q_BNTD: torch.Tensor, enabled: bool, simd: bool = True,
+              kernel: str = "quant_decode") -> Optional[Callable]:
+    """The fused op `kernel` for one decode step of a store, or None: the caller's torch path
     runs (switched off, not on the CPU, autograd through the cache, or not buildable). `simd`
     False picks the portable build (the benchmark's baseline). Counts the path in `calls` and logs
-    which one runs, once per process."""
+    which one runs, once per process and kernel."""
     why = None
     if not enabled:
         why = "the fused kernel is switched off (fused_kernel = False)"
@@ -132,13 +155,15 @@ def decode_op(q_BNTD: torch.Tensor, enabled: bool, simd: bool = True) -> Optiona
     elif torch.is_grad_enabled() and q_BNTD.requires_grad:
         why = "autograd through the cache (the kernel has no backward)"
     variant = "simd" if simd else "portable"
-    op = None if why else quant_decode(variant)
-    calls[("fused" if simd else "portable") if op is not None else "torch"] += 1
-    if not _state.get("logged"):
-        _state["logged"] = True
+    op = None if why else kernel_op(kernel, variant)
+    prefix = "" if kernel == "quant_decode" else "mla_"
+    calls[prefix + (("fused" if simd else "portable") if op is not None else "torch")] += 1
+    logged = _state.setdefault("logged", set())
+    if kernel not in logged:
+        logged.add(kernel)
         if op is not None:
-            log.info("quantized decode attention: fused C++ kernel (%s, pikv/kv/kernels, built in %s)", variant,
+            log.info("%s decode attention: fused C++ kernel (%s, pikv/kv/kernels, built in %s)", kernel, variant,
                      cache_dir())
         else:
-            log.info("quantized decode attention: torch blockwise path, %s", why or reason(variant))
+            log.info("%s decode attention: torch path, %s", kernel, why or reason(variant))
     return op

@@ -18,22 +18,18 @@
 //
 // Threads: at::parallel_for over B*G, i.e. torch's own intra-op setting (1 thread in the benches).
 //
-// Two builds of this file (pikv/kv/kernels/__init__.py): the default one takes the AVX-512 loops of
-// quant_decode_avx512.h where the compiler targets AVX512F/BW (-march=native on such a CPU); the one
-// compiled with -DPIKV_NO_SIMD (op quant_decode_portable) keeps the portable, auto-vectorised loops
-// below, the baseline the benchmark times beside it.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(PIKV_NO_SIMD)
-#define PIKV_SIMD 1
-#include <immintrin.h>
+// Two builds of this file (decode_math.h): the default one takes the AVX-512 loops of
+// quant_decode_avx512.h; the one compiled with -DPIKV_NO_SIMD (op quant_decode_portable) keeps the
+// portable, auto-vectorised loops below.
+#include "decode_math.h"  // PIKV_SIMD / PIKV_OP_SUFFIX, exp_nonpos, half_to_float, max_of, exp_shifted
+#ifdef PIKV_SIMD
 #include <atomic>
 #endif
 #ifdef PIKV_NO_SIMD
-#define PIKV_OP_SUFFIX "_portable"
 // Out of line, as before the AVX-512 loops came: GCC 12 otherwise inlines the KIVI scores into
 // attend_row and compiles them ~1.4x slower (measured), which would flatter the SIMD build.
 #define PIKV_PORTABLE_NOINLINE [[gnu::noinline]]
 #else
-#define PIKV_OP_SUFFIX ""
 #define PIKV_PORTABLE_NOINLINE
 #endif
 #include <ATen/Parallel.h>
@@ -54,36 +50,6 @@ namespace {
 
 constexpr int64_t kTileTokens = 64;  // tokens per online-softmax step (a tile's floats stay in L1)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// exp(x) for x <= 0 (a score minus the running max), written so that the compiler vectorises it
-// without -ffast-math (which breaks -inf masking and, linked into a shared object, may set
-// flush-to-zero for the whole process): Cephes expf's range reduction and degree-5 polynomial,
-// relative error ~2e-7. x < -87 (and -inf, a masked score) gives exactly 0.
-inline float exp_nonpos(float x) {
-  const bool underflow = !(x >= -87.0f);
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln2, ln2 in two parts
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n >= -126: a normal float
-  float scale;
-  std::memcpy(&scale, &e, sizeof(scale));
-  return underflow ? 0.0f : y * scale;
-}
-
-// fp16 -> fp32 through GCC's _Float16 (vectorised, F16C / AVX512-FP16 conversions): c10::Half's
-// portable bit-twiddling conversion cost ~100 cycles per KIVI token here (measured).
-inline float half_to_float(c10::Half h) {
-  _Float16 x;
-  std::memcpy(&x, &h, sizeof(x));
-  return static_cast<float>(x);
-}
 
 // `count` consecutive packed bytes -> 8/BITS planes of `count` floats: out[i*count + x] is the
 // code in bits i*BITS.. of byte x.
@@ -185,35 +151,13 @@ struct TokenTile {  // scratch of one unpacked tile of per-token codes (the AVX-
   static int64_t round16(int64_t x) { return (x + 15) / 16 * 16; }
 };
 
+}  // namespace
+
 #ifdef PIKV_SIMD
-#include "quant_decode_avx512.h"
+#include "quant_decode_avx512.h"  // at global scope: its namespace simd extends decode_math.h's
 #endif
 
-// max(init, x[0..n))
-float max_of(const float* x, int64_t n, float init) {
-#ifdef PIKV_SIMD
-  return simd::max_of(x, n, init);
-#endif
-  float m = init;
-#pragma omp simd reduction(max : m)
-  for (int64_t t = 0; t < n; ++t) m = std::max(m, x[t]);
-  return m;
-}
-
-// x[t] = exp(x[t] - m) * mul in place (x <= m); returns the sum of the exp(x[t] - m).
-float exp_shifted(float* x, int64_t n, float m, float mul) {
-#ifdef PIKV_SIMD
-  return simd::exp_shifted(x, n, m, mul);
-#endif
-  float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-  for (int64_t t = 0; t < n; ++t) {
-    const float e = exp_nonpos(x[t] - m);
-    total += e;
-    x[t] = e * mul;
-  }
-  return total;
-}
+namespace {
 
 void Heads::weights(float* s, int64_t T, int64_t value_groups) {
   for (int64_t h = 0; h < M; ++h) {

@@ -67,12 +67,7 @@ inline void row_codes(const uint8_t* src, float* out) {
 // the row size at compile time to unroll.
 template <typename F>
 inline void with_row_size(int64_t row, F&& f) {
-  switch (row) {
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    case 16: f(std::integral_constant<int, 16>{}); break;
-    case 32: f(std::integral_constant<int, 32>{}); break;
-    default: f(std::integral_constant<int, 64>{}); break;
-  }
+  with_constant<8, 16, 32, 64>(row, f);
 }
 
 // T rows of `row` bytes each -> out[t * D + e], the row's codes in planar order (D = row*8/BITS).
@@ -85,8 +80,6 @@ inline void rows_codes(const uint8_t* src, int64_t row, int64_t T, float* out) {
 }
 
 inline bool row_ok(int64_t row) { return row == 8 || row == 16 || row == 32 || row == 64; }
-
-inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
 // T per-token rows (row % 4 == 0, row <= 64 bytes) -> codes with the tokens across lanes:
 // out[e * Tp + t] is planar position e of token t (lanes past T are 0).
@@ -118,38 +111,6 @@ void kivi_blocks_transposed(const uint8_t* src, int64_t D, int64_t rb, int64_t n
       for (int64_t d = 0; d < D; ++d)
         row_codes<BITS, decltype(R)::value>(src + (blk * D + d) * R, out + d * Tp + blk * g);
   });
-}
-
-// dots[v] = sum_e coef_v[e] * codes[e * Tp + 16 v + lane] for NVEC vectors of 16 tokens; two
-// accumulators per vector (even / odd e) hide the FMA latency.
-template <int NVEC>
-inline void dot_tokens(const float* codes, int64_t Tp, int64_t E, const float* const* coef, __m512* dots) {
-  __m512 even[NVEC], odd[NVEC];
-  for (int v = 0; v < NVEC; ++v) even[v] = odd[v] = _mm512_setzero_ps();
-  int64_t e = 0;
-  for (; e + 1 < E; e += 2)
-    for (int v = 0; v < NVEC; ++v) {
-      even[v] = _mm512_fmadd_ps(_mm512_set1_ps(coef[v][e]), _mm512_loadu_ps(codes + e * Tp + 16 * v), even[v]);
-      odd[v] = _mm512_fmadd_ps(_mm512_set1_ps(coef[v][e + 1]), _mm512_loadu_ps(codes + (e + 1) * Tp + 16 * v), odd[v]);
-    }
-  for (; e < E; ++e)
-    for (int v = 0; v < NVEC; ++v)
-      even[v] = _mm512_fmadd_ps(_mm512_set1_ps(coef[v][e]), _mm512_loadu_ps(codes + e * Tp + 16 * v), even[v]);
-  for (int v = 0; v < NVEC; ++v) dots[v] = _mm512_add_ps(even[v], odd[v]);
-}
-
-// For vectors v0..v0+n-1 (n <= 4) of the tile: dots of 16 tokens each (coef(v) gives vector v's coefficients).
-template <class Coef>
-inline void dot_tile(const float* codes, int64_t Tp, int64_t E, int64_t v0, int n, Coef coef, __m512* dots) {
-  const float* c[4];
-  for (int v = 0; v < n; ++v) c[v] = coef(v0 + v);
-  const float* at = codes + 16 * v0;
-  switch (n) {
-    case 4: dot_tokens<4>(at, Tp, E, c, dots); break;
-    case 3: dot_tokens<3>(at, Tp, E, c, dots); break;
-    case 2: dot_tokens<2>(at, Tp, E, c, dots); break;
-    default: dot_tokens<1>(at, Tp, E, c, dots); break;
-  }
 }
 
 // acc[0..16 NV) += sum_t w[t] * codes[t * 16 NV + ...] (values, channels across lanes); four tokens
@@ -184,44 +145,6 @@ inline void weighted_rows(const float* codes, const float* w, int64_t T, int64_t
     case 64: weighted_rows<4>(codes, w, T, acc); break;
     default: weighted_rows<8>(codes, w, T, acc); break;
   }
-}
-
-// exp(x) for x <= 0, 16 lanes: the portable exp_nonpos's range reduction and polynomial (Cephes
-// expf), 2^n by vscalefps; x < -87 (and -inf, a masked score) gives exactly 0.
-inline __m512 exp_nonpos(__m512 x) {
-  const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_maskz_mov_ps(kept, _mm512_scalef_ps(y, n));
-}
-
-inline float max_of(const float* x, int64_t n, float init) {
-  __m512 m = _mm512_set1_ps(init);
-  for (int64_t t = 0; t < n; t += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, first_lanes(n - t), x + t));
-  return _mm512_reduce_max_ps(m);
-}
-
-inline float exp_shifted(float* x, int64_t n, float m, float mul) {
-  const __m512 mv = _mm512_set1_ps(m), scale = _mm512_set1_ps(mul);
-  __m512 total = _mm512_setzero_ps();
-  for (int64_t t = 0; t < n; t += 16) {
-    const __mmask16 lanes = first_lanes(n - t);
-    const __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + t), mv));
-    const __m512 kept = _mm512_maskz_mov_ps(lanes, e);
-    total = _mm512_add_ps(total, kept);
-    _mm512_mask_storeu_ps(x + t, lanes, _mm512_mul_ps(kept, scale));
-  }
-  return _mm512_reduce_add_ps(total);
 }
 
 // Dispatch on the bit width (1, 2, 4 or 8) to the templates above.
