@@ -165,3 +165,14 @@ inline float exp_shifted(float* x, int64_t n, float m, float mul) {
   }
   return total;
 }
+
+// One tile of an online softmax for one row: scores x[0..n) -> unnormalised weights exp(x - max) in
+// place, the row's running max and sum updated; returns the factor (<= 1) the row's running
+// accumulators must be multiplied by.
+inline float online_softmax_step(float* x, int64_t n, float& max, float& sum) {
+  const float m = max_of(x, n, max);
+  const float alpha = exp_nonpos(max - m);
+  max = m;
+  sum = sum * alpha + exp_shifted(x, n, m, 1.0f);
+  return alpha;
+}

@@ -145,10 +145,7 @@ struct Softmax {
   void weights(float* s, int64_t rows, int64_t T) {
     for (int64_t h = 0; h < rows; ++h) {
       float* sh = s + h * kTile;
-      const float m = max_of(sh, T, max[h]);
-      const float alpha = exp_nonpos(max[h] - m);
-      max[h] = m;
-      sum[h] = sum[h] * alpha + exp_shifted(sh, T, m, 1.0f);
+      const float alpha = online_softmax_step(sh, T, max[h], sum[h]);
       std::fill(sh + T, sh + kTile, 0.0f);
       if (alpha != 1.0f)
         for (int64_t x = 0; x < width; ++x) acc[h * width + x] *= alpha;

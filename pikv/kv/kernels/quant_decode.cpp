@@ -21,7 +21,7 @@
 // Two builds of this file (decode_math.h): the default one takes the AVX-512 loops of
 // quant_decode_avx512.h; the one compiled with -DPIKV_NO_SIMD (op quant_decode_portable) keeps the
 // portable, auto-vectorised loops below.
-#include "decode_math.h"  // PIKV_SIMD / PIKV_OP_SUFFIX, exp_nonpos, half_to_float, max_of, exp_shifted
+#include "decode_math.h"  // PIKV_SIMD / PIKV_OP_SUFFIX, exp_nonpos, half_to_float, online_softmax_step, exp_shifted
 #ifdef PIKV_SIMD
 #include <atomic>
 #endif
@@ -162,10 +162,7 @@ namespace {
 void Heads::weights(float* s, int64_t T, int64_t value_groups) {
   for (int64_t h = 0; h < M; ++h) {
     float* sh = s + h * T;
-    const float m = max_of(sh, T, max[h]);
-    const float alpha = exp_nonpos(max[h] - m);
-    max[h] = m;
-    sum[h] = sum[h] * alpha + exp_shifted(sh, T, m, 1.0f);
+    const float alpha = online_softmax_step(sh, T, max[h], sum[h]);
     if (alpha != 1.0f) {
       for (int64_t d = 0; d < D; ++d) {
         acc_planar[h * D + d] *= alpha;
