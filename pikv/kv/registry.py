@@ -2,8 +2,9 @@
 
 A method name is `STORAGE[@SHARE][:FORMAT]+SELECTION` (`quant+snapkv`, `learned@2+h2o`, `svd+window`,
 `rquant:k4v4g64+h2o`: rquant's key bits, value bits, channels per scale group; `learned:b4+h2o`,
-`learned@4:b4+h2o`: the learned latent's codes stored at 4 bits, whatever width it was trained at,
-its rank from the budget capped by the compressor's max_rank); a
+`learned@4:b4+h2o`: the learned latent's codes stored at 4 bits (`nf4g16`: NF4 levels, 16 coordinates
+per scale), whatever width it was trained at, its rank from the budget capped by the compressor's
+max_rank); a
 single name is that part with the other at its neutral value (`h2o` = exact+h2o, `quant` =
 quant+all, `full` = exact+all). Canonical names drop the neutral parts, so every single method keeps
 its name. The budget rule (docs/kv.md, "One byte budget"): `ratio` is against an fp16 full cache of
@@ -99,7 +100,7 @@ def _format(first: str, name: str) -> tuple[str, Optional[str]]:
     storage = ALIASES.get(storage, storage)
     if storage not in ("rquant", "learned"):
         raise ValueError(f"kv method {name!r}: a format (:{raw}) is given to rquant storage (rquant:k4v2g64) or "
-                         f"learned storage (learned:b4, b4g16, b8, b16) only")
+                         f"learned storage (learned:b4, b4g16, nf4g16, b8, b16) only")
     if storage == "rquant" and "@" in first:
         raise ValueError(f"kv method {name!r}: give rquant a format or a share, not both (the format fixes its ratio)")
     try:

@@ -292,7 +292,7 @@ def test_rquant_names_carry_a_format_or_a_share():
     assert (m.storage, m.selection, m.fmt, m.name) == ("rquant", "snapkv", "k4v2g64", "rquant:k4v2g64+snapkv")
     assert resolve_policy("rquant:k8v4g32") == "rquant:k8v4g32" and resolve_policy("rotated@3+h2o") == "rquant@3+h2o"
     with pytest.raises(ValueError, match=r"'quant:k4v2\+h2o': a format \(:k4v2\) is given to rquant storage "
-                                         r"\(rquant:k4v2g64\) or learned storage \(learned:b4, b4g16, b8, b16\) only"):
+                                         r"\(rquant:k4v2g64\) or learned storage \(learned:b4, b4g16, nf4g16, b8, b16\) only"):
         parse_method("quant:k4v2+h2o")
     with pytest.raises(ValueError, match=r"give rquant a format or a share, not both"):
         parse_method("rquant@4:k4v2+h2o")

@@ -12,7 +12,8 @@ import torch
 from pikv.config import KVConfig, ModelConfig, MoEConfig
 from pikv.eval.budget_match import dry_run_ratio, match_budget
 from pikv.kv import make_cache, parse_method, resolve_policy
-from pikv.kv.latent_codes import LatentFormat, pack_int4, parse_latent_format, quantize_int4, unpack_int4
+from pikv.kv.latent_codes import NF4_LEVELS, LatentFormat, pack_int4, parse_latent_format, quantize_int4, quantize_nf4
+from pikv.kv.latent_codes import unpack_int4
 from pikv.kv.learned import LatentKVCompressor, latent_rank
 from pikv.models import Transformer
 from pikv.models.transformer import RotaryEmbedding
@@ -59,6 +60,37 @@ def test_int4_error_is_within_half_a_step_of_each_groups_scale(rank, group):
         assert torch.equal(codes[..., sl].abs().amax(-1), torch.full((2, 9), 7, dtype=torch.int8))  # absmax -> 7
         torch.testing.assert_close(s[..., 0], (c[..., sl].abs().amax(-1) / 7).half().float())
     assert fmt.token_bytes(rank) == (rank + 1) // 2 + 2 * Q
+
+
+@pytest.mark.parametrize("rank,group", [(70, 32), (64, 16), (5, 32), (30, 7)])
+def test_nf4_stores_each_coordinate_at_its_nearest_level(rank, group):
+    """NF4 against a brute-force reference: every coordinate / its group's absmax (the fp16 scale)
+    maps to the nearest of the 16 levels, the absmax itself to +-1 exactly."""
+    c = torch.randn(2, 9, rank, generator=seeded(5)) * torch.linspace(5, 0.05, rank)
+    fmt = parse_latent_format(f"nf4g{group}")
+    stored = fmt.store(c, torch.float32)
+    back = fmt.load(stored, torch.float32, rank)
+    levels = torch.tensor(NF4_LEVELS)
+    Q = math.ceil(rank / group)
+    assert stored["c_scale"].shape == (2, 9, Q) and fmt.token_bytes(rank) == LatentFormat(4, group).token_bytes(rank)
+    for q in range(Q):
+        sl = slice(q * group, min((q + 1) * group, rank))
+        s = c[..., sl].abs().amax(-1, keepdim=True).half().float()
+        torch.testing.assert_close(stored["c_scale"][..., q:q + 1].float(), s)
+        want = levels[(c[..., sl, None] / s[..., None] - levels).abs().argmin(-1)] * s
+        torch.testing.assert_close(back[..., sl], want)  # ties between two levels have measure zero here
+        assert torch.equal(back[..., sl].abs().amax(-1), s[..., 0])
+
+
+def test_nf4_loses_less_than_uniform_int4_on_normal_codes_at_the_same_bytes():
+    # 8192 tokens: the relative gap (10% at group 16, 19% at 32) is far beyond the sampling noise (~1%)
+    c = torch.randn(8192, 64, generator=seeded(6))
+    for group in (16, 32):
+        err = {nf: (LatentFormat(4, group, nf).load(LatentFormat(4, group, nf).store(c, torch.float32),
+                                                    torch.float32, 64) - c).pow(2).mean() for nf in (False, True)}
+        assert err[True] < 0.93 * err[False], (group, err)
+    codes, _ = quantize_nf4(c[:4], 16)
+    assert codes.min() == -8 and codes.max() == 7  # all 16 levels in use (uniform int4 uses 15)
 
 
 def test_training_round_trip_is_the_stored_codes_and_its_gradient_the_identity():
@@ -127,14 +159,15 @@ def test_int4_cache_bytes_are_the_formula_and_the_tensors_held(fraction):
     assert L * 2 * N_TOK * 4 * G * D / cache.peak_nbytes >= 4.0
 
 
-@pytest.mark.parametrize("window", [0, 3])
-def test_b4_on_an_int8_trained_compressor_equals_a_reference_by_hand(window):
+@pytest.mark.parametrize("window,fmt", [(0, "b4"), (3, "b4"), (3, "nf4g32")])
+def test_b4_on_an_int8_trained_compressor_equals_a_reference_by_hand(window, fmt):
     """learned:b4 stores an int8-trained compressor's codes at 4 bits: each step's output equals
     attention, written out, over keys/values dequant(quant4(encode(k_pre, v))) -> decode -> RoPE
-    at their positions (the last `window` tokens exact: the training pass's rule)."""
+    at their positions (the last `window` tokens exact: the training pass's rule). NF4: the codes
+    are each group's absmax times the nearest NF4 level (brute force)."""
     model = tiny_model(bits=8, window=window)
     comp, rope = model.layers[0].self_attn.kv_compressor, model.rope
-    cache = make_cache("learned:b4", model, ratio=4, total_tokens=N_TOK, store_dtype=torch.float32)
+    cache = make_cache(f"learned:{fmt}", model, ratio=4, total_tokens=N_TOK, store_dtype=torch.float32)
     rank = cache.info["rank"]
     assert rank == min(latent_rank(G, D, 4, 4, window, N_TOK if window else None), comp.max_rank)
     g = seeded(3)
@@ -142,9 +175,15 @@ def test_b4_on_an_int8_trained_compressor_equals_a_reference_by_hand(window):
     k_pre, v = torch.randn(1, G, N_TOK, D, generator=g), torch.randn(1, G, N_TOK, D, generator=g)
     with torch.no_grad():
         c = comp.encode(k_pre, v, rank)
-        codes, scale = quantize_int4(c, 32)
-        scale = scale.float().repeat_interleave(32, -1)[..., :rank]
-        k_lat, v_lat = comp.decode(codes.float() * scale)
+        if fmt == "b4":
+            codes, scale = quantize_int4(c, 32)
+            c_hat = codes.float() * scale.float().repeat_interleave(32, -1)[..., :rank]
+        else:
+            # each group's absmax (the last group short)
+            s = torch.cat([g.abs().amax(-1, keepdim=True).half().float().expand_as(g) for g in c.split(32, -1)], -1)
+            levels = torch.tensor(NF4_LEVELS)
+            c_hat = levels[(c[..., None] / s[..., None] - levels).abs().argmin(-1)] * s
+        k_lat, v_lat = comp.decode(c_hat)
         k_lat = rope(k_lat, 0)
         k = rope(k_pre, 0)
         steps = [(0, PREFILL)] + [(t, t + 1) for t in range(PREFILL, N_TOK)]
@@ -190,9 +229,11 @@ def test_format_names_and_errors():
     m = parse_method("learned@4:b16+snapkv")
     assert (m.storage, m.selection, m.share, m.fmt) == ("learned", "snapkv", 4.0, "b16")
     assert parse_latent_format("b4g8") == LatentFormat(4, 8)
-    for bad in ("b3", "b8g16", "x4", "b4g0", "b16g32"):
+    assert parse_latent_format("NF4g16") == LatentFormat(4, 16, nf=True) and resolve_policy("learned:nf4") == \
+        "learned:nf4g32"
+    for bad in ("b3", "b8g16", "x4", "b4g0", "b16g32", "nf8", "nf4g0", "nf16"):
         with pytest.raises(ValueError, match=rf"kv method 'learned:{bad}': learned latent format '{bad}' must be "
-                                             r"b4\[gG\], b8 or b16: code bits in 4, 8, 16"):
+                                             r"b4\[gG\], nf4\[gG\], b8 or b16: code bits in 4, 8, 16"):
             parse_method(f"learned:{bad}")
     with pytest.raises(ValueError, match=r"'h2o:b4': a format \(:b4\) is given to rquant .* or learned storage"):
         parse_method("h2o:b4")
@@ -200,6 +241,8 @@ def test_format_names_and_errors():
         parse_method("learned@4:b4")
     with pytest.raises(ValueError, match=r"kv latent group 0 must be an int >= 1"):
         LatentFormat(4, 0)
+    with pytest.raises(ValueError, match=r"kv latent NF levels are 4-bit codes, not 8-bit"):
+        LatentFormat(8, 32, nf=True)
     with pytest.raises(ValueError, match=r"storage 'learned' needs a model trained with kv.compressor=learned"):
         make_cache("learned:b4", Transformer(ModelConfig(vocab_size=96, hidden_size=64, num_layers=1, num_heads=4,
                                                            num_kv_heads=2, ffn_hidden_size=64, max_seq_len=N_TOK),
