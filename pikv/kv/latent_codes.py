@@ -187,9 +187,11 @@ def parse_latent_format(text: str) -> LatentFormat:
     """'b4' / 'b4g16' / 'nf4g16' / 'b8' / 'b16' -> LatentFormat; ValueError naming the text and what
     is allowed."""
     m = re.fullmatch(r"(b|nf)(\d+)(?:g(\d+))?", text.strip().lower())
-    if not m or int(m[2]) not in LATENT_BITS or ((m[3] or m[1] == "nf") and (int(m[2]) != 4 or int(m[3] or 1) < 1)):
+    bits = int(m[2]) if m else 0
+    # a group size and NF levels exist for 4-bit codes only
+    if bits not in LATENT_BITS or ((m[3] or m[1] == "nf") and bits != 4) or (m[3] and int(m[3]) < 1):
         raise ValueError(f"learned latent format {text!r} must be b4[gG], nf4[gG], b8 or b16: code bits in "
                          f"{', '.join(map(str, LATENT_BITS))}, G latent coordinates per fp16 scale >= 1 for "
                          f"4-bit codes only (default {LATENT_GROUP}; 8-bit codes have one scale per token), "
                          f"nf: NF4's normal-quantile levels instead of uniform int4")
-    return LatentFormat(int(m[2]), int(m[3]) if m[3] else LATENT_GROUP, m[1] == "nf")
+    return LatentFormat(bits, int(m[3]) if m[3] else LATENT_GROUP, m[1] == "nf")

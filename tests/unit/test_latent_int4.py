@@ -86,8 +86,8 @@ def test_nf4_loses_less_than_uniform_int4_on_normal_codes_at_the_same_bytes():
     # 8192 tokens: the relative gap (10% at group 16, 19% at 32) is far beyond the sampling noise (~1%)
     c = torch.randn(8192, 64, generator=seeded(6))
     for group in (16, 32):
-        err = {nf: (LatentFormat(4, group, nf).load(LatentFormat(4, group, nf).store(c, torch.float32),
-                                                    torch.float32, 64) - c).pow(2).mean() for nf in (False, True)}
+        formats = {nf: LatentFormat(4, group, nf) for nf in (False, True)}
+        err = {nf: (f.load(f.store(c, torch.float32), torch.float32, 64) - c).pow(2).mean() for nf, f in formats.items()}
         assert err[True] < 0.93 * err[False], (group, err)
     codes, _ = quantize_nf4(c[:4], 16)
     assert codes.min() == -8 and codes.max() == 7  # all 16 levels in use (uniform int4 uses 15)
