@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pikv.data import load_tokenizer  # noqa: E402
-from pikv.distributed import destroy_distributed, init_distributed, launch_world_size  # noqa: E402
+from pikv.distributed import destroy_distributed, init_distributed, launch_world_size, report_error  # noqa: E402
 from pikv.inference import (GenerateOptions, check_expert_split, encode_prompts, format_report,  # noqa: E402
                             generate_texts, load_for_decoding, needs_svd, read_job, read_prompts, svd_calibration)
 
@@ -51,8 +51,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def error(message: str) -> int:
     """One line on stderr (rank 0 only under torchrun); exit status 2."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"error: {message}", file=sys.stderr)
+    report_error(message)
     return 2
 
 

@@ -13,7 +13,7 @@ import sys
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pikv.data import DataError  # noqa: E402
-from pikv.distributed import destroy_distributed, init_distributed  # noqa: E402
+from pikv.distributed import destroy_distributed, init_distributed, report_error  # noqa: E402
 from pikv.distributed.shared_fs import RunDirNotSharedError, check_shared_run_dir  # noqa: E402
 from pikv.tasks import load_job  # noqa: E402
 from pikv.training import Trainer  # noqa: E402
@@ -32,8 +32,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_job(args.config, args.overrides)  # every check, before any work
     except ValueError as err:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun: one line, not one per rank
-            print(f"error: {err}", file=sys.stderr)
+        report_error(str(err))  # under torchrun: one line, not one per rank
         return 2
     ctx = init_distributed(cfg.train.device, cfg.parallel.backend, cfg.parallel.expert_parallel_size)
     try:
@@ -47,8 +46,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except DataError as err:  # raised on every rank (pikv.data.prepare_data); reported once
-        if ctx.is_main:
-            print(f"error: {err}", file=sys.stderr)
+        report_error(str(err))
         return 2
     finally:
         destroy_distributed()

@@ -7,7 +7,9 @@ them out): the MoE layer's routing statistics and the EP dispatcher (pikv/moe), 
 metrics and the DeepSpeed engine (pikv/training).
 """
 
-from pikv.distributed.env import DistContext, destroy_distributed, init_distributed, launch_world_size
+from pikv.distributed.env import (DistContext, destroy_distributed, init_distributed, launch_world_size,
+                                  report_error)
 from pikv.distributed.grad_sync import GradientReducer
 
-__all__ = ["DistContext", "GradientReducer", "destroy_distributed", "init_distributed", "launch_world_size"]
+__all__ = ["DistContext", "GradientReducer", "destroy_distributed", "init_distributed", "launch_world_size",
+           "report_error"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -83,6 +85,22 @@ def launch_world_size() -> int:
     any process group: checks that fail alike on every rank run before the rendezvous, so no rank
     exits while another is still building groups through rank 0's store."""
     return _launch_env()[1]
+
+
+# torchrun stops every worker as soon as one exits: a rank other than 0 that failed a check every
+# rank fails alike waits up to this long, so rank 0 is not stopped before it printed the error line.
+ERROR_GRACE_S = 10.0
+
+
+def report_error(message: str) -> None:
+    """One `error:` line for a failure every rank hits alike (a bad config, bad data): rank 0 prints
+    it; the others print nothing and wait up to ERROR_GRACE_S (torchrun stops them when rank 0 exits).
+    Without the wait, a loaded machine lets another rank exit first and torchrun stop rank 0 before
+    it printed: the user saw no message at all (seen in CI under load)."""
+    if _launch_env()[0] == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(ERROR_GRACE_S)
 
 
 class RendezvousError(RuntimeError):

@@ -36,3 +36,19 @@ def test_batch_script_without_srun_is_a_world_of_one(env):
     for key, value in {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"}.items():
         env.setenv(key, value)
     assert _launch_env() == (0, 1, 0)
+
+
+@pytest.mark.parametrize("launch, prints", [({}, True), ({"RANK": "0", "WORLD_SIZE": "2"}, True),
+                                            ({"RANK": "1", "WORLD_SIZE": "2"}, False),
+                                            ({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2"}, False)])
+def test_an_error_is_printed_by_rank_0_and_the_others_wait_for_it(env, capsys, launch, prints):
+    from pikv.distributed import env as dist_env
+    waits = []
+    env.setattr(dist_env.time, "sleep", waits.append)
+    for key, value in launch.items():
+        env.setenv(key, value)
+    dist_env.report_error("data.source 'x': no such file")
+    err = capsys.readouterr().err
+    # rank 0 prints and returns at once; any other rank is silent and waits (torchrun stops it when
+    # rank 0 exits), so it cannot exit first and get rank 0 stopped before the line is out
+    assert (err, waits) == (("error: data.source 'x': no such file\n", []) if prints else ("", [dist_env.ERROR_GRACE_S]))
