@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from pikv.config import OptionError
+from pikv.kv.bitslice import slices
 from pikv.kv.latent_codes import LATENT_BITS
 from pikv.kv.learned import latent_rank
 
@@ -114,7 +115,7 @@ def quant_token_ratio(head_dim: int, bits: int, group: int) -> float:
     return QuantFormat(bits, bits, group).ratio(head_dim)
 
 
-QUANT_BITS = (2, 4, 8)  # code widths that pack whole codes into bytes
+QUANT_BITS = tuple(range(1, 9))  # code widths; 3, 5, 6, 7 are stored as bit slices (pikv/kv/bitslice.py)
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,11 @@ class QuantFormat:
         g = min(self.group, head_dim)
         if head_dim % g:
             raise ValueError(f"quant format {self.name!r}: group {self.group} must divide the head dim {head_dim}")
+        for bits in (self.key_bits, self.value_bits):  # each slice packs 8 / width codes of a group per byte
+            per = max(8 // width for width, _ in slices(bits))
+            if g % per:
+                raise ValueError(f"quant format {self.name!r}: {bits}-bit codes pack {per} per byte, so the group "
+                                 f"of {g} channels must be a multiple of {per}")
         return self
 
 
@@ -149,7 +155,7 @@ def parse_quant_format(text: str, default_group: int) -> QuantFormat:
     m = re.fullmatch(r"k(\d+)v(\d+)(?:g(\d+))?", text.strip().lower())
     if not m or int(m[1]) not in QUANT_BITS or int(m[2]) not in QUANT_BITS or (m[3] and int(m[3]) < 1):
         raise ValueError(f"quant format {text!r} must be kKvV[gG]: key and value bits in "
-                         f"{', '.join(map(str, QUANT_BITS))}, G channels per scale group >= 1 (e.g. k4v2g64)")
+                         f"{QUANT_BITS[0]} to {QUANT_BITS[-1]}, G channels per scale group >= 1 (e.g. k4v2g64, k5v4)")
     return QuantFormat(int(m[1]), int(m[2]), int(m[3]) if m[3] else default_group)
 
 

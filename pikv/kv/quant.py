@@ -47,7 +47,7 @@ from typing import Optional
 
 import torch
 
-from pikv.kv import kernels
+from pikv.kv import bitslice, kernels
 from pikv.kv.attention import blockwise_attention
 from pikv.kv.buffers import Buffers
 from pikv.kv.storage import Store
@@ -174,12 +174,14 @@ class _QuantAttention(Store):
     fused_kernel = True  # decode steps on the CPU through pikv/kv/kernels (False: the torch blocks)
     fused_simd = True  # the kernel's AVX-512 build (False: its portable build, a benchmark baseline)
     block_codes = 1 << 19  # codes of one tensor unpacked at a time (see the module docstring)
+    sliced = False  # codes stored as bit slices (widths 3, 5, 6, 7: TokenQuantStore)
 
     def attend(self, q_BNTD, read, pos, start, T, extra, need_probs):
         if not self.compressed_attention:
             return super().attend(q_BNTD, read, pos, start, T, extra, need_probs)
         mask = self.read_mask(q_BNTD.device, pos, start, T, extra, None)  # one key per stored token
-        op = kernels.decode_op(q_BNTD, self.fused_kernel, self.fused_simd) if T == 1 else None
+        # sliced codes (pikv/kv/bitslice.py): the kernel reads one slice per tensor, so the torch blocks
+        op = kernels.decode_op(q_BNTD, self.fused_kernel, self.fused_simd) if T == 1 and not self.sliced else None
         if op is not None:
             return self._attend_fused(op, q_BNTD, mask, need_probs)
         G = next(iter(self.buf.t.values())).shape[1]
@@ -205,9 +207,10 @@ class _QuantAttention(Store):
         codes, scale, zero = (buf.view(prefix + x)[:, :, :n] for x in "csz")
         return codes, scale, zero, 8 * codes.shape[-1] // D, D // scale.shape[-1]
 
-    def _token_block(self, prefix: str, buf: Buffers, lo: int, hi: int, unpacker: Unpacker):
-        """Planes of the per-token codes of tokens lo..hi-1 [per, B, G, K, n, row bytes], scale, zero [B, G, K, n]."""
-        codes = buf.view(prefix + "c")[:, :, lo:hi]
+    def _token_block(self, prefix: str, buf: Buffers, lo: int, hi: int, unpacker: Unpacker, codes_name=None):
+        """Planes of the per-token codes of tokens lo..hi-1 [per, B, G, K, n, row bytes], scale, zero [B, G, K, n]
+        (codes_name: one bit slice's buffer, default the codes `{prefix}c`)."""
+        codes = buf.view(codes_name or prefix + "c")[:, :, lo:hi]
         scale, zero = buf.view(prefix + "s")[:, :, lo:hi], buf.view(prefix + "z")[:, :, lo:hi]
         planes = unpacker.planes(codes)
         return planes.view(*planes.shape[:4], scale.shape[-1], -1), scale, zero
@@ -231,8 +234,10 @@ class TokenQuantStore(_QuantAttention):
         super().__init__(dtype, chunk, capacity)
         self.bits, self.group = bits, group  # bits: the keys' (and the values' unless value_bits)
         self.value_bits = value_bits or bits
-        self.unpacker = Unpacker(bits)
-        self.value_unpacker = self.unpacker if self.value_bits == bits else Unpacker(self.value_bits)
+        # per tensor: (buffer name, unpacker, shift) of each bit slice, top first (pikv/kv/bitslice.py)
+        self.parts = {name: [(buf, Unpacker(w), shift) for buf, (w, shift) in zip(bitslice.names(name, b), bitslice.slices(b))]
+                      for name, b in (("k", bits), ("v", self.value_bits))}
+        self.sliced = any(len(p) > 1 for p in self.parts.values())
 
         self._new = None  # this step's keys and values in the codes' space, fp32 (the class docstring)
 
@@ -247,8 +252,9 @@ class TokenQuantStore(_QuantAttention):
             B, G, T, D = x.shape
             gc = min(self.group, D)
             codes, scale, zero = quantize(x.view(B, G, T, D // gc, gc), bits, dim=-1)
-            out.update({f"{name}c": pack(codes, bits).view(B, G, T, -1), f"{name}s": scale[..., 0],
-                        f"{name}z": zero[..., 0]})
+            for (buf, _, _), (width, _), part in zip(self.parts[name], bitslice.slices(bits), bitslice.split(codes, bits)):
+                out[buf] = pack(part, width).view(B, G, T, -1)
+            out.update({f"{name}s": scale[..., 0], f"{name}z": zero[..., 0]})
         self.buf.write(out, at)
         # the kernel reads rows of D: standard strides (contiguous() keeps a size-1 dim's odd stride)
         self._new = tuple(x.reshape(-1).view(x.shape) for x in (k, v))
@@ -269,9 +275,11 @@ class TokenQuantStore(_QuantAttention):
         n = self._coded()
         scale, zero = self.buf.view(f"{name}s")[:, :, :n], self.buf.view(f"{name}z")[:, :, :n]
         B, G, _, n_groups = scale.shape
-        bits = self.bits if name == "k" else self.value_bits
-        packed = self.buf.view(f"{name}c")[:, :, :n]
-        codes = unpack(packed.reshape(B, G, n, n_groups, packed.shape[-1] // n_groups), bits)
+        codes = 0
+        for buf, unpacker, shift in self.parts[name]:
+            packed = self.buf.view(buf)[:, :, :n]
+            codes = codes + (unpack(packed.reshape(B, G, n, n_groups, packed.shape[-1] // n_groups),
+                                    unpacker.bits).int() << shift)
         coded = dequantize(codes, scale[..., None], zero[..., None], dtype).flatten(-2)
         if self._new is None:
             return coded
@@ -286,13 +294,23 @@ class TokenQuantStore(_QuantAttention):
     def _blocks(self):
         B, G, _, row = self.buf.view("kc").shape
         S = self._coded()
-        step = max(1, self.block_codes // (B * G * row * self.unpacker.per))
+        step = max(1, self.block_codes // (B * G * row * self.parts["k"][0][1].per))
         for lo in range(0, S, step):
             hi = min(S, lo + step)
-            yield (lo, hi, lambda q, lo=lo, hi=hi: _token_scores(q, *self._token_block("k", self.buf, lo, hi, self.unpacker)),
-                   lambda p, lo=lo, hi=hi: _token_values(p, *self._token_block("v", self.buf, lo, hi, self.value_unpacker)))
+            yield (lo, hi, lambda q, lo=lo, hi=hi: self._sliced(_token_scores, q, "k", lo, hi),
+                   lambda p, lo=lo, hi=hi: self._sliced(_token_values, p, "v", lo, hi))
         if self._new is not None:
             yield _exact_block(S, self.buf.n, *self._new)
+
+    def _sliced(self, fold, x, name: str, lo: int, hi: int):
+        """`fold` (_token_scores / _token_values) of tokens lo..hi-1 summed over the tensor's bit slices:
+        each slice's scale times 2^shift, the zero point counted once (on the top slice)."""
+        out = None
+        for buf, unpacker, shift in self.parts[name]:
+            planes, scale, zero = self._token_block(name, self.buf, lo, hi, unpacker, buf)
+            part = fold(x, planes, scale.float() * 2 ** shift, zero if out is None else torch.zeros_like(zero))
+            out = part if out is None else out + part
+        return out
 
     def final_tokens(self):
         return self._coded()  # the new tokens' keys, read exactly now, are read through their codes next step

@@ -64,7 +64,7 @@ class Reference:
                     minmax_roundtrip(v.view(G, D // GROUP, GROUP), -1).view(G, D))
         if self.storage == "rquant":  # rotate, per-token codes (one group = the head dim here), rotate back
             R = rotation_matrix(D, OPT.rotation_seed)
-            return minmax_roundtrip(k @ R, -1) @ R.T, minmax_roundtrip(v @ R, -1, VALUE_BITS) @ R.T
+            return minmax_roundtrip(k @ R, -1, BITS) @ R.T, minmax_roundtrip(v @ R, -1, VALUE_BITS) @ R.T
         if self.storage == "svd":
             Uk = self.bases[0][:, :, :RANK]
             Uv = self.bases[1][:, :, :RANK]
@@ -266,6 +266,16 @@ def test_every_storage_x_selection_equals_the_reference_loop(storage, selection,
                 assert cache.length(0) == e
 
 
+@pytest.mark.parametrize("selection", ["all", "h2o", "snapkv"])
+@pytest.mark.parametrize("bits,value_bits", [(5, 3), (6, 4), (7, 5)])
+def test_rquant_widths_stored_as_bit_slices_equal_the_reference_loop(bits, value_bits, selection, monkeypatch):
+    """Widths that do not divide a byte (two or three bit slices each, pikv/kv/bitslice.py) against the
+    same reference loop, whose round trip is min-max at the full width: the slices recombine exactly."""
+    monkeypatch.setitem(globals(), "BITS", bits)
+    monkeypatch.setitem(globals(), "VALUE_BITS", value_bits)
+    test_every_storage_x_selection_equals_the_reference_loop("rquant", selection, 1.0)
+
+
 def test_names_compose_and_canonicalise():
     assert parse_method("quant+snapkv") == parse_method("KIVI+SnapKV")
     assert resolve_policy("exact+h2o") == "h2o" and resolve_policy("quant+all") == "quant"
@@ -296,8 +306,12 @@ def test_rquant_names_carry_a_format_or_a_share():
         parse_method("quant:k4v2+h2o")
     with pytest.raises(ValueError, match=r"give rquant a format or a share, not both"):
         parse_method("rquant@4:k4v2+h2o")
-    with pytest.raises(ValueError, match=r"quant format 'k3v2' must be kKvV\[gG\]: key and value bits in 2, 4, 8"):
-        parse_method("rquant:k3v2")
+    with pytest.raises(ValueError, match=r"quant format 'k9v2' must be kKvV\[gG\]: key and value bits in 1 to 8"):
+        parse_method("rquant:k9v2")
+    assert parse_method("rquant:k5v4+h2o").fmt == "k5v4g64"  # a width stored as bit slices
+    with pytest.raises(ValueError, match=r"'k5v4g4': 5-bit codes pack 8 per byte, so the group of 4 channels must "
+                                         r"be a multiple of 8"):
+        make_cache("rquant:k5v4g4+h2o", tiny_model(learned=False), ratio=8, total_tokens=64)
 
 
 def tiny_model(learned=True):
@@ -310,7 +324,7 @@ def tiny_model(learned=True):
 
 @pytest.mark.parametrize("method,ratio", [("quant+h2o", 8), ("quant@5.3+window", 16), ("learned+snapkv", 8),
                                           ("svd+streaming", 8), ("learned@2+lru", 6), ("rquant+h2o", 8),
-                                          ("rquant:k4v2+window", 16), ("rquant@2+snapkv", 8)])
+                                          ("rquant:k4v2+window", 16), ("rquant@2+snapkv", 8), ("rquant:k5v3+h2o", 8)])
 def test_composition_splits_the_budget_and_meets_it_in_measured_bytes(method, ratio):
     model = tiny_model()
     total = 256
@@ -330,7 +344,8 @@ def test_composition_splits_the_budget_and_meets_it_in_measured_bytes(method, ra
         per_token = 2 * D_ * 2 / (2 * D_ * cache.info["bits"] / 8 + 8)
     elif m.storage == "rquant":  # its format's nominal ratio (k4v4 by the split rule; k4v2 named; k8v4 for share 2)
         per_token = cache.info["format"].ratio(D_)
-        want = {"rquant+h2o": (4, 4), "rquant:k4v2g64+window": (4, 2), "rquant@2+snapkv": (8, 4)}[m.name]
+        want = {"rquant+h2o": (4, 4), "rquant:k4v2g64+window": (4, 2), "rquant@2+snapkv": (8, 4),
+                "rquant:k5v3g64+h2o": (5, 3)}[m.name]
         assert (cache.info["format"].key_bits, cache.info["format"].value_bits) == want
     elif m.storage == "svd":
         per_token = D_ / cache.info["rank"]

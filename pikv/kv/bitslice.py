@@ -1,0 +1,42 @@
+"""Code widths that do not divide a byte (3, 5, 6, 7 bits), stored as bit slices of widths that do.
+
+A w-bit code is split into slices of 4, 2 and 1 bits from the top (5 = 4 + 1, 6 = 4 + 2, 7 = 4 + 2 +
+1, 3 = 2 + 1); each slice is planar-packed as `pikv.kv.quant.pack` packs whole codes, so the bytes
+are exactly w/8 per code and every unpacking path stays the one of 1/2/4/8-bit codes. A slice with
+shift s contributes code_s * 2^s: the attention that folds a scale into its sums (quant.py's
+`_token_scores` / `_token_values`) runs once per slice with the scale times 2^s and the zero point on
+the top slice only.
+
+Why: on SmolLM2-135M at 8x, 5-bit rotated keys beside H2O beat 4-bit ones on 48 development windows
+(+6.20% vs +8.85% perplexity, paired -0.025 [-0.039, -0.013] nats; docs/benchmarks.md), a width the
+2/4/8-bit packing could not store. The fused C++ decode kernel reads one slice per tensor: sliced
+formats decode through the torch blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAX_BITS = 8
+
+
+def slices(bits: int) -> list[tuple[int, int]]:
+    """(slice width, shift) of a `bits`-wide code, top slice first: 8 -> [(8, 0)], 5 -> [(4, 1), (1, 0)]."""
+    if not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"code width {bits} bits: allowed 1 to {MAX_BITS}")
+    out, left = [], bits
+    for width in (8, 4, 2, 1):
+        if left >= width:
+            left -= width
+            out.append((width, left))
+    return out
+
+
+def split(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """uint8 codes < 2**bits -> one uint8 tensor of codes per slice (`slices` order)."""
+    return [(codes >> shift) & (2 ** width - 1) for width, shift in slices(bits)]
+
+
+def names(prefix: str, bits: int) -> list[str]:
+    """Buffer names of a tensor's slices: `kc` for the top one (the name of unsliced codes), then `kc1`, `kc2`."""
+    return [f"{prefix}c"] + [f"{prefix}c{j}" for j in range(1, len(slices(bits)))]
