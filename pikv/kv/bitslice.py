@@ -7,9 +7,9 @@ shift s contributes code_s * 2^s: the attention that folds a scale into its sums
 `_token_scores` / `_token_values`) runs once per slice with the scale times 2^s and the zero point on
 the top slice only.
 
-Why: on SmolLM2-135M at 8x, 5-bit rotated keys beside H2O beat 4-bit ones on 48 development windows
-(+6.20% vs +8.85% perplexity, paired -0.025 [-0.039, -0.013] nats; docs/benchmarks.md), a width the
-2/4/8-bit packing could not store. The fused C++ decode kernel reads one slice per tensor: sliced
+Why: on SmolLM2-135M at 8x, 5-bit rotated keys beside H2O beat the 4-bit ones of the default split
+(48 development windows: +6.20% vs +8.27% perplexity; 48 held-out windows: +7.57% vs +8.86%, paired
+-0.012 [-0.024, -0.0003] nats; docs/benchmarks.md), a width the 2/4/8-bit packing could not store. The fused C++ decode kernel reads one slice per tensor: sliced
 formats decode through the torch blocks.
 """
 
