@@ -308,7 +308,8 @@ class TokenQuantStore(_QuantAttention):
         out = None
         for buf, unpacker, shift in self.parts[name]:
             planes, scale, zero = self._token_block(name, self.buf, lo, hi, unpacker, buf)
-            part = fold(x, planes, scale.float() * 2 ** shift, zero if out is None else torch.zeros_like(zero))
+            scale = scale.float() * 2 ** shift if shift else scale  # unsliced codes: no extra op on the path
+            part = fold(x, planes, scale, zero if out is None else torch.zeros_like(zero))
             out = part if out is None else out + part
         return out
 
