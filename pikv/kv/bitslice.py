@@ -9,8 +9,14 @@ the top slice only.
 
 Why: on SmolLM2-135M at 8x, 5-bit rotated keys beside H2O beat the 4-bit ones of the default split
 (48 development windows: +6.20% vs +8.27% perplexity; 48 held-out windows: +7.57% vs +8.86%, paired
--0.012 [-0.024, -0.0003] nats; docs/benchmarks.md), a width the 2/4/8-bit packing could not store. The fused C++ decode kernel reads one slice per tensor: sliced
-formats decode through the torch blocks.
+-0.012 [-0.024, -0.0003] nats; docs/benchmarks.md), a width the 2/4/8-bit packing could not store.
+
+The fused C++ decode kernel (pikv/kv/kernels/quant_decode.cpp) takes every slice of a tensor and
+recombines a tile's slices into whole codes before its dot products: a slice costs one more unpack
+per tile, not one more pass per query head. Measured (bench/kv_decode_speed.py, default model, 8x,
+batch 1 and 4 at 8k and 16k tokens): rquant:k5v4+h2o decodes at 0.94-0.96x the tokens/s of
+rquant+h2o (k4v4; 1.06x at batch 1, 16k, within that run's noise), where the torch blocks gave
+0.49-0.64x the full cache's speed.
 """
 
 from __future__ import annotations

@@ -30,9 +30,10 @@ cache's cast + SDPA. So a decode step (one query per sequence) on the CPU now ru
 op (pikv/kv/kernels/quant_decode.cpp, `_attend_fused`): per (batch row, kv head), tiles of 64
 tokens are unpacked once and scored for all of the kv head's query heads with the same folded
 scales, an online softmax per tile, the values accumulated from their codes, then the exact
-residual; the bit widths are read off the buffers' shapes (keys and values may differ). Prefill
-and chunks, CUDA tensors, autograd through the cache and `fused_kernel = False` keep the torch
-blocks below (same numbers within fp32 reordering; a Triton kernel for CUDA is future work).
+residual; the bit widths are read off the buffers' shapes (keys and values may differ; bit slices,
+pikv/kv/bitslice.py, are recombined into whole codes per tile). Prefill and chunks, CUDA tensors,
+autograd through the cache and `fused_kernel = False` keep the torch blocks below (same numbers
+within fp32 reordering; a Triton kernel for CUDA is future work).
 Measured (docs/benchmarks.md, "Fused C++ decode kernel"): 1.16-1.29x the torch blocks at 2k and
 for the 8x compositions at 16k, equal at 8k, slower for KIVI at 16k batch 4 (0.86x): not the step
 change hoped for; the per-token arithmetic at head dim 32 is now what costs. Its AVX-512 build
@@ -174,14 +175,12 @@ class _QuantAttention(Store):
     fused_kernel = True  # decode steps on the CPU through pikv/kv/kernels (False: the torch blocks)
     fused_simd = True  # the kernel's AVX-512 build (False: its portable build, a benchmark baseline)
     block_codes = 1 << 19  # codes of one tensor unpacked at a time (see the module docstring)
-    sliced = False  # codes stored as bit slices (widths 3, 5, 6, 7: TokenQuantStore)
 
     def attend(self, q_BNTD, read, pos, start, T, extra, need_probs):
         if not self.compressed_attention:
             return super().attend(q_BNTD, read, pos, start, T, extra, need_probs)
         mask = self.read_mask(q_BNTD.device, pos, start, T, extra, None)  # one key per stored token
-        # sliced codes (pikv/kv/bitslice.py): the kernel reads one slice per tensor, so the torch blocks
-        op = kernels.decode_op(q_BNTD, self.fused_kernel, self.fused_simd) if T == 1 and not self.sliced else None
+        op = kernels.decode_op(q_BNTD, self.fused_kernel, self.fused_simd) if T == 1 else None
         if op is not None:
             return self._attend_fused(op, q_BNTD, mask, need_probs)
         G = next(iter(self.buf.t.values())).shape[1]
@@ -192,7 +191,7 @@ class _QuantAttention(Store):
         folded-scale sums as `_blocks`, one pass over the packed bytes in C++."""
         B, N, _, D = q_BN1D.shape
         channel_keys, keys, values, k_exact, v_exact = self._kernel_inputs(B, D, q_BN1D.device)
-        G, S = values[0].shape[1], values[0].shape[2] + k_exact.shape[2]
+        G, S = values[1].shape[1], values[1].shape[2] + k_exact.shape[2]  # from the scales [B, G, tokens, n]
         keep = torch.empty(0, dtype=torch.bool)
         if mask is not None:  # [1, S] or [B', H', 1, S] (H' in 1, G)
             keep = (mask.view(1, 1, S) if mask.dim() == 2 else mask[:, :, 0]).expand(B, G, S)
@@ -201,11 +200,13 @@ class _QuantAttention(Store):
         return o_BND.view(B, N, 1, D).to(q_BN1D.dtype), p_BNS.view(B, N, 1, S) if need_probs else None
 
     @staticmethod
-    def _token_codes(buf: Buffers, prefix: str, D: int, n: Optional[int] = None):
+    def _token_codes(buf: Buffers, prefix: str, D: int, n: Optional[int] = None, slices: Optional[list] = None):
         """(codes, scale, zero, bits, channels per group) of the first n (default: all) tokens'
-        per-token codes, read off their shapes."""
-        codes, scale, zero = (buf.view(prefix + x)[:, :, :n] for x in "csz")
-        return codes, scale, zero, 8 * codes.shape[-1] // D, D // scale.shape[-1]
+        per-token codes, read off their shapes; codes and bits are lists over the bit slices, top first
+        (`slices`: their buffers, pikv/kv/bitslice.py; default the unsliced codes `{prefix}c`)."""
+        codes = [buf.view(name)[:, :, :n] for name in slices or [prefix + "c"]]
+        scale, zero = (buf.view(prefix + x)[:, :, :n] for x in "sz")
+        return codes, scale, zero, [8 * c.shape[-1] // D for c in codes], D // scale.shape[-1]
 
     def _token_block(self, prefix: str, buf: Buffers, lo: int, hi: int, unpacker: Unpacker, codes_name=None):
         """Planes of the per-token codes of tokens lo..hi-1 [per, B, G, K, n, row bytes], scale, zero [B, G, K, n]
@@ -237,7 +238,6 @@ class TokenQuantStore(_QuantAttention):
         # per tensor: (buffer name, unpacker, shift) of each bit slice, top first (pikv/kv/bitslice.py)
         self.parts = {name: [(buf, Unpacker(w), shift) for buf, (w, shift) in zip(bitslice.names(name, b), bitslice.slices(b))]
                       for name, b in (("k", bits), ("v", self.value_bits))}
-        self.sliced = any(len(p) > 1 for p in self.parts.values())
 
         self._new = None  # this step's keys and values in the codes' space, fp32 (the class docstring)
 
@@ -289,7 +289,8 @@ class TokenQuantStore(_QuantAttention):
         n = self._coded()
         k_new, v_new = self._new if self._new is not None else (torch.empty(B, self.buf.view("kc").shape[1], 0, D,
                                                                             device=device),) * 2
-        return False, self._token_codes(self.buf, "k", D, n), self._token_codes(self.buf, "v", D, n), k_new, v_new
+        keys, values = [self._token_codes(self.buf, x, D, n, [buf for buf, _, _ in self.parts[x]]) for x in "kv"]
+        return False, keys, values, k_new, v_new
 
     def _blocks(self):
         B, G, _, row = self.buf.view("kc").shape
@@ -382,9 +383,10 @@ class KiviStore(_QuantAttention):
         if not self.kblocks.n:  # nothing quantized yet: empty codes
             codes = torch.empty(B, k_exact.shape[1], 0, 1, dtype=torch.uint8, device=device)
             scale = torch.empty(codes.shape, dtype=torch.float16, device=device)
-            return True, (codes, scale, scale, 8, self.group), (codes, scale, scale, 8, D), k_exact, v_exact
+            return True, ([codes], scale, scale, [8], self.group), ([codes], scale, scale, [8], D), k_exact, v_exact
         kc = self.kblocks.view("kc")
-        keys = (kc, self.kblocks.view("ks"), self.kblocks.view("kz"), 8 * kc.shape[-1] // (D * self.group), self.group)
+        keys = ([kc], self.kblocks.view("ks"), self.kblocks.view("kz"), [8 * kc.shape[-1] // (D * self.group)],
+                self.group)
         return True, keys, self._token_codes(self.vtokens, "v", D), k_exact, v_exact
 
     def settle(self):

@@ -9,7 +9,10 @@ two builds (~10-30 s each) and then loads them; `kernels.calls` proves which pat
 
 Tolerance: REORDERED_FP32 throughout. All compute in fp32 from the same codes; they differ only in
 the order of the sums (scales folded into the query / weights, per-tile online-softmax rescaling vs
-one softmax, 16-lane partial sums) and in the kernels' polynomial exp (relative error ~2e-7)."""
+one softmax, 16-lane partial sums) and in the kernels' polynomial exp (relative error ~2e-7). Bit
+slices (widths 3, 5, 6, 7) change nothing there: the kernels recombine them into whole codes (integers
+below 256, exact in fp32), the torch blocks sum one fold per slice with the scale times 2^shift (exact
+powers of two), so again only the order of the sums differs."""
 
 from pathlib import Path
 
@@ -149,6 +152,25 @@ def test_shapes_outside_the_simd_loops_fall_back_to_the_portable_ones(layout, bi
     torch.testing.assert_close(o, decode(store, q, extra, False, "portable")[0], **REORDERED_FP32)
 
 
+@pytest.mark.parametrize("bits,group", [(1, 32), (2, 16)])
+def test_kivi_channel_rows_of_four_bytes(bits, group):
+    """KIVI keys whose channel rows hold 4 bytes (1-bit codes of 32 tokens, 2-bit of 16) take the
+    AVX-512 loops too (so do 1-bit values at head dim 32): the same numbers as the portable build."""
+    S = 150
+    q = torch.randn(B, N, 1, D, generator=seeded(40))
+    k, v = torch.randn(B, G, S, D, generator=seeded(41)), torch.randn(B, G, S, D, generator=seeded(42))
+    store, k_ref, v_ref = mixed_store("kivi", bits, bits, 0, k, v, group)
+    extra = torch.rand(B, G, 1, S, generator=seeded(43)) < 0.8
+    before = kernels.simd_tiles()
+    o, p = decode(store, q, extra, True, "simd")
+    grown = [a - b for a, b in zip(kernels.simd_tiles(), before)]
+    assert grown[0] == 0 and (grown[1] > 0) == AVX512 and (grown[2] > 0) == (AVX512 and group == D)
+    o_ref, p_ref = attention(q, k_ref, v_ref, extra, True)
+    torch.testing.assert_close(o, o_ref, **REORDERED_FP32)
+    torch.testing.assert_close(p, p_ref, **REORDERED_FP32)
+    torch.testing.assert_close(o, decode(store, q, extra, False, "portable")[0], **REORDERED_FP32)
+
+
 @pytest.mark.parametrize("layout", ["kivi", "token"])
 def test_no_mask_and_a_mask_shared_by_the_heads(layout):
     S = 100
@@ -223,7 +245,43 @@ def test_switched_off_by_the_environment_runs_the_torch_path(monkeypatch, tmp_pa
     torch.testing.assert_close(o, o_fused, **REORDERED_FP32)
 
 
-@pytest.mark.parametrize("kbits,vbits", [(4, 2), (8, 4)])
+@pytest.mark.parametrize("kbits,vbits", [(5, 4), (6, 4), (7, 3), (3, 5)])
+@pytest.mark.parametrize("D,group", [(32, 32), (64, 64), (64, 32)])
+@pytest.mark.parametrize("need_probs", [False, True])
+def test_bit_slices_equal_torch_path_and_dequantize_then_attend(kbits, vbits, D, group, need_probs):
+    """Widths stored as bit slices (pikv/kv/bitslice.py) through both builds, with a read mask: one
+    group per row takes the AVX-512 loops (head dim 32: the 1-bit slices have rows of 4 bytes), two
+    groups per row the portable ones, whose slices' planar orders differ from the top slice's."""
+    S = 150
+    q = torch.randn(B, N, 1, D, generator=seeded(30)) * 2
+    k, v = torch.randn(B, G, S, D, generator=seeded(31)), torch.randn(B, G, S, D, generator=seeded(32))
+    store = TokenQuantStore(kbits, group, value_bits=vbits)
+    store.append(k[:, :, :-1], k[:, :, :-1], v[:, :, :-1])
+    store.settle()
+    store.append(k[:, :, -1:], k[:, :, -1:], v[:, :, -1:])
+    assert len(store.parts["k"]) > 1 and (len(store.parts["v"]) > 1) == (vbits in (3, 5))  # sliced tensors
+    k_ref, v_ref, _ = store.read(torch.float32, None, 0, S - 1, 1)
+    extra = torch.rand(B, G, 1, S, generator=seeded(33)) < 0.7
+    extra[..., -1] = True
+    o_ref, p_ref = attention(q, k_ref, v_ref, extra, need_probs)
+    before = kernels.simd_tiles()
+    o, p = decode(store, q, extra, need_probs, "simd")
+    grown = [a - b for a, b in zip(kernels.simd_tiles(), before)]
+    tiles = B * G * -(-(S - 1) // 64) if AVX512 and group == D else 0  # per row and kv head, 64 coded tokens each
+    assert grown == [tiles, 0, tiles]  # every tile's keys and values
+    for other in (decode(store, q, extra, need_probs, "portable"), decode(store, q, extra, need_probs, "torch"),
+                  (o_ref, p_ref)):
+        torch.testing.assert_close(o, other[0], **REORDERED_FP32)
+        if need_probs:
+            torch.testing.assert_close(p, other[1], **REORDERED_FP32)
+    assert (o - attention(q, k, v, extra, False)[0]).abs().max() > 1e-3  # the codes are read, not exact keys
+    if need_probs:
+        assert (p.view(B, G, 3, S) * ~extra).sum() == 0  # masked: exactly 0
+    else:
+        assert p is None
+
+
+@pytest.mark.parametrize("kbits,vbits", [(4, 2), (8, 4), (5, 4), (3, 5)])
 def test_rotated_mixed_widths_under_h2o(kbits, vbits):
     """rquant (the rotation outside the codes, keys and values at their own widths, one group per
     head) through the kernel: the same kept tokens and outputs as its torch blockwise path."""

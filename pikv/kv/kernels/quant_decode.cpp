@@ -14,6 +14,12 @@
 //                   bytes d*rb..), ks/kz [B,G,S/g,D]
 //   values:         always "token" (vc [B,G,S,n*rb], vs/vz [B,G,S,n])
 //   exact:          k_exact/v_exact [B,G,R,D] fp32, attended after the S quantized tokens
+// Per-token codes of a width that does not divide a byte come as bit slices (pikv/kv/bitslice.py):
+// one codes tensor per slice, top first, each packed as above at its own width, sharing the scales.
+// A tile unpacks them into one tile of whole codes (code = (top << w1 | s1) << w2 | s2, w the lower
+// slices' widths), which the loops below read as they read unsliced ones: one more unpack per slice
+// and tile, where summing each slice's scores and values as the torch path does (attention is linear
+// in the code) would repeat every query head's dot products per slice.
 // Shapes: B batch, G kv heads, N query heads, M = N/G, D head dim, S quantized tokens, R exact ones.
 //
 // Threads: at::parallel_for over B*G, i.e. torch's own intra-op setting (1 thread in the benches).
@@ -74,6 +80,7 @@ inline void unpack_planes(int bits, const uint8_t* bytes, int64_t count, float* 
 }
 
 // One quantized tensor of one (batch row, kv head): codes rows and their fp16 scales/zero points.
+// Bit slices: this is the top slice and `low` the others, each with its own codes, row and bits.
 struct Codes {
   const uint8_t* codes = nullptr;
   const c10::Half* scale = nullptr;
@@ -82,6 +89,8 @@ struct Codes {
   int64_t n = 0;     // scales per row
   int bits = 0;
   int64_t group = 0; // channels per scale ("token"), tokens per block ("channel" keys)
+  std::vector<Codes> low;          // the lower bit slices, highest first (empty: unsliced codes)
+  std::vector<int64_t> positions;  // a lower slice's planar positions in the top slice's planar order
 
   int64_t bytes_per_group() const { return row / n; }
 };
@@ -127,17 +136,41 @@ void token_scales(const Codes& c, int64_t t0, int64_t T, float* scale, float* ze
     }
 }
 
-// A tile of T per-token rows -> their codes with the tokens innermost: out[(i*row + x)*T + t] is the
-// code in bits i*bits.. of byte x of token t (the bytes transposed first, then unpacked whole), so
-// the score and value loops below run over the tile's tokens (one long vector loop) instead of a
-// row's 8-16 bytes (measured: short per-row loops cost ~3x more per token). scale/zero -> fp32
-// [n, T] the same way.
-void unpack_token_tile(const Codes& c, int64_t t0, int64_t T, uint8_t* bytes_t, float* out, float* scale,
-                       float* zero) {
+// Rows t0..t0+T-1 of c, transposed: bytes_t[x*T + t] is byte x of token t.
+void transpose_rows(const Codes& c, int64_t t0, int64_t T, uint8_t* bytes_t) {
   const uint8_t* src = c.codes + t0 * c.row;
   for (int64_t t = 0; t < T; ++t)
     for (int64_t x = 0; x < c.row; ++x) bytes_t[x * T + t] = src[t * c.row + x];
+}
+
+// A lower bit slice's transposed bytes folded into a tile of the slices above: each code moves up
+// by the slice's width and takes the slice's bits, at its channel's position in the top slice's
+// planar order (the slices' planar orders differ when a row holds several groups).
+void add_slice(const Codes& s, const uint8_t* bytes_t, int64_t T, float* out) {
+  const unsigned mask = (1u << s.bits) - 1;
+  const float up = static_cast<float>(1 << s.bits);
+  for (int i = 0; i < 8 / s.bits; ++i)
+    for (int64_t x = 0; x < s.row; ++x) {
+      float* o = out + s.positions[i * s.row + x] * T;
+      const uint8_t* b = bytes_t + x * T;
+#pragma omp simd
+      for (int64_t t = 0; t < T; ++t) o[t] = o[t] * up + static_cast<float>((b[t] >> (i * s.bits)) & mask);
+    }
+}
+
+// A tile of T per-token rows -> their codes with the tokens innermost: out[(i*row + x)*T + t] is the
+// code in bits i*bits.. of byte x of token t (the bytes transposed first, then unpacked whole), so
+// the score and value loops below run over the tile's tokens (one long vector loop) instead of a
+// row's 8-16 bytes (measured: short per-row loops cost ~3x more per token); lower bit slices are
+// added in. scale/zero -> fp32 [n, T] the same way.
+void unpack_token_tile(const Codes& c, int64_t t0, int64_t T, uint8_t* bytes_t, float* out, float* scale,
+                       float* zero) {
+  transpose_rows(c, t0, T, bytes_t);
   unpack_planes(c.bits, bytes_t, c.row * T, out);
+  for (const Codes& s : c.low) {
+    transpose_rows(s, t0, T, bytes_t);
+    add_slice(s, bytes_t, T, out);
+  }
   token_scales(c, t0, T, scale, zero);
 }
 
@@ -403,50 +436,79 @@ void attend_row(const Problem& pb, const Row& r) {
   }
 }
 
-void check_codes(const at::Tensor& c, const at::Tensor& scale, const at::Tensor& zero, const char* what) {
-  TORCH_CHECK(c.dim() == 4 && c.scalar_type() == at::kByte && c.stride(3) == 1 && c.stride(2) == c.size(3),
-              what, " codes: uint8 [B, G, rows, row bytes] with contiguous rows");
+void check_codes(at::TensorList codes, at::IntArrayRef bits, const at::Tensor& scale, const at::Tensor& zero,
+                 const char* what) {
+  TORCH_CHECK(!codes.empty() && codes.size() == bits.size(), what, " codes: one tensor and one width per bit slice");
+  int64_t total = 0;
+  for (size_t j = 0; j < codes.size(); ++j) {
+    const at::Tensor& c = codes[j];
+    TORCH_CHECK(bits[j] == 1 || bits[j] == 2 || bits[j] == 4 || bits[j] == 8, "bits must be 1, 2, 4 or 8, got ",
+                bits[j]);
+    TORCH_CHECK(c.dim() == 4 && c.scalar_type() == at::kByte && c.stride(3) == 1 && c.stride(2) == c.size(3) &&
+                    c.sizes().slice(0, 3) == codes[0].sizes().slice(0, 3) &&
+                    c.size(3) * bits[0] == codes[0].size(3) * bits[j],
+                what, " codes: uint8 [B, G, rows, row bytes] per bit slice, contiguous rows of as many codes");
+    total += bits[j];
+  }
+  TORCH_CHECK(total <= 8, what, " bit slices: ", total, " bits, at most 8");
   TORCH_CHECK(scale.scalar_type() == at::kHalf && zero.scalar_type() == at::kHalf && scale.strides() == zero.strides() &&
-                  scale.sizes() == zero.sizes() && scale.stride(3) == 1 && scale.stride(2) == scale.size(3),
-              what, " scale/zero: fp16 [B, G, rows, n] with equal strides and contiguous rows");
+                  scale.sizes() == zero.sizes() && scale.sizes().slice(0, 3) == codes[0].sizes().slice(0, 3) &&
+                  scale.stride(3) == 1 && scale.stride(2) == scale.size(3),
+              what, " scale/zero: fp16 [B, G, rows, n] with the codes' rows, equal strides and contiguous rows");
 }
 
-Codes codes_of(const at::Tensor& c, const at::Tensor& scale, const at::Tensor& zero, int64_t bits, int64_t group,
-               int64_t b, int64_t g) {
-  Codes out;
-  out.codes = c.data_ptr<uint8_t>() + b * c.stride(0) + g * c.stride(1);
-  out.scale = scale.data_ptr<c10::Half>() + b * scale.stride(0) + g * scale.stride(1);
-  out.zero = zero.data_ptr<c10::Half>() + b * zero.stride(0) + g * zero.stride(1);
-  out.row = c.size(3);
-  out.n = scale.size(3);
-  out.bits = static_cast<int>(bits);
-  out.group = group;
+Codes codes_of(at::TensorList codes, const at::Tensor& scale, const at::Tensor& zero, at::IntArrayRef bits,
+               int64_t group, int64_t b, int64_t g) {
+  const auto slice = [&](size_t j) {
+    Codes s;
+    s.codes = codes[j].data_ptr<uint8_t>() + b * codes[j].stride(0) + g * codes[j].stride(1);
+    s.scale = scale.data_ptr<c10::Half>() + b * scale.stride(0) + g * scale.stride(1);
+    s.zero = zero.data_ptr<c10::Half>() + b * zero.stride(0) + g * zero.stride(1);
+    s.row = codes[j].size(3);
+    s.n = scale.size(3);
+    s.bits = static_cast<int>(bits[j]);
+    s.group = group;
+    return s;
+  };
+  Codes out = slice(0);
+  if (codes.size() > 1) {
+    const auto order = token_channel_order(out);
+    std::vector<int64_t> position(order.size());  // channel -> its position in the top slice's planar order
+    for (size_t e = 0; e < order.size(); ++e) position[order[e]] = static_cast<int64_t>(e);
+    for (size_t j = 1; j < codes.size(); ++j) {
+      Codes s = slice(j);
+      for (int64_t c : token_channel_order(s)) s.positions.push_back(position[c]);
+      out.low.push_back(std::move(s));
+    }
+  }
   return out;
 }
 
-// q_BND fp32 contiguous. keep: bool [B, G, S + R] (any strides; numel 0 = every key). Returns
-// (o_BND fp32, probs_BNS fp32 or an empty tensor).
+// q_BND fp32 contiguous. kc/vc: the codes of each bit slice, top first (one tensor: unsliced), kbits/
+// vbits their widths. keep: bool [B, G, S + R] (any strides; numel 0 = every key). Returns (o_BND fp32,
+// probs_BNS fp32 or an empty tensor).
 std::tuple<at::Tensor, at::Tensor> quant_decode(const at::Tensor& q, double scale, bool channel_keys,
-                                                const at::Tensor& kc, const at::Tensor& ks, const at::Tensor& kz,
-                                                int64_t kbits, int64_t kgroup, const at::Tensor& vc,
-                                                const at::Tensor& vs, const at::Tensor& vz, int64_t vbits,
+                                                at::TensorList kc, const at::Tensor& ks, const at::Tensor& kz,
+                                                at::IntArrayRef kbits, int64_t kgroup, at::TensorList vc,
+                                                const at::Tensor& vs, const at::Tensor& vz, at::IntArrayRef vbits,
                                                 int64_t vgroup, const at::Tensor& k_exact, const at::Tensor& v_exact,
                                                 const at::Tensor& keep, bool need_probs) {
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 3 && q.is_contiguous(),
               "q: contiguous fp32 [B, N, D] on the CPU");
-  for (int64_t bits : {kbits, vbits})
-    TORCH_CHECK(bits == 1 || bits == 2 || bits == 4 || bits == 8, "bits must be 1, 2, 4 or 8, got ", bits);
-  TORCH_CHECK(vgroup * vbits % 32 == 0, "value groups must pack into a multiple of 4 bytes, got ", vgroup,
-              " channels of ", vbits, " bits");
-  check_codes(kc, ks, kz, "key");
-  check_codes(vc, vs, vz, "value");
-  const int64_t B = q.size(0), N = q.size(1), D = q.size(2), G = vc.size(1);
+  const int64_t B = q.size(0), N = q.size(1), D = q.size(2);
+  check_codes(kc, kbits, ks, kz, "key");
+  check_codes(vc, vbits, vs, vz, "value");
+  TORCH_CHECK(!channel_keys || kc.size() == 1, "per-channel (KIVI) keys come in one slice");
+  // the top slice's width: the value loops read a tile in its planar layout
+  TORCH_CHECK(vgroup * vbits[0] % 32 == 0, "value groups must pack into a multiple of 4 bytes, got ", vgroup,
+              " channels of ", vbits[0], " bits");
+  const int64_t G = vs.size(1);
   TORCH_CHECK(N % G == 0, "query heads ", N, " not a multiple of kv heads ", G);
-  const int64_t S = vc.size(2), R = k_exact.size(2);
+  const int64_t S = vs.size(2), R = k_exact.size(2);
   TORCH_CHECK(k_exact.scalar_type() == at::kFloat && v_exact.scalar_type() == at::kFloat && k_exact.stride(3) == 1 &&
                   k_exact.stride(2) == D && v_exact.stride(3) == 1 && v_exact.stride(2) == D,
               "exact keys/values: fp32 [B, G, R, D] with contiguous rows");
-  TORCH_CHECK(vs.size(3) * vgroup == D && (channel_keys ? kc.size(2) * kgroup == S : ks.size(3) * kgroup == D),
+  TORCH_CHECK(vs.size(3) * vgroup == D && (channel_keys ? kc[0].size(2) * kgroup == S : ks.size(3) * kgroup == D),
               "groups do not match the head dim / tokens");
   const bool masked = keep.numel() > 0;
   TORCH_CHECK(!masked || (keep.scalar_type() == at::kBool && keep.dim() == 3 && keep.size(2) == S + R),
@@ -487,8 +549,8 @@ static std::vector<int64_t> simd_tiles() {
 }
 
 TORCH_LIBRARY_FRAGMENT(pikv_kernels, m) {
-  m.def("quant_decode" PIKV_OP_SUFFIX "(Tensor q, float scale, bool channel_keys, Tensor kc, Tensor ks, Tensor kz, "
-        "int kbits, int kgroup, Tensor vc, Tensor vs, Tensor vz, int vbits, int vgroup, Tensor k_exact, "
+  m.def("quant_decode" PIKV_OP_SUFFIX "(Tensor q, float scale, bool channel_keys, Tensor[] kc, Tensor ks, Tensor kz, "
+        "int[] kbits, int kgroup, Tensor[] vc, Tensor vs, Tensor vz, int[] vbits, int vgroup, Tensor k_exact, "
         "Tensor v_exact, Tensor keep, bool need_probs) -> (Tensor, Tensor)");
   m.impl("quant_decode" PIKV_OP_SUFFIX, c10::DispatchKey::CPU, TORCH_FN(quant_decode));
   m.def("simd_tiles" PIKV_OP_SUFFIX "() -> int[]", &simd_tiles);

@@ -12,8 +12,10 @@
 // A code becomes fp32 with one vpermps on a 16-entry table (k & mask): vpermps reads the low 4 bits
 // of each lane, so it masks and converts at once (8-bit codes: and + cvtdq2ps). Planar packing puts
 // channel order (or, for KIVI's per-channel blocks, token order) into lanes with a whole-vector shift:
-// a row of 8 bytes holds planes 2v, 2v+1 in one vector (variable shift), a row of 16k bytes one plane
-// per 16 bytes. Per-token key rows are transposed to tokens-in-lanes by a dword gather.
+// a row of 8 (4) bytes holds 2 (4) planes in one vector (variable shift), a row of 16k bytes one plane
+// per 16 bytes. Per-token key rows are transposed to tokens-in-lanes by a dword gather. Bit slices
+// (quant_decode.cpp): each lower slice is unpacked onto what the slices above left in the tile (one
+// scale group per row, so every slice's planar order is the channels'), one load + FMA per vector.
 #pragma once
 #include <immintrin.h>
 
@@ -40,10 +42,18 @@ inline __m512 to_float(__m512i x) {
 
 inline __m512i shift_right(__m512i x, int n) { return _mm512_srlv_epi32(x, _mm512_set1_epi32(n)); }
 
-// One row of ROW planar-packed bytes (8, or a multiple of 16) -> its ROW*8/BITS codes in planar
+// Stores the codes of a BITS-wide slice at p: the top slice's as they are, a lower slice's (ADD) as
+// what the slices above left there times 2^BITS plus its own (exact in fp32: whole codes < 256).
+template <int BITS, bool ADD>
+inline void put(float* p, __m512 codes) {
+  if constexpr (ADD) codes = _mm512_fmadd_ps(_mm512_loadu_ps(p), _mm512_set1_ps(1 << BITS), codes);
+  _mm512_storeu_ps(p, codes);
+}
+
+// One row of ROW planar-packed bytes (4, 8, or a multiple of 16) -> its ROW*8/BITS codes in planar
 // order (position i*ROW + x: plane i of byte x), 16 per vector, into out. ROW is a compile-time
 // constant: with a runtime row (and scalar fp16 scales) per-token codes took 1.8x longer (measured).
-template <int BITS, int ROW>
+template <int BITS, int ROW, bool ADD = false>
 inline void row_codes(const uint8_t* src, float* out) {
   if constexpr (ROW == 8) {
     int64_t word;
@@ -52,38 +62,49 @@ inline void row_codes(const uint8_t* src, float* out) {
     for (int v = 0; v < 4 / BITS; ++v) {  // planes 2v (lanes 0-7) and 2v + 1 (lanes 8-15)
       const __m512i shift = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(2 * v * BITS),
                                                     _mm512_set1_epi32((2 * v + 1) * BITS));
-      _mm512_storeu_ps(out + 16 * v, to_float<BITS>(_mm512_srlv_epi32(bytes, shift)));
+      put<BITS, ADD>(out + 16 * v, to_float<BITS>(_mm512_srlv_epi32(bytes, shift)));
+    }
+  } else if constexpr (ROW == 4) {  // 1-bit codes of 32 channels (a bit slice at head dim 32), 2-bit of 16
+    int32_t word;
+    std::memcpy(&word, src, sizeof(word));
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_set1_epi32(word));  // lanes 4p..4p+3: bytes 0-3
+    const __m512i plane = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    for (int v = 0; v < 2 / BITS; ++v) {  // planes 4v + p (lanes 4p..4p+3)
+      const __m512i shift =
+          _mm512_mullo_epi32(_mm512_add_epi32(plane, _mm512_set1_epi32(4 * v)), _mm512_set1_epi32(BITS));
+      put<BITS, ADD>(out + 16 * v, to_float<BITS>(_mm512_srlv_epi32(bytes, shift)));
     }
   } else {
     for (int x = 0; x < ROW; x += 16) {
       const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + x)));
       for (int i = 0; i < 8 / BITS; ++i)
-        _mm512_storeu_ps(out + i * ROW + x, to_float<BITS>(i ? _mm512_srli_epi32(bytes, i * BITS) : bytes));
+        put<BITS, ADD>(out + i * ROW + x, to_float<BITS>(i ? _mm512_srli_epi32(bytes, i * BITS) : bytes));
     }
   }
 }
 
-// f(std::integral_constant<int, R>) with R = `row` (8, 16, 32, else 64): the unpack loops need
+// f(std::integral_constant<int, R>) with R = `row` (4, 8, 16, 32, else 64): the unpack loops need
 // the row size at compile time to unroll.
 template <typename F>
 inline void with_row_size(int64_t row, F&& f) {
-  with_constant<8, 16, 32, 64>(row, f);
+  with_constant<4, 8, 16, 32, 64>(row, f);
 }
 
 // T rows of `row` bytes each -> out[t * D + e], the row's codes in planar order (D = row*8/BITS).
-template <int BITS>
+template <int BITS, bool ADD>
 inline void rows_codes(const uint8_t* src, int64_t row, int64_t T, float* out) {
   const int64_t D = row * 8 / BITS;
   with_row_size(row, [&](auto R) {
-    for (int64_t t = 0; t < T; ++t) row_codes<BITS, decltype(R)::value>(src + t * R, out + t * D);
+    for (int64_t t = 0; t < T; ++t) row_codes<BITS, decltype(R)::value, ADD>(src + t * R, out + t * D);
   });
 }
 
-inline bool row_ok(int64_t row) { return row == 8 || row == 16 || row == 32 || row == 64; }
+// (a row of 4 bytes fills a vector at 1 or 2 bits only: values_ok's head dims and kivi_keys_ok's groups)
+inline bool row_ok(int64_t row) { return row == 4 || row == 8 || row == 16 || row == 32 || row == 64; }
 
 // T per-token rows (row % 4 == 0, row <= 64 bytes) -> codes with the tokens across lanes:
 // out[e * Tp + t] is planar position e of token t (lanes past T are 0).
-template <int BITS>
+template <int BITS, bool ADD>
 void token_rows_transposed(const uint8_t* src, int64_t row, int64_t T, int64_t Tp, float* out) {
   const int64_t words = row / 4;
   const __m512i first = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
@@ -96,7 +117,7 @@ void token_rows_transposed(const uint8_t* src, int64_t row, int64_t T, int64_t T
                                                          _mm512_add_epi32(first, _mm512_set1_epi32(w)), base, 4);
       for (int b = 0; b < 4; ++b)
         for (int i = 0; i < 8 / BITS; ++i)
-          _mm512_storeu_ps(out + (i * row + 4 * w + b) * Tp + t0, to_float<BITS>(shift_right(dwords, 8 * b + i * BITS)));
+          put<BITS, ADD>(out + (i * row + 4 * w + b) * Tp + t0, to_float<BITS>(shift_right(dwords, 8 * b + i * BITS)));
     }
   }
 }
@@ -156,10 +177,20 @@ inline void weighted_rows(const float* codes, const float* w, int64_t T, int64_t
     default: CALL(8); break;       \
   }
 
-inline void unpack_rows(int bits, const uint8_t* src, int64_t row, int64_t T, float* out) {
-#define PIKV_ROWS(B) rows_codes<B>(src, row, T, out)
-  PIKV_SIMD_BITS(bits, PIKV_ROWS)
+// f(slice, std::bool_constant<ADD>) for the top slice of c (ADD false), then for each lower one.
+template <class F>
+inline void for_slices(const Codes& c, F f) {
+  f(c, std::false_type{});
+  for (const Codes& s : c.low) f(s, std::true_type{});
+}
+
+// Per-token rows t0..t0+T-1 of every slice -> out[t * D + e] (rows_codes).
+inline void unpack_rows(const Codes& c, int64_t t0, int64_t T, float* out) {
+  for_slices(c, [&](const Codes& s, auto add) {
+#define PIKV_ROWS(B) rows_codes<B, decltype(add)::value>(s.codes + t0 * s.row, s.row, T, out)
+    PIKV_SIMD_BITS(s.bits, PIKV_ROWS)
 #undef PIKV_ROWS
+  });
 }
 
 // fp16 scale/zero of tokens t0..t0+T-1 (one per token) -> fp32 [T].
@@ -171,10 +202,13 @@ inline void scales_per_token(const Codes& c, int64_t t0, int64_t T, float* scale
   }
 }
 
-inline void unpack_token_keys(int bits, const uint8_t* src, int64_t row, int64_t T, int64_t Tp, float* out) {
-#define PIKV_KEYS(B) token_rows_transposed<B>(src, row, T, Tp, out)
-  PIKV_SIMD_BITS(bits, PIKV_KEYS)
+// Per-token rows t0..t0+T-1 of every slice -> out[e * Tp + t] (token_rows_transposed).
+inline void unpack_token_keys(const Codes& c, int64_t t0, int64_t T, int64_t Tp, float* out) {
+  for_slices(c, [&](const Codes& s, auto add) {
+#define PIKV_KEYS(B) token_rows_transposed<B, decltype(add)::value>(s.codes + t0 * s.row, s.row, T, Tp, out)
+    PIKV_SIMD_BITS(s.bits, PIKV_KEYS)
 #undef PIKV_KEYS
+  });
 }
 
 inline void unpack_kivi_keys(int bits, const uint8_t* src, int64_t D, int64_t rb, int64_t nb, int64_t Tp, float* out) {
@@ -189,15 +223,25 @@ inline void unpack_kivi_keys(int bits, const uint8_t* src, int64_t D, int64_t rb
 // each `*_ok` says whether a shape is covered (else the portable loop runs).
 namespace simd {
 
-inline bool token_keys_ok(const Codes& k, int64_t D) { return k.n == 1 && k.row % 4 == 0 && k.row <= 64 && D % 16 == 0; }
+// Whether every slice of c passes ok(slice).
+template <class F>
+inline bool all_slices(const Codes& c, F ok) {
+  return ok(c) && std::all_of(c.low.begin(), c.low.end(), ok);
+}
+
+inline bool token_keys_ok(const Codes& k, int64_t D) {
+  return k.n == 1 && D % 16 == 0 && all_slices(k, [](const Codes& s) { return s.row % 4 == 0 && s.row <= 64; });
+}
 inline bool kivi_keys_ok(const Codes& k, int64_t D) { return D % 16 == 0 && k.group % 16 == 0 && row_ok(k.row / D); }
-inline bool values_ok(const Codes& v, int64_t D) { return v.n == 1 && row_ok(v.row) && weighted_rows_ok(D); }
+inline bool values_ok(const Codes& v, int64_t D) {
+  return v.n == 1 && weighted_rows_ok(D) && all_slices(v, [](const Codes& s) { return row_ok(s.row); });
+}
 
 // s = scale_t (q . code_t) + zero_t sum(q): per-token keys, one scale per token.
 inline void token_scores(const Codes& k, const float* q_planar, const float* q_sum, int64_t M, int64_t D, int64_t t0,
                          int64_t T, TokenTile& tt, float* s) {
   const int64_t Tp = (T + 15) / 16 * 16, nvec = Tp / 16;
-  unpack_token_keys(k.bits, k.codes + t0 * k.row, k.row, T, Tp, tt.codes.data());
+  unpack_token_keys(k, t0, T, Tp, tt.codes.data());
   scales_per_token(k, t0, T, tt.scale.data(), tt.zero.data());
   for (int64_t h = 0; h < M; ++h) {
     const float* qh = q_planar + h * D;
@@ -255,7 +299,7 @@ inline void channel_scores(const Codes& k, const float* q, int64_t M, int64_t D,
 
 // acc += sum_t (p_t scale_t) code_t, zero_sum += sum_t p_t zero_t: per-token values, one scale per token.
 inline void token_values(const Codes& v, const float* p, Heads& st, int64_t t0, int64_t T, TokenTile& tt) {
-  unpack_rows(v.bits, v.codes + t0 * v.row, v.row, T, tt.codes.data());
+  unpack_rows(v, t0, T, tt.codes.data());
   scales_per_token(v, t0, T, tt.scale.data(), tt.zero.data());
   const float* sc = tt.scale.data();
   const float* zr = tt.zero.data();
