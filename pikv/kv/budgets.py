@@ -161,7 +161,7 @@ def parse_quant_format(text: str, default_group: int) -> QuantFormat:
 
 # rquant's formats, mildest first (keys keep at least the values' bits: KIVI and KVQuant find keys
 # the more sensitive); the split rule and an explicit share pick among them.
-RQUANT_LADDER = ((8, 8), (8, 4), (4, 4), (4, 2), (2, 2))
+RQUANT_LADDER = ((8, 8), (8, 4), (5, 4), (4, 4), (4, 2), (2, 2))
 
 
 def rquant_format(ratio: Optional[float], head_dim: int, group: int, share: Optional[float] = None,
@@ -182,27 +182,29 @@ def rquant_format(ratio: Optional[float], head_dim: int, group: int, share: Opti
     return rquant_split(ratio, head_dim, formats)
 
 
-# The default split of rquant x a selection, chosen on development windows (8 windows of the embedded
-# corpus's train split, SmolLM2-135M, rquant+h2o; docs/benchmarks.md): 2-bit codes are never worth it
-# (values 2-bit: +16-23% alone, keys 2-bit: +500%), k8v4 is lossless (-0.4% at 2.46x) and k4v4 costs
-# ~3-5% at 3.56x. At 4x k8v4 + H2O 1.63x beat k4v4 + H2O 1.12x (+0.6% vs +5.1%); at 8x k4v4 + H2O
-# 2.25x beat k8v4 + H2O 3.25x (+5.9% vs +8.7%), and at 16x (+21.5% vs +27.4%): eviction beyond ~2x
-# costs more than halving the key bits.
-RQUANT_SPLIT_FORMATS = ((8, 8), (8, 4), (4, 4))
-RQUANT_MAX_SELECTION = 2.0
+# The default split of rquant x a selection, chosen on development windows (the embedded corpus's
+# train split, SmolLM2-135M, rquant+h2o; docs/benchmarks.md): 2-bit codes are never worth it (values
+# 2-bit: +16-23% alone, keys 2-bit: +500%); k8v4 is lossless (-0.4% at 2.46x), so values keep 4 bits
+# and 8-bit values (k8v8) only serve ratios below k8v4's; k4v4 costs ~3-5% at 3.56x. At 4x k8v4 + H2O
+# 1.63x beat k4v4 + H2O 1.12x (+0.6% vs +5.1%) and k5v4 + H2O 1.25x (+1.8% vs +1.2%); at 8x k5v4 +
+# H2O 2.5x beat k4v4 + H2O 2.25x (48 windows: +6.2% vs +8.3%; 48 held-out windows: +7.6% vs +8.9%,
+# paired interval excluding 0) and k8v4 + H2O 3.25x (+8.7%); at 16x k4v4 + H2O 4.5x beat k8v4 + H2O
+# 6.5x (+21.5% vs +27.4%): eviction beyond ~2.5x costs more than the key bits it buys back.
+RQUANT_SPLIT_FORMATS = ((8, 4), (5, 4), (4, 4))
+RQUANT_MAX_SELECTION = 2.5
 
 
 def rquant_split(ratio: Optional[float], head_dim: int, formats: list[QuantFormat]) -> QuantFormat:
     """The default format of rquant in a composition at `ratio`: of RQUANT_SPLIT_FORMATS no stronger
     than the ratio, the mildest that leaves the selection <= RQUANT_MAX_SELECTION, else k4v4 (the
-    strongest of them); a ratio below all of them gets the mildest (the registry reports the
-    impossible split). No ratio (a token budget): k4v4."""
+    strongest of them); a ratio below all of them gets k8v8 (below its ratio too, the registry
+    reports the impossible split). No ratio (a token budget): k4v4."""
     split = [f for f in formats if (f.key_bits, f.value_bits) in RQUANT_SPLIT_FORMATS]
     if ratio is None:
         return split[-1]
     fits = [f for f in split if f.ratio(head_dim) <= ratio + 1e-9]
     if not fits:
-        return split[0]
+        return next(f for f in formats if (f.key_bits, f.value_bits) == (8, 8))
     return next((f for f in fits if ratio / f.ratio(head_dim) <= RQUANT_MAX_SELECTION + 1e-9), fits[-1])
 
 

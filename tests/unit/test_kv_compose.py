@@ -385,13 +385,17 @@ def test_learned_default_share_is_raised_to_what_the_trained_rank_holds():
 
 
 def test_rquant_split_rule_and_its_errors():
-    """budgets.rquant_format at SmolLM2's head dim 64: in a composition, k8v4 (2.46x) while the selection
-    keeps <= 2x, else k4v4 (3.56x); alone, the mildest format meeting the ratio; an explicit share, the
-    mildest format reaching it."""
+    """budgets.rquant_format at SmolLM2's head dim 64: in a composition, the mildest of k8v4 (2.46x),
+    k5v4 (3.2x) that leaves the selection <= 2.5x, else k4v4 (3.56x), k8v8 (1.88x) below k8v4; alone, the mildest
+    format meeting the ratio; an explicit share, the mildest format reaching it. Head dim 32 (the
+    default model, groups of 32): k5v4 is 2.91x, so 8x keeps k4v4 (3.2x, selection 2.5x)."""
     from pikv.kv.budgets import rquant_format
-    pick = {r: rquant_format(r, 64, 64).name for r in (2, 3, 4, 5, 8, 16)}
-    assert pick == {2: "k8v8g64", 3: "k8v8g64", 4: "k8v4g64", 5: "k4v4g64", 8: "k4v4g64", 16: "k4v4g64"}
-    assert rquant_format(4, 64, 64, alone=True).name == "k4v2g64" and rquant_format(3, 64, 64, share=3).name == "k4v4g64"
+    pick = {r: rquant_format(r, 64, 64).name for r in (2, 3, 4, 5, 6, 7, 8, 16)}
+    assert pick == {2: "k8v8g64", 3: "k8v4g64", 4: "k8v4g64", 5: "k8v4g64", 6: "k8v4g64", 7: "k5v4g64",
+                    8: "k5v4g64", 16: "k4v4g64"}
+    assert {r: rquant_format(r, 32, 32).name for r in (4, 8)} == {4: "k8v4g32", 8: "k4v4g32"}
+    assert rquant_format(4, 64, 64, alone=True).name == "k4v2g64" and rquant_format(3, 64, 64, share=3).name == "k5v4g64"
+    assert rquant_format(3.5, 64, 64, alone=True).name == "k4v4g64"
     with pytest.raises(ValueError, match=r"rquant ratio 8 is beyond its strongest format \(k2v2g64, 6\.40x\)"):
         rquant_format(8, 64, 64, alone=True)
     model = tiny_model(learned=False)  # head dim 16: k2v2 reaches 4x
